@@ -1,0 +1,416 @@
+/*
+ * ring.c - split virtqueue, device side: take available chains, validate and
+ * translate them, publish used entries and decide about signalling.
+ *
+ * The rules follow the virtio 1.x split ring section. The guest may change
+ * ring memory at any time, so every descriptor is copied once into a local
+ * and only the copy is checked and used. Each loop over guest data is bounded
+ * by the queue size or the indirect table length (the ttl below).
+ *
+ * Barriers (x86 needs only compiler barriers, but the intent is written as
+ * C11 fences so the code stays right elsewhere):
+ *  - avail->idx is loaded with acquire before ring entries and descriptors;
+ *  - used entries are written before used->idx (release store);
+ *  - a full fence sits between publishing used->idx (or avail_event) and
+ *    reading the driver's used_event/flags (or avail->idx again), so that
+ *    neither side can miss the other's update.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "vu.h"
+
+static inline uint16_t load16(const uint16_t *p)
+{
+    return __atomic_load_n(p, __ATOMIC_RELAXED);
+}
+
+static inline void full_fence(void)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+static uint16_t *used_event_ptr(struct vu_vq *vq)
+{
+    return &vq->avail->ring[vq->num];
+}
+
+static uint16_t *avail_event_ptr(struct vu_vq *vq)
+{
+    return (uint16_t *)&vq->used->ring[vq->num];
+}
+
+void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t detail)
+{
+    vq->err.code = code;
+    vq->err.head = head;
+    vq->err.detail = detail;
+    vq->err.count++;
+}
+
+int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
+                uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
+                uint16_t last_avail_idx, int event_idx, int indirect)
+{
+    /* Ring positions are idx % num over a 16-bit idx: only powers of 2 wrap right. */
+    if (num == 0 || num > VU_MAX_QUEUE_SIZE || (num & (num - 1)) != 0)
+        return VU_ERR_QUEUE_SIZE;
+    if (desc_uva % 16 || avail_uva % 2 || used_uva % 4)
+        return VU_ERR_RING_ADDR;
+    uint64_t desc_size = 16ull * num;
+    uint64_t avail_size = 4 + 2ull * num + 2; /* + used_event */
+    uint64_t used_size = 4 + 8ull * num + 2;  /* + avail_event */
+    void *desc = vu_uva_to_host(mem, desc_uva, desc_size);
+    void *avail = vu_uva_to_host(mem, avail_uva, avail_size);
+    void *used = vu_uva_to_host(mem, used_uva, used_size);
+    if (!desc || !avail || !used)
+        return VU_ERR_RING_ADDR;
+
+    vq->mem = mem;
+    vq->num = num;
+    vq->event_idx = event_idx;
+    vq->indirect = indirect;
+    vq->desc = desc;
+    vq->avail = avail;
+    vq->used = used;
+    vq->last_avail_idx = last_avail_idx;
+    vq->used_idx = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    vq->signalled_used = 0;
+    vq->signalled_used_valid = 0;
+    vq->broken = 0;
+    __atomic_store_n(&vq->stop, 0, __ATOMIC_SEQ_CST);
+    memset(&vq->err, 0, sizeof(vq->err));
+    return 0;
+}
+
+/* Chains the driver made available and we have not taken yet. */
+int vu_vq_avail_count(struct vu_vq *vq)
+{
+    uint16_t idx = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    uint16_t n = (uint16_t)(idx - vq->last_avail_idx);
+    if (n > vq->num) {
+        /* The driver claims more buffers than the ring holds: the ring state is
+         * garbage and no later position can be trusted. */
+        vq->broken = 1;
+        vu_vq_record_error(vq, VU_ERR_AVAIL_IDX, 0, idx);
+        return VU_ERR_AVAIL_IDX;
+    }
+    return n;
+}
+
+static int add_buffer(struct vu_vq *vq, struct vu_chain *c, const struct vring_desc *d,
+                      uint32_t *niov, uint64_t *detail)
+{
+    if (d->len == 0)
+        return 0;
+    int r = vu_gpa_to_iov(vq->mem, d->addr, d->len, &c->iov[*niov], VU_MAX_CHAIN_IOV - *niov);
+    if (r < 0) {
+        *detail = d->addr;
+        return r;
+    }
+    *niov += (uint32_t)r;
+    if (d->flags & VRING_DESC_F_WRITE) {
+        c->n_in += (uint32_t)r;
+        c->in_bytes += d->len;
+    } else {
+        c->n_out += (uint32_t)r;
+        c->out_bytes += d->len;
+    }
+    return 0;
+}
+
+/*
+ * Walk the chain starting at head (already < num). In a table of n entries a
+ * walk that visits more than n descriptors must have revisited one: that is
+ * the loop check. Separately the chain may hold at most num buffers in all,
+ * and an indirect table may have at most num entries.
+ */
+static int walk_chain(struct vu_vq *vq, uint32_t head, struct vu_chain *c, uint64_t *detail)
+{
+    const uint8_t *table = (const uint8_t *)vq->desc;
+    uint32_t table_len = vq->num;
+    uint32_t ttl = vq->num;
+    uint32_t idx = head;
+    uint32_t total = 0;
+    uint32_t niov = 0;
+    int in_indirect = 0;
+    int seen_writable = 0;
+
+    c->n_out = c->n_in = 0;
+    c->out_bytes = c->in_bytes = 0;
+    for (;;) {
+        struct vring_desc d;
+        if (ttl == 0) {
+            *detail = idx;
+            return VU_ERR_LOOP;
+        }
+        ttl--;
+        memcpy(&d, table + (size_t)idx * sizeof(d), sizeof(d));
+
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (!vq->indirect)
+                return VU_ERR_INDIRECT_FEATURE;
+            if (in_indirect)
+                return VU_ERR_INDIRECT_NESTED;
+            if (d.flags & VRING_DESC_F_NEXT)
+                return VU_ERR_INDIRECT_NEXT;
+            *detail = d.len;
+            if (d.len == 0 || d.len % sizeof(struct vring_desc))
+                return VU_ERR_INDIRECT_LEN;
+            table_len = d.len / sizeof(struct vring_desc);
+            if (table_len > vq->num)
+                return VU_ERR_CHAIN_TOO_LONG;
+            table = vu_gpa_to_host(vq->mem, d.addr, d.len);
+            if (!table) {
+                *detail = d.addr;
+                return VU_ERR_INDIRECT_ADDR;
+            }
+            idx = 0;
+            ttl = table_len;
+            in_indirect = 1;
+            continue;
+        }
+
+        if (++total > vq->num)
+            return VU_ERR_CHAIN_TOO_LONG;
+        if (d.flags & VRING_DESC_F_WRITE) {
+            seen_writable = 1;
+        } else if (seen_writable) {
+            *detail = idx;
+            return VU_ERR_DIRECTION; /* spec: readable buffers precede writable ones */
+        }
+        int r = add_buffer(vq, c, &d, &niov, detail);
+        if (r < 0)
+            return r;
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return 0;
+        idx = d.next;
+        if (idx >= table_len) {
+            *detail = idx;
+            return VU_ERR_NEXT;
+        }
+    }
+}
+
+/* Take the next available chain (caller checked one is there). The avail slot
+ * is consumed even when the chain is bad, so one bad chain cannot wedge the
+ * queue; c->head says which head to return. */
+static int pop_chain(struct vu_vq *vq, struct vu_chain *c, uint64_t *detail)
+{
+    uint16_t slot = vq->last_avail_idx & (uint16_t)(vq->num - 1);
+    uint16_t head = load16(&vq->avail->ring[slot]);
+    vq->last_avail_idx++;
+    vq->stats.chains++;
+    c->head = head;
+    if (head >= vq->num) {
+        *detail = head;
+        return VU_ERR_HEAD;
+    }
+    return walk_chain(vq, head, c, detail);
+}
+
+int vu_vq_pop(struct vu_vq *vq, struct vu_chain *chain)
+{
+    uint64_t detail = 0;
+    int r = pop_chain(vq, chain, &detail);
+    if (r < 0)
+        vu_vq_record_error(vq, r, chain->head, detail);
+    return r;
+}
+
+void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len)
+{
+    struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (uint16_t)(vq->num - 1)];
+    e->id = head;
+    e->len = len;
+    vq->used_idx++;
+}
+
+void vu_vq_flush_used(struct vu_vq *vq)
+{
+    /* Entries (and the data the device wrote) become visible before the index. */
+    __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+}
+
+/* virtio spec: signal when the used index crossed the driver's used_event. */
+int vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx)
+{
+    return (uint16_t)(new_idx - event_idx - 1) < (uint16_t)(new_idx - old_idx);
+}
+
+int vu_vq_should_signal(struct vu_vq *vq)
+{
+    full_fence(); /* used->idx store before reading the driver's suppression state */
+    uint16_t new_idx = vq->used_idx;
+    uint16_t old_idx = vq->signalled_used;
+    int valid = vq->signalled_used_valid;
+    vq->signalled_used = new_idx;
+    vq->signalled_used_valid = 1;
+    if (!vq->event_idx)
+        return !(load16(&vq->avail->flags) & VRING_AVAIL_F_NO_INTERRUPT);
+    uint16_t event = load16(used_event_ptr(vq));
+    if (!valid)
+        return 1;
+    return vu_need_event(event, new_idx, old_idx);
+}
+
+int vu_vq_signal_if_needed(struct vu_vq *vq)
+{
+    if (!vu_vq_should_signal(vq) || vq->call_fd < 0)
+        return 0;
+    uint64_t one = 1;
+    /* EAGAIN means the counter is saturated: the front end is signalled anyway. */
+    if (write(vq->call_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        return -errno;
+    vq->stats.signals++;
+    return 1;
+}
+
+/* Ask the driver to kick for the next buffer; then look again, since it may
+ * have added one before it could see the request. Returns the count now
+ * available (> 0: do not sleep). */
+int vu_vq_enable_notification(struct vu_vq *vq)
+{
+    if (vq->event_idx)
+        __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
+    full_fence();
+    return vu_vq_avail_count(vq);
+}
+
+/* One pass: every chain available now, handled, published, one signal. */
+int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
+{
+    int n = vu_vq_avail_count(vq);
+    if (n <= 0)
+        return n;
+    for (int i = 0; i < n; i++) {
+        uint64_t detail = 0;
+        int r = pop_chain(vq, &vq->chain, &detail);
+        if (r < 0) {
+            vq->stats.bad_chains++;
+            vu_vq_record_error(vq, r, vq->chain.head, detail);
+            /* Give the buffer back with nothing written, if it is a real head. */
+            if (vq->chain.head < vq->num)
+                vu_vq_push(vq, vq->chain.head, 0);
+            continue;
+        }
+        vu_vq_push(vq, vq->chain.head, handler(ctx, vq, &vq->chain));
+    }
+    vu_vq_flush_used(vq);
+    vq->stats.batches++;
+    vu_vq_signal_if_needed(vq);
+    return n;
+}
+
+static void notify_error_fd(struct vu_vq *vq)
+{
+    uint64_t one = 1;
+    if (vq->err_fd >= 0 && write(vq->err_fd, &one, sizeof(one)) < 0) {
+        /* nothing more to tell anyone */
+    }
+}
+
+/*
+ * Serve the queue until asked to stop: process, then sleep on the kick fd.
+ * Returns to the caller (a worker thread, GIL released) only to stop, or
+ * after a pass that recorded errors so they can be logged.
+ */
+int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
+{
+    uint64_t errors_at_entry = vq->err.count;
+    for (;;) {
+        if (__atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE))
+            return VU_RUN_STOPPED;
+        if (vq->broken)
+            return VU_RUN_BROKEN;
+        int n = vu_vq_process(vq, handler, ctx);
+        if (n < 0) {
+            notify_error_fd(vq);
+            return VU_RUN_BROKEN;
+        }
+        if (vq->err.count != errors_at_entry)
+            return VU_RUN_ERRORS;
+        if (n > 0)
+            continue;
+        n = vu_vq_enable_notification(vq);
+        if (n < 0) {
+            notify_error_fd(vq);
+            return VU_RUN_BROKEN;
+        }
+        if (n > 0)
+            continue;
+
+        struct pollfd fds[2] = {
+            {.fd = vq->kick_fd, .events = POLLIN},
+            {.fd = vq->stop_fd, .events = POLLIN},
+        };
+        if (poll(fds, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)errno);
+            return VU_RUN_FD_ERROR;
+        }
+        if (fds[1].revents)
+            return VU_RUN_STOPPED;
+        if (fds[0].revents & POLLIN) {
+            uint64_t v;
+            if (read(vq->kick_fd, &v, sizeof(v)) < 0 && errno != EAGAIN && errno != EINTR) {
+                vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)errno);
+                return VU_RUN_FD_ERROR;
+            }
+            vq->stats.kicks++;
+        } else if (fds[0].revents) {
+            vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)fds[0].revents);
+            return VU_RUN_FD_ERROR;
+        }
+    }
+}
+
+void vu_vq_request_stop(struct vu_vq *vq)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&vq->stop, 1, __ATOMIC_RELEASE);
+    if (vq->stop_fd >= 0 && write(vq->stop_fd, &one, sizeof(one)) < 0) {
+        /* the flag alone stops it at the next pass */
+    }
+}
+
+size_t vu_iov_copy_from(const struct iovec *iov, uint32_t niov, size_t skip, void *dst, size_t len)
+{
+    size_t done = 0;
+    for (uint32_t i = 0; i < niov && done < len; i++) {
+        size_t l = iov[i].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        size_t n = l - skip;
+        if (n > len - done)
+            n = len - done;
+        memcpy((uint8_t *)dst + done, (const uint8_t *)iov[i].iov_base + skip, n);
+        done += n;
+        skip = 0;
+    }
+    return done;
+}
+
+size_t vu_iov_copy_to(const struct iovec *iov, uint32_t niov, size_t skip, const void *src, size_t len)
+{
+    size_t done = 0;
+    for (uint32_t i = 0; i < niov && done < len; i++) {
+        size_t l = iov[i].iov_len;
+        if (skip >= l) {
+            skip -= l;
+            continue;
+        }
+        size_t n = l - skip;
+        if (n > len - done)
+            n = len - done;
+        memcpy((uint8_t *)iov[i].iov_base + skip, (const uint8_t *)src + done, n);
+        done += n;
+        skip = 0;
+    }
+    return done;
+}

@@ -1,0 +1,1226 @@
+"""A test front end for vhost-user back ends: plays QEMU's role over a real unix socket.
+
+Layers, each usable on its own:
+
+* :class:`GuestRam` -- guest memory: one memfd mmapped here, exposed as one or more
+  vhost-user memory regions (with gaps in guest-physical space between them).
+* :class:`DriverQueue` -- the driver side of a virtio 1.x split virtqueue living in
+  :class:`GuestRam`, with its kick and call eventfds.
+* :class:`FrontEnd` -- the vhost-user front end: connects to the back end's socket,
+  negotiates features, sends the memory table and sets up queues.
+* :class:`BlkDriver` -- builds virtio-blk requests on a :class:`DriverQueue`.
+
+All ring structures are little-endian (virtio 1.x); vhost-user messages are encoded by
+:mod:`vhost.protocol`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import mmap
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self, TypeAlias
+
+from vhost.protocol import (
+    VHOST_USER_F_PROTOCOL_FEATURES,
+    AddMemReg,
+    ConfigReply,
+    GetConfig,
+    GetFeatures,
+    GetMaxMemSlots,
+    GetProtocolFeatures,
+    GetQueueNum,
+    GetVringBase,
+    MemoryRegion,
+    ProtocolFeature,
+    RemMemReg,
+    ReplyReader,
+    ResetDevice,
+    SetConfig,
+    SetFeatures,
+    SetMemTable,
+    SetOwner,
+    SetProtocolFeatures,
+    SetVringAddr,
+    SetVringBase,
+    SetVringCall,
+    SetVringEnable,
+    SetVringErr,
+    SetVringKick,
+    SetVringNum,
+    U64Reply,
+    VringStateReply,
+    encode_message,
+)
+
+__all__ = [
+    "ALL_FEATURES",
+    "AckError",
+    "BackEndClosed",
+    "BlkDriver",
+    "BlkError",
+    "BlkRequest",
+    "BufferPool",
+    "Completion",
+    "DriverQueue",
+    "FrontEnd",
+    "FrontEndError",
+    "GuestRam",
+    "QueueFull",
+    "RamRegion",
+    "parse_blk_config",
+]
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+PAGE_SIZE = mmap.PAGESIZE
+
+# --- virtio ring layout (include/uapi/linux/virtio_ring.h) -----------------------------
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+DESC_SIZE = 16
+_DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+_USED_ELEM = struct.Struct("<II")  # id, len
+MAX_QUEUE_SIZE = 1024
+
+# --- feature bits -----------------------------------------------------------------------
+VIRTIO_RING_F_INDIRECT_DESC = 28
+VIRTIO_RING_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+ALL_FEATURES = (1 << 64) - 1
+
+# vhost-user protocol feature masks
+PF_MQ = int(ProtocolFeature.MQ)
+PF_REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
+PF_CONFIG = int(ProtocolFeature.CONFIG)
+PF_RESET_DEVICE = int(ProtocolFeature.RESET_DEVICE)
+PF_CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+#: the protocol features this front end knows how to drive
+FRONTEND_PROTOCOL_FEATURES = (
+    PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | PF_RESET_DEVICE
+)
+
+
+def _as_mask(bit_or_mask: int) -> int:
+    """A feature given either as a bit number or as a mask, as a mask."""
+    v = int(bit_or_mask)
+    return 1 << v if v < 64 else v
+
+
+F_PROTOCOL_FEATURES = _as_mask(VHOST_USER_F_PROTOCOL_FEATURES)
+
+# --- virtio-blk (include/uapi/linux/virtio_blk.h) ----------------------------------------
+SECTOR_SIZE = 512
+VIRTIO_BLK_T_IN = 0
+VIRTIO_BLK_T_OUT = 1
+VIRTIO_BLK_T_FLUSH = 4
+VIRTIO_BLK_T_GET_ID = 8
+VIRTIO_BLK_T_DISCARD = 11
+VIRTIO_BLK_T_WRITE_ZEROES = 13
+VIRTIO_BLK_S_OK = 0
+VIRTIO_BLK_S_IOERR = 1
+VIRTIO_BLK_S_UNSUPP = 2
+VIRTIO_BLK_ID_BYTES = 20
+VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP = 1
+BLK_HDR = struct.Struct("<IIQ")  # type, ioprio (reserved), sector
+BLK_DISCARD_SEG = struct.Struct("<QII")  # sector, num_sectors, flags
+STATUS_UNTOUCHED = 0xFF
+
+
+def _align_up(v: int, a: int) -> int:
+    return (v + a - 1) // a * a
+
+
+# =========================================================================================
+# Guest RAM
+# =========================================================================================
+
+
+@dataclass(frozen=True)
+class RamRegion:
+    """One region of :class:`GuestRam` as the front end describes it to the back end."""
+
+    gpa: int
+    size: int
+    uva: int  # fake front-end virtual address; only has to be self-consistent
+    mmap_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def contains(self, gpa: int, n: int = 1) -> bool:
+        return self.gpa <= gpa and gpa + n <= self.end
+
+
+class GuestRam:
+    """Guest memory: one memfd of ``size`` bytes, mmapped here, split into ``regions``.
+
+    Region ``k`` covers file bytes ``[k*size/regions, (k+1)*size/regions)``. Region 0
+    starts at guest-physical 0; every further region starts at the next 1 GiB boundary
+    strictly above the previous region's end, so there is always a hole in between.
+    """
+
+    UVA_BASE = 0x7F00_0000_0000
+
+    def __init__(self, size: int = 64 * MiB, regions: int = 1, *, name: str = "guest-ram") -> None:
+        if not 1 <= regions <= 8:
+            raise ValueError("regions must be between 1 and 8")
+        if size <= 0 or size % (regions * PAGE_SIZE):
+            raise ValueError(f"size must be a positive multiple of {regions} pages")
+        self.size = size
+        self._fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(self._fd, size)
+            self._mm: mmap.mmap | None = mmap.mmap(
+                self._fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
+            )
+        except BaseException:
+            os.close(self._fd)
+            raise
+        per = size // regions
+        layout: list[RamRegion] = []
+        gpa = 0
+        for k in range(regions):
+            off = k * per
+            layout.append(RamRegion(gpa=gpa, size=per, uva=self.UVA_BASE + off, mmap_offset=off))
+            gpa = _align_up(gpa + per + 1, GiB)
+        self.layout: tuple[RamRegion, ...] = tuple(layout)
+        self._bump = [r.gpa for r in layout]
+
+    # --- description --------------------------------------------------------------------
+    @property
+    def fd(self) -> int:
+        return self._fd
+
+    def regions(self) -> list[MemoryRegion]:
+        return [
+            MemoryRegion(
+                guest_phys_addr=r.gpa,
+                memory_size=r.size,
+                userspace_addr=r.uva,
+                mmap_offset=r.mmap_offset,
+            )
+            for r in self.layout
+        ]
+
+    def region_of(self, gpa: int, n: int = 1) -> RamRegion:
+        """The region holding all of ``[gpa, gpa+n)`` (n may be 0); ValueError otherwise."""
+        for r in self.layout:
+            if r.gpa <= gpa < r.end and gpa + n <= r.end:
+                return r
+        raise ValueError(f"guest range {gpa:#x}+{n:#x} is not inside one RAM region")
+
+    def gpa_to_offset(self, gpa: int, n: int = 1) -> int:
+        r = self.region_of(gpa, n)
+        return r.mmap_offset + (gpa - r.gpa)
+
+    def uva_of(self, gpa: int) -> int:
+        r = self.region_of(gpa)
+        return r.uva + (gpa - r.gpa)
+
+    # --- access -------------------------------------------------------------------------
+    @property
+    def _map(self) -> mmap.mmap:
+        if self._mm is None:
+            raise ValueError("GuestRam is closed")
+        return self._mm
+
+    def read(self, gpa: int, n: int) -> bytes:
+        off = self.gpa_to_offset(gpa, n)
+        return self._map[off : off + n]
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        n = len(data)
+        off = self.gpa_to_offset(gpa, n)
+        self._map[off : off + n] = bytes(data)
+
+    def fill(self, gpa: int, n: int, byte: int) -> None:
+        self.write(gpa, bytes([byte]) * n)
+
+    def unpack(self, fmt: str | struct.Struct, gpa: int) -> tuple[Any, ...]:
+        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        return s.unpack_from(self._map, self.gpa_to_offset(gpa, s.size))
+
+    def pack(self, fmt: str | struct.Struct, gpa: int, *values: Any) -> None:
+        s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
+        s.pack_into(self._map, self.gpa_to_offset(gpa, s.size), *values)
+
+    def read_u16(self, gpa: int) -> int:
+        return int(self.unpack("<H", gpa)[0])
+
+    def write_u16(self, gpa: int, v: int) -> None:
+        self.pack("<H", gpa, v & 0xFFFF)
+
+    def read_u32(self, gpa: int) -> int:
+        return int(self.unpack("<I", gpa)[0])
+
+    def write_u32(self, gpa: int, v: int) -> None:
+        self.pack("<I", gpa, v & 0xFFFF_FFFF)
+
+    def read_u64(self, gpa: int) -> int:
+        return int(self.unpack("<Q", gpa)[0])
+
+    def write_u64(self, gpa: int, v: int) -> None:
+        self.pack("<Q", gpa, v & ALL_FEATURES)
+
+    # --- allocation ---------------------------------------------------------------------
+    def alloc(self, size: int, align: int = 16, region: int = 0) -> int:
+        """Bump-allocate ``size`` bytes in region ``region``; never freed. MemoryError if full."""
+        if align <= 0 or align & (align - 1):
+            raise ValueError("align must be a power of two")
+        r = self.layout[region]
+        gpa = _align_up(self._bump[region], align)
+        if gpa + size > r.end:
+            raise MemoryError(f"guest RAM region {region} exhausted ({size} bytes wanted)")
+        self._bump[region] = gpa + size
+        return gpa
+
+    def free_bytes(self, region: int = 0) -> int:
+        return self.layout[region].end - self._bump[region]
+
+    # --- lifetime -----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
+            os.close(self._fd)
+            self._fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+# =========================================================================================
+# Driver-side split virtqueue
+# =========================================================================================
+
+
+class QueueFull(RuntimeError):
+    """Not enough free descriptors for the chain."""
+
+
+class DriverQueue:
+    """The driver side of a split virtqueue in :class:`GuestRam`.
+
+    Keeps its own free list of descriptors and a shadow ``avail_idx``; buffers added with
+    :meth:`add_chain` become visible to the device only on :meth:`publish`.
+    """
+
+    def __init__(
+        self,
+        ram: GuestRam,
+        num: int = 128,
+        event_idx: bool = False,
+        *,
+        region: int = 0,
+        start_idx: int = 0,
+    ) -> None:
+        if num <= 0 or num > MAX_QUEUE_SIZE or num & (num - 1):
+            raise ValueError("queue size must be a power of two <= 1024")
+        self.ram = ram
+        self.num = num
+        self.event_idx = event_idx
+        self.region = region
+        self._desc = ram.alloc(DESC_SIZE * num, 16, region)
+        self._avail = ram.alloc(6 + 2 * num, 2, region)
+        self._used = ram.alloc(6 + 8 * num, 4, region)
+        ram.write(self._desc, bytes(DESC_SIZE * num))
+        ram.write(self._avail, bytes(6 + 2 * num))
+        ram.write(self._used, bytes(6 + 8 * num))
+        self._free: list[int] = list(reversed(range(num)))
+        self._chains: dict[int, list[int]] = {}
+        self._indirect_tables: dict[int, tuple[int, int]] = {}  # head -> (gpa, capacity)
+        self._avail_idx = 0
+        self._last_used = 0
+        self.kick_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.call_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self.kicks = 0
+        if start_idx:
+            self.start_index(start_idx)
+
+    # --- geometry -----------------------------------------------------------------------
+    @property
+    def desc_gpa(self) -> int:
+        return self._desc
+
+    @property
+    def avail_gpa(self) -> int:
+        return self._avail
+
+    @property
+    def used_gpa(self) -> int:
+        return self._used
+
+    @property
+    def avail_idx(self) -> int:
+        """The driver's shadow avail index (what the next :meth:`publish` writes)."""
+        return self._avail_idx
+
+    @property
+    def last_used_idx(self) -> int:
+        return self._last_used
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._chains)
+
+    def chain_of(self, head: int) -> list[int]:
+        """Descriptor indices (in the main table) that a pending chain occupies."""
+        return list(self._chains[head])
+
+    def start_index(self, v: int) -> None:
+        """Start the rings at index ``v`` (pair with SET_VRING_BASE v on the back end)."""
+        if self._chains:
+            raise RuntimeError("start_index on a queue with buffers in flight")
+        v &= 0xFFFF
+        self._avail_idx = self._last_used = v
+        self.ram.write_u16(self._avail + 2, v)
+        self.ram.write_u16(self._used + 2, v)
+
+    # --- descriptors --------------------------------------------------------------------
+    def write_desc(self, i: int, addr: int, length: int, flags: int, next: int) -> None:
+        """Raw write of descriptor ``i`` (no bookkeeping; for hostile tests)."""
+        if not 0 <= i < self.num:
+            raise IndexError(f"descriptor {i} out of range")
+        self.ram.pack(_DESC, self._desc + DESC_SIZE * i, addr, length, flags, next)
+
+    def read_desc(self, i: int) -> tuple[int, int, int, int]:
+        """(addr, len, flags, next) of descriptor ``i``."""
+        if not 0 <= i < self.num:
+            raise IndexError(f"descriptor {i} out of range")
+        return self.read_table(self.ram, self._desc + DESC_SIZE * i, 1)[0]
+
+    @staticmethod
+    def read_table(ram: GuestRam, gpa: int, count: int) -> list[tuple[int, int, int, int]]:
+        """Decode ``count`` descriptors at ``gpa`` (the main table or an indirect one)."""
+        return [tuple(ram.unpack(_DESC, gpa + DESC_SIZE * k)) for k in range(count)]
+
+    def reserve_descs(self, n: int) -> list[int]:
+        """Take ``n`` descriptors off the free list for hand-built chains."""
+        if n > len(self._free):
+            raise QueueFull(f"{n} descriptors wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def release_descs(self, idxs: Iterable[int]) -> None:
+        self._free.extend(reversed(list(idxs)))
+
+    def _indirect_table(self, head: int, n: int) -> int:
+        gpa, cap = self._indirect_tables.get(head, (0, 0))
+        if cap < n:
+            cap = max(n, 2 * cap, 8)
+            gpa = self.ram.alloc(DESC_SIZE * cap, 16, self.region)
+            self._indirect_tables[head] = (gpa, cap)
+        return gpa
+
+    def add_chain(self, bufs: Sequence[tuple[int, int, bool]], indirect: bool = False) -> int:
+        """Add a chain of (gpa, len, device_writable) buffers; returns the head index.
+
+        The head goes into the avail ring but is not visible until :meth:`publish`.
+        """
+        if not bufs:
+            raise ValueError("empty chain")
+        if indirect:
+            (head,) = self.reserve_descs(1)
+            table = self._indirect_table(head, len(bufs))
+            last = len(bufs) - 1
+            for k, (addr, length, writable) in enumerate(bufs):
+                flags = (VRING_DESC_F_NEXT if k < last else 0) | (
+                    VRING_DESC_F_WRITE if writable else 0
+                )
+                self.ram.pack(
+                    _DESC, table + DESC_SIZE * k, addr, length, flags, k + 1 if k < last else 0
+                )
+            self.write_desc(head, table, DESC_SIZE * len(bufs), VRING_DESC_F_INDIRECT, 0)
+            chain = [head]
+        else:
+            chain = self.reserve_descs(len(bufs))
+            head = chain[0]
+            for k, (addr, length, writable) in enumerate(bufs):
+                more = k + 1 < len(chain)
+                flags = (VRING_DESC_F_NEXT if more else 0) | (VRING_DESC_F_WRITE if writable else 0)
+                self.write_desc(chain[k], addr, length, flags, chain[k + 1] if more else 0)
+        self._chains[head] = chain
+        self._put_ring_entry(head)
+        return head
+
+    # --- avail ring ---------------------------------------------------------------------
+    def _put_ring_entry(self, head: int) -> None:
+        self.ram.write_u16(self._avail + 4 + 2 * (self._avail_idx % self.num), head)
+        self._avail_idx = (self._avail_idx + 1) & 0xFFFF
+
+    def publish(self) -> None:
+        """Make every added chain visible: write avail->idx (ring entries were written first)."""
+        self.ram.write_u16(self._avail + 2, self._avail_idx)
+
+    def put_avail(self, head: int) -> None:
+        """Raw: put ``head`` in the next avail slot and publish, with no bookkeeping."""
+        self._put_ring_entry(head & 0xFFFF)
+        self.publish()
+
+    def set_avail_idx(self, v: int) -> None:
+        """Raw: write avail->idx = v (and make it the shadow index)."""
+        self._avail_idx = v & 0xFFFF
+        self.publish()
+
+    def published_avail_idx(self) -> int:
+        return self.ram.read_u16(self._avail + 2)
+
+    def set_no_interrupt(self, flag: bool) -> None:
+        self.ram.write_u16(self._avail, VRING_AVAIL_F_NO_INTERRUPT if flag else 0)
+
+    def set_used_event(self, v: int) -> None:
+        """Write avail->used_event (avail->ring[num])."""
+        self.ram.write_u16(self._avail + 4 + 2 * self.num, v)
+
+    def used_event(self) -> int:
+        return self.ram.read_u16(self._avail + 4 + 2 * self.num)
+
+    # --- used ring ----------------------------------------------------------------------
+    def used_idx(self) -> int:
+        return self.ram.read_u16(self._used + 2)
+
+    def used_flags(self) -> int:
+        return self.ram.read_u16(self._used)
+
+    def avail_event(self) -> int:
+        """Read used->avail_event (used->ring[num])."""
+        return self.ram.read_u16(self._used + 4 + 8 * self.num)
+
+    def read_used_elem(self, slot: int) -> tuple[int, int]:
+        return tuple(self.ram.unpack(_USED_ELEM, self._used + 4 + 8 * (slot % self.num)))
+
+    def get_used(self) -> list[tuple[int, int]]:
+        """New (id, len) used entries since the last call; frees their descriptors.
+
+        Entries whose id is not a pending head (hostile or buggy device) are returned as-is.
+        """
+        idx = self.used_idx()
+        pending = (idx - self._last_used) & 0xFFFF
+        if pending > self.num:
+            raise RuntimeError(
+                f"used ring overrun: used->idx={idx} last_used={self._last_used} num={self.num}"
+            )
+        out: list[tuple[int, int]] = []
+        for _ in range(pending):
+            uid, ulen = self.read_used_elem(self._last_used)
+            self._last_used = (self._last_used + 1) & 0xFFFF
+            chain = self._chains.pop(uid, None)
+            if chain is not None:
+                self.release_descs(chain)
+            out.append((uid, ulen))
+        return out
+
+    # --- notifications ------------------------------------------------------------------
+    @staticmethod
+    def need_event(event: int, new: int, old: int) -> bool:
+        """virtio's vring_need_event on 16-bit indices."""
+        return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+    def need_kick(self, old_avail_idx: int) -> bool:
+        """Whether the device asked to be kicked for the entries after ``old_avail_idx``."""
+        if self.event_idx:
+            return self.need_event(self.avail_event(), self._avail_idx, old_avail_idx)
+        return not self.used_flags() & VRING_USED_F_NO_NOTIFY
+
+    def enable_cb(self) -> None:
+        """Ask for a call on the next used entry (used_event, or clear NO_INTERRUPT)."""
+        if self.event_idx:
+            self.set_used_event(self._last_used)
+        else:
+            self.set_no_interrupt(False)
+
+    def disable_cb(self) -> None:
+        if not self.event_idx:
+            self.set_no_interrupt(True)
+
+    def kick(self) -> None:
+        os.eventfd_write(self.kick_fd, 1)
+        self.kicks += 1
+
+    def wait_call(self, timeout: float) -> bool:
+        """Wait until the call eventfd fires (and drain it); False on timeout."""
+        p = select.poll()
+        p.register(self.call_fd, select.POLLIN)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            if p.poll(int(left * 1000)) and self.drain_call():
+                return True
+            if time.monotonic() >= deadline:
+                return False
+
+    def drain_call(self) -> bool:
+        try:
+            os.eventfd_read(self.call_fd)
+            return True
+        except BlockingIOError:
+            return False
+
+    def close(self) -> None:
+        for name in ("kick_fd", "call_fd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+
+
+# =========================================================================================
+# vhost-user front end
+# =========================================================================================
+
+Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply
+_REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots)
+_HDR = struct.Struct("<III")
+
+
+class FrontEndError(Exception):
+    pass
+
+
+class BackEndClosed(FrontEndError, ConnectionError):
+    """The back end closed the connection."""
+
+
+class AckError(FrontEndError):
+    """A REPLY_ACK came back nonzero."""
+
+    def __init__(self, msg: object, value: int) -> None:
+        super().__init__(f"{type(msg).__name__} was refused by the back end (ack={value})")
+        self.msg = msg
+        self.value = value
+
+
+class FrontEnd:
+    """The QEMU role: a vhost-user front end connected to ``socket_path``."""
+
+    def __init__(self, socket_path: str | os.PathLike[str], ram: GuestRam, timeout: float = 5.0):
+        self.socket_path = os.fspath(socket_path)
+        self.ram = ram
+        self.timeout = timeout
+        self.sock: socket.socket | None = None
+        self._reader = ReplyReader()
+        self.offered_features = 0
+        self.features = 0
+        self.offered_protocol_features = 0
+        self.protocol_features = 0
+        self.queue_num = 1
+        self.queues: dict[int, DriverQueue] = {}
+
+    # --- connection ---------------------------------------------------------------------
+    def connect(self, timeout: float = 5.0) -> FrontEnd:
+        """Connect, retrying until the socket exists and accepts; returns self."""
+        deadline = time.monotonic() + timeout
+        while True:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(self.socket_path)
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                s.close()
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(f"cannot connect to {self.socket_path}: {e}") from e
+                time.sleep(0.02)
+                continue
+            self.sock = s
+            self._reader = ReplyReader()
+            return self
+
+    def attach(self, sock: socket.socket) -> FrontEnd:
+        """Use an already connected socket (e.g. one end of a socketpair)."""
+        self.sock = sock
+        self._reader = ReplyReader()
+        return self
+
+    @property
+    def _s(self) -> socket.socket:
+        if self.sock is None:
+            raise FrontEndError("not connected")
+        return self.sock
+
+    def close(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        for q in self.queues.values():
+            q.close()
+        self.queues.clear()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    # --- raw I/O ------------------------------------------------------------------------
+    def raw_send(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        """Send bytes (with fds as SCM_RIGHTS on the first chunk) exactly as given."""
+        view = memoryview(data)
+        anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
+        try:
+            sent = self._s.sendmsg([view], anc if fds else [])
+            while sent < len(view):
+                view = view[sent:]
+                sent = self._s.sendmsg([view])
+        except (BrokenPipeError, ConnectionResetError) as e:
+            raise BackEndClosed(f"back end closed the connection while sending: {e}") from e
+
+    def read_reply(self, timeout: float | None = None, what: str = "reply") -> Reply:
+        """Read the next reply message from the back end."""
+        t = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + t
+        while True:
+            r = self._reader.next_reply()
+            if r is not None:
+                return r
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no {what} from the back end within {t}s")
+            self._s.settimeout(left)
+            try:
+                chunk = self._s.recv(65536)
+            except TimeoutError:
+                continue
+            except ConnectionResetError as e:
+                raise BackEndClosed(f"back end reset the connection waiting for {what}") from e
+            finally:
+                if self.sock is not None:
+                    self.sock.settimeout(None)
+            if not chunk:
+                raise BackEndClosed(f"back end closed the connection waiting for {what}")
+            self._reader.feed(chunk)
+
+    def is_closed_by_peer(self, timeout: float = 1.0) -> bool:
+        """True if the back end closes the connection within ``timeout`` (reads discarded)."""
+        deadline = time.monotonic() + timeout
+        s = self._s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                s.settimeout(left)
+                try:
+                    chunk = s.recv(65536)
+                except TimeoutError:
+                    return False
+                if not chunk:
+                    return True
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(None)
+
+    # --- messages -----------------------------------------------------------------------
+    @property
+    def reply_ack(self) -> bool:
+        return bool(self.protocol_features & PF_REPLY_ACK)
+
+    def request(self, msg: Any, timeout: float | None = None) -> Reply | None:
+        """Send ``msg``; read its reply if it is a GET_* or has need_reply set."""
+        data, fds = encode_message(msg)
+        code = _HDR.unpack_from(data)[0]
+        self.raw_send(data, fds)
+        if not (isinstance(msg, _REPLYING) or msg.need_reply):
+            return None
+        reply = self.read_reply(timeout, what=f"reply to {type(msg).__name__}")
+        if int(reply.request) != code:
+            raise FrontEndError(
+                f"reply for request {int(reply.request)} while waiting for "
+                f"{type(msg).__name__} ({code})"
+            )
+        return reply
+
+    def request_ack(self, msg: Any, timeout: float | None = None) -> Reply | None:
+        """Like :meth:`request`, but sets need_reply when REPLY_ACK is negotiated and
+        raises :class:`AckError` on a nonzero ack."""
+        if self.reply_ack and not isinstance(msg, _REPLYING):
+            msg = dataclasses.replace(msg, need_reply=True)
+        reply = self.request(msg, timeout)
+        if msg.need_reply and not isinstance(msg, _REPLYING):
+            if not isinstance(reply, U64Reply):
+                raise FrontEndError(f"expected a u64 ack for {type(msg).__name__}, got {reply!r}")
+            if reply.value != 0:
+                raise AckError(msg, reply.value)
+        return reply
+
+    def _u64(self, msg: Any) -> int:
+        r = self.request(msg)
+        if not isinstance(r, U64Reply):
+            raise FrontEndError(f"expected a u64 reply to {type(msg).__name__}, got {r!r}")
+        return int(r.value)
+
+    def get_features(self) -> int:
+        return self._u64(GetFeatures())
+
+    def get_protocol_features(self) -> int:
+        return self._u64(GetProtocolFeatures())
+
+    def get_queue_num(self) -> int:
+        return self._u64(GetQueueNum())
+
+    def get_max_mem_slots(self) -> int:
+        return self._u64(GetMaxMemSlots())
+
+    def negotiate(self, features_wanted_mask: int = ALL_FEATURES) -> tuple[int, int]:
+        """The QEMU handshake; returns (acked features, acked protocol features)."""
+        self.offered_features = self.get_features()
+        self.protocol_features = 0
+        if self.offered_features & F_PROTOCOL_FEATURES:
+            self.offered_protocol_features = self.get_protocol_features()
+            pf = self.offered_protocol_features & FRONTEND_PROTOCOL_FEATURES
+            self.request(SetProtocolFeatures(pf))
+            self.protocol_features = pf
+        self.request_ack(SetOwner())
+        self.features = (self.offered_features & features_wanted_mask) | (
+            self.offered_features & F_PROTOCOL_FEATURES
+        )
+        self.request_ack(SetFeatures(self.features))
+        self.queue_num = self.get_queue_num() if self.protocol_features & PF_MQ else 1
+        return self.features, self.protocol_features
+
+    def set_features(self, features: int) -> None:
+        self.features = features
+        self.request_ack(SetFeatures(features))
+
+    def get_config(self, size: int = 60, offset: int = 0, flags: int = 0) -> bytes:
+        r = self.request(GetConfig(offset, size, flags, bytes(size)))
+        if not isinstance(r, ConfigReply):
+            raise FrontEndError(f"expected a config reply, got {r!r}")
+        if r.size == 0 or not r.data:
+            raise FrontEndError("back end refused GET_CONFIG (empty reply)")
+        return bytes(r.data)
+
+    def set_config(self, offset: int, data: bytes, flags: int = 0) -> None:
+        self.request_ack(SetConfig(offset, len(data), flags, bytes(data)))
+
+    def set_mem_table(self) -> None:
+        regions = self.ram.regions()
+        self.request_ack(SetMemTable(tuple(regions), tuple(self.ram.fd for _ in regions)))
+
+    def add_mem_regions(self) -> None:
+        """Describe the RAM with one ADD_MEM_REG per region (CONFIGURE_MEM_SLOTS)."""
+        for r in self.ram.regions():
+            self.request_ack(AddMemReg(r, self.ram.fd))
+
+    def remove_mem_region(self, index: int) -> None:
+        self.request_ack(RemMemReg(self.ram.regions()[index], None))
+
+    def reset_device(self) -> None:
+        self.request_ack(ResetDevice())
+
+    # --- queues -------------------------------------------------------------------------
+    def setup_queue(
+        self,
+        index: int,
+        size: int = 128,
+        event_idx: bool | None = None,
+        start_idx: int = 0,
+        *,
+        region: int = 0,
+        enable: bool = True,
+        log: bool = False,
+    ) -> DriverQueue:
+        """Allocate a ring and hand it to the back end; event_idx defaults to negotiated."""
+        if event_idx is None:
+            event_idx = bool(self.features & (1 << VIRTIO_RING_F_EVENT_IDX))
+        old = self.queues.pop(index, None)
+        if old is not None:
+            old.close()
+        q = DriverQueue(self.ram, size, event_idx, region=region, start_idx=start_idx)
+        self.queues[index] = q
+        ack = self.request_ack
+        ack(SetVringNum(index, size))
+        ack(SetVringBase(index, start_idx & 0xFFFF))
+        ack(
+            SetVringAddr(
+                index=index,
+                flags=1 if log else 0,
+                desc_user_addr=self.ram.uva_of(q.desc_gpa),
+                used_user_addr=self.ram.uva_of(q.used_gpa),
+                avail_user_addr=self.ram.uva_of(q.avail_gpa),
+                log_guest_addr=0,
+            )
+        )
+        ack(SetVringKick(index, q.kick_fd))
+        ack(SetVringCall(index, q.call_fd))
+        if enable and self.features & F_PROTOCOL_FEATURES:
+            ack(SetVringEnable(index, True))
+        return q
+
+    def enable_queue(self, index: int, enable: bool = True) -> None:
+        self.request_ack(SetVringEnable(index, enable))
+
+    def set_vring_err(self, index: int, fd: int | None) -> None:
+        self.request_ack(SetVringErr(index, fd))
+
+    def stop_queue(self, index: int) -> int:
+        """GET_VRING_BASE: stops the ring; returns the back end's next avail index."""
+        r = self.request(GetVringBase(index))
+        if not isinstance(r, VringStateReply):
+            raise FrontEndError(f"expected a vring state reply, got {r!r}")
+        if int(r.index) != index:
+            raise FrontEndError(f"GET_VRING_BASE({index}) answered for ring {r.index}")
+        return int(r.num)
+
+
+# =========================================================================================
+# virtio-blk driver
+# =========================================================================================
+
+
+class BufferPool:
+    """Power-of-two size classes carved lazily out of one :class:`GuestRam` region."""
+
+    MIN_CLASS = 64
+
+    def __init__(self, ram: GuestRam, region: int = 0) -> None:
+        self.ram = ram
+        self.region = region
+        self._free: dict[int, list[int]] = {}
+        self.outstanding = 0
+
+    def _cls(self, n: int) -> int:
+        return max(self.MIN_CLASS, 1 << (max(n, 1) - 1).bit_length())
+
+    def alloc(self, n: int) -> int:
+        c = self._cls(n)
+        lst = self._free.get(c)
+        gpa = lst.pop() if lst else self.ram.alloc(c, min(c, PAGE_SIZE), self.region)
+        self.outstanding += 1
+        return gpa
+
+    def free(self, gpa: int, n: int) -> None:
+        self._free.setdefault(self._cls(n), []).append(gpa)
+        self.outstanding -= 1
+
+
+@dataclass(frozen=True)
+class Completion:
+    """How a virtio-blk request ended. status is None if the device left it untouched."""
+
+    status: int | None
+    used_len: int | None
+    data: bytes = b""
+    completed: bool = True
+
+    @property
+    def ok(self) -> bool:
+        return self.completed and self.status == VIRTIO_BLK_S_OK
+
+
+@dataclass(eq=False)
+class BlkRequest:
+    """A submitted request (the token :meth:`BlkDriver.kick_and_wait` takes)."""
+
+    type: int
+    sector: int
+    head: int
+    status_gpa: int
+    in_segs: list[tuple[int, int]]
+    allocs: list[tuple[BufferPool, int, int]] = field(repr=False)
+    completion: Completion | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.completion is not None
+
+
+class BlkError(Exception):
+    def __init__(self, what: str, status: int | None) -> None:
+        super().__init__(f"virtio-blk {what} failed with status {status}")
+        self.status = status
+
+
+def _split(n: int, segs: int | Sequence[int]) -> list[int]:
+    if not isinstance(segs, int):
+        sizes = list(segs)
+        if sum(sizes) != n:
+            raise ValueError(f"segment sizes {sizes} do not add up to {n}")
+        return sizes
+    segs = max(1, min(segs, n)) if n else 1
+    base, extra = divmod(n, segs)
+    return [base + (1 if k < extra else 0) for k in range(segs)]
+
+
+class BlkDriver:
+    """virtio-blk request builder on a :class:`DriverQueue`.
+
+    Data buffers come from per-region :class:`BufferPool` s (round-robin over
+    ``buf_regions``), are poisoned with ``poison`` before IN requests and freed on completion.
+    """
+
+    def __init__(
+        self, queue: DriverQueue, *, buf_regions: Sequence[int] = (0,), poison: int = 0xA5
+    ) -> None:
+        self.queue = queue
+        self.ram = queue.ram
+        self.pools = [BufferPool(self.ram, r) for r in buf_regions]
+        self.poison = poison
+        self._rr = 0
+        self.inflight: dict[int, BlkRequest] = {}
+        self.unexpected_used: list[tuple[int, int]] = []
+
+    # --- building -----------------------------------------------------------------------
+    def _pool(self) -> BufferPool:
+        p = self.pools[self._rr % len(self.pools)]
+        self._rr += 1
+        return p
+
+    def submit_raw(
+        self,
+        type: int,
+        sector: int = 0,
+        out_data: bytes = b"",
+        in_len: int = 0,
+        *,
+        segs: int | Sequence[int] = 1,
+        indirect: bool = False,
+        header_split: int | None = None,
+        ioprio: int = 0,
+    ) -> BlkRequest:
+        """Queue (without publishing) header + out_data (readable) + in_len bytes
+        (writable) + a status byte pre-set to 0xFF."""
+        allocs: list[tuple[BufferPool, int, int]] = []
+        bufs: list[tuple[int, int, bool]] = []
+
+        def take(data: bytes | None, n: int, writable: bool) -> int:
+            pool = self._pool()
+            gpa = pool.alloc(n)
+            allocs.append((pool, gpa, n))
+            if data is not None:
+                self.ram.write(gpa, data)
+            bufs.append((gpa, n, writable))
+            return gpa
+
+        hdr = BLK_HDR.pack(type, ioprio, sector)
+        if header_split is None:
+            take(hdr, len(hdr), False)
+        else:
+            take(hdr[:header_split], header_split, False)
+            take(hdr[header_split:], len(hdr) - header_split, False)
+        if out_data:
+            pos = 0
+            for n in _split(len(out_data), segs):
+                take(out_data[pos : pos + n], n, False)
+                pos += n
+        in_segs: list[tuple[int, int]] = []
+        if in_len:
+            for n in _split(in_len, segs):
+                gpa = take(bytes([self.poison]) * n, n, True)
+                in_segs.append((gpa, n))
+        status_gpa = take(bytes([STATUS_UNTOUCHED]), 1, True)
+        try:
+            head = self.queue.add_chain(bufs, indirect)
+        except BaseException:
+            for pool, gpa, n in allocs:
+                pool.free(gpa, n)
+            raise
+        req = BlkRequest(type, sector, head, status_gpa, in_segs, allocs)
+        self.inflight[head] = req
+        return req
+
+    def submit_read(
+        self, sector: int, nbytes: int, segs: int | Sequence[int] = 1, indirect: bool = False
+    ) -> BlkRequest:
+        return self.submit_raw(VIRTIO_BLK_T_IN, sector, in_len=nbytes, segs=segs, indirect=indirect)
+
+    def submit_write(
+        self, sector: int, data: bytes, segs: int | Sequence[int] = 1, indirect: bool = False
+    ) -> BlkRequest:
+        return self.submit_raw(
+            VIRTIO_BLK_T_OUT, sector, out_data=data, segs=segs, indirect=indirect
+        )
+
+    def submit_flush(self, indirect: bool = False) -> BlkRequest:
+        return self.submit_raw(VIRTIO_BLK_T_FLUSH, 0, indirect=indirect)
+
+    def submit_get_id(self, indirect: bool = False) -> BlkRequest:
+        return self.submit_raw(
+            VIRTIO_BLK_T_GET_ID, 0, in_len=VIRTIO_BLK_ID_BYTES, indirect=indirect
+        )
+
+    @staticmethod
+    def pack_segments(segments: Sequence[tuple[int, int, int]]) -> bytes:
+        return b"".join(BLK_DISCARD_SEG.pack(s, n, f) for s, n, f in segments)
+
+    def submit_discard(
+        self, segments: Sequence[tuple[int, int, int]], indirect: bool = False
+    ) -> BlkRequest:
+        return self.submit_raw(
+            VIRTIO_BLK_T_DISCARD, 0, out_data=self.pack_segments(segments), indirect=indirect
+        )
+
+    def submit_write_zeroes(
+        self, segments: Sequence[tuple[int, int, int]], indirect: bool = False
+    ) -> BlkRequest:
+        return self.submit_raw(
+            VIRTIO_BLK_T_WRITE_ZEROES, 0, out_data=self.pack_segments(segments), indirect=indirect
+        )
+
+    # --- completion ---------------------------------------------------------------------
+    def collect(self) -> int:
+        """Process new used entries; returns how many requests completed."""
+        n = 0
+        for uid, ulen in self.queue.get_used():
+            req = self.inflight.pop(uid, None)
+            if req is None:
+                self.unexpected_used.append((uid, ulen))
+                continue
+            st = self.ram.read(req.status_gpa, 1)[0]
+            data = b"".join(self.ram.read(g, k) for g, k in req.in_segs)
+            for pool, gpa, k in req.allocs:
+                pool.free(gpa, k)
+            req.allocs.clear()
+            req.completion = Completion(None if st == STATUS_UNTOUCHED else st, ulen, data)
+            n += 1
+        return n
+
+    def publish_and_kick(self) -> None:
+        self.queue.publish()
+        self.queue.kick()
+
+    def wait(
+        self,
+        tokens: Sequence[BlkRequest],
+        timeout: float = 5.0,
+        *,
+        allow_timeout: bool = False,
+        poll_interval: float | None = None,
+    ) -> list[Completion]:
+        """Wait for ``tokens`` to complete, relying on call notifications (a device that
+        never signals times out) unless ``poll_interval`` is set."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.collect()
+            if all(t.done for t in tokens):
+                break
+            self.queue.enable_cb()
+            self.collect()
+            if all(t.done for t in tokens):
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if allow_timeout:
+                    break
+                missing = [t.head for t in tokens if not t.done]
+                raise TimeoutError(
+                    f"{len(missing)} of {len(tokens)} virtio-blk requests not completed "
+                    f"within {timeout}s (heads {missing[:16]}); used_idx={self.queue.used_idx()}"
+                )
+            self.queue.wait_call(left if poll_interval is None else min(left, poll_interval))
+        return [
+            t.completion if t.completion is not None else Completion(None, None, b"", False)
+            for t in tokens
+        ]
+
+    def kick_and_wait(
+        self,
+        tokens: Sequence[BlkRequest],
+        timeout: float = 5.0,
+        *,
+        allow_timeout: bool = False,
+        poll_interval: float | None = None,
+    ) -> list[Completion]:
+        self.publish_and_kick()
+        return self.wait(tokens, timeout, allow_timeout=allow_timeout, poll_interval=poll_interval)
+
+    # --- synchronous helpers ------------------------------------------------------------
+    def _one(self, req: BlkRequest, timeout: float) -> Completion:
+        return self.kick_and_wait([req], timeout)[0]
+
+    def read(self, sector: int, nbytes: int, timeout: float = 5.0, **kw: Any) -> bytes:
+        """Read ``nbytes`` at ``sector``; raises :class:`BlkError` unless status is OK."""
+        c = self._one(self.submit_read(sector, nbytes, **kw), timeout)
+        if c.status != VIRTIO_BLK_S_OK:
+            raise BlkError(f"read of sector {sector}", c.status)
+        return c.data
+
+    def write(self, sector: int, data: bytes, timeout: float = 5.0, **kw: Any) -> int | None:
+        return self._one(self.submit_write(sector, data, **kw), timeout).status
+
+    def flush(self, timeout: float = 5.0) -> int | None:
+        return self._one(self.submit_flush(), timeout).status
+
+    def get_id(self, timeout: float = 5.0) -> bytes:
+        """The device ID string (up to 20 bytes, cut at the first NUL)."""
+        c = self._one(self.submit_get_id(), timeout)
+        if c.status != VIRTIO_BLK_S_OK:
+            raise BlkError("GET_ID", c.status)
+        return c.data.split(b"\0", 1)[0]
+
+    def discard(self, segments: Sequence[tuple[int, int, int]], timeout: float = 5.0) -> int | None:
+        return self._one(self.submit_discard(segments), timeout).status
+
+    def write_zeroes(
+        self, segments: Sequence[tuple[int, int, int]], timeout: float = 5.0
+    ) -> int | None:
+        return self._one(self.submit_write_zeroes(segments), timeout).status
+
+
+_BLK_CONFIG_FIELDS: tuple[tuple[str, int, str], ...] = (
+    ("capacity", 0, "<Q"),
+    ("size_max", 8, "<I"),
+    ("seg_max", 12, "<I"),
+    ("cylinders", 16, "<H"),
+    ("heads", 18, "<B"),
+    ("sectors", 19, "<B"),
+    ("blk_size", 20, "<I"),
+    ("physical_block_exp", 24, "<B"),
+    ("alignment_offset", 25, "<B"),
+    ("min_io_size", 26, "<H"),
+    ("opt_io_size", 28, "<I"),
+    ("writeback", 32, "<B"),
+    ("num_queues", 34, "<H"),
+    ("max_discard_sectors", 36, "<I"),
+    ("max_discard_seg", 40, "<I"),
+    ("discard_sector_alignment", 44, "<I"),
+    ("max_write_zeroes_sectors", 48, "<I"),
+    ("max_write_zeroes_seg", 52, "<I"),
+    ("write_zeroes_may_unmap", 56, "<B"),
+)
+BLK_CONFIG_SIZE = 60
+
+
+def parse_blk_config(data: bytes) -> dict[str, int]:
+    """Decode struct virtio_blk_config; fields beyond ``len(data)`` are left out."""
+    out: dict[str, int] = {}
+    for name, off, fmt in _BLK_CONFIG_FIELDS:
+        if off + struct.calcsize(fmt) <= len(data):
+            out[name] = struct.unpack_from(fmt, data, off)[0]
+    return out

@@ -1,0 +1,57 @@
+"""The interface a virtio device implements to be served by a session.
+
+A device says which virtio features and vhost-user protocol features it
+offers, how many queues it has, what its config space holds, and gives, per
+queue, the C run function a worker thread calls with the queue handle. It
+never sees protocol messages.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from vhost.virtqueue import (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+                             VIRTIO_RING_F_INDIRECT_DESC, Runner)
+
+# Transport features every device here offers (the ring walker implements them).
+RING_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
+
+
+class Device(abc.ABC):
+    #: short name for log lines and --print-capabilities ("block", "net")
+    kind: str = ""
+
+    @property
+    @abc.abstractmethod
+    def features(self) -> int:
+        """virtio feature bits offered (transport and device bits)."""
+
+    @property
+    @abc.abstractmethod
+    def num_queues(self) -> int:
+        """Queues the front end may set up (GET_QUEUE_NUM)."""
+
+    @abc.abstractmethod
+    def get_config(self, offset: int, size: int) -> bytes:
+        """``size`` bytes of config space from ``offset`` (zero past its end)."""
+
+    def set_config(self, offset: int, data: bytes) -> None:
+        raise ValueError("config space is read-only")
+
+    @abc.abstractmethod
+    def runner(self, queue_index: int) -> Runner:
+        """The blocking C loop serving queue ``queue_index``; called in a worker thread
+        with the queue's C handle, returns a VU_RUN_* code."""
+
+    def queue_stats(self, queue_index: int) -> dict[str, Any]:
+        return {}
+
+    def flush(self) -> None:
+        """Make completed writes durable (called off the event loop)."""
+
+    def reset(self) -> None:
+        """Forget per-connection device state (queues are already stopped)."""
+
+    def close(self) -> None:
+        """Release host resources."""

@@ -1,0 +1,257 @@
+"""One front-end connection's state machine: features, memory, queues.
+
+``Session.handle`` takes a typed message from vhost.protocol and returns the
+reply to send (or None). It applies the message to the guest memory map and
+the virtqueues and starts/stops queue workers as their state allows. No
+sockets here: the server moves bytes and fds, and tests drive a session with
+messages directly.
+
+Fds that arrive in messages become the session's: it keeps them (kick, call,
+err) or closes them (memory fds once mapped, unwanted extras) before
+``handle`` returns. ``close()`` stops every queue, unmaps memory and closes
+every fd it holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+
+from vhost import protocol as p
+from vhost.device import Device
+from vhost.memory import GuestMemory, GuestMemoryError, Region
+from vhost.virtqueue import Virtqueue, VirtqueueError
+
+log = logging.getLogger("vhost.session")
+
+OFFERED_PROTOCOL_FEATURES = (p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
+                             | p.ProtocolFeature.CONFIG | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
+                             | p.ProtocolFeature.RESET_DEVICE)
+MAX_MEM_SLOTS = 32
+
+
+class SessionError(Exception):
+    """A message the session cannot apply; answered with a failure, session goes on."""
+
+
+def _close_fds(fds: Iterable[int | None]) -> None:
+    for fd in fds:
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class Session:
+    def __init__(self, device: Device, name: str = "session") -> None:
+        self.device = device
+        self.name = name
+        self.memory = GuestMemory()
+        self.queues = [Virtqueue(i, f"{name}/vq{i}") for i in range(device.num_queues)]
+        self.features = 0
+        self.protocol_features = 0
+        self.closed = False
+
+    # --- entry point ---
+    def handle(self, msg: p.Message) -> p.Reply | None:
+        """Apply one message; return the reply to send, if any."""
+        request = _request_of(msg)
+        log.debug("%s: <- %r", self.name, msg)
+        try:
+            reply = self._dispatch(msg)
+            ok = True
+        except (SessionError, GuestMemoryError, VirtqueueError, ValueError) as e:
+            log.error("%s: %s failed: %s", self.name, p.request_name(request), e)
+            reply, ok = self._failure_reply(msg), False
+        if reply is None and msg.need_reply:
+            # REPLY_ACK: 0 for success, non-zero for failure.
+            reply = p.U64Reply(request, 0 if ok else 1)
+        return reply
+
+    def _failure_reply(self, msg: p.Message) -> p.Reply | None:
+        if isinstance(msg, p.GetConfig):
+            return p.ConfigReply(p.Request.GET_CONFIG, 0, 0, 0, b"")
+        if isinstance(msg, p.GetVringBase):
+            return p.VringStateReply(p.Request.GET_VRING_BASE, msg.index, 0)
+        return None
+
+    def _dispatch(self, msg: p.Message) -> p.Reply | None:
+        match msg:
+            case p.GetFeatures():
+                return p.U64Reply(p.Request.GET_FEATURES, self.offered_features)
+            case p.SetFeatures(features=f):
+                self._set_features(f)
+            case p.SetOwner():
+                pass
+            case p.ResetOwner() | p.ResetDevice():
+                self._reset()
+            case p.GetProtocolFeatures():
+                return p.U64Reply(p.Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
+            case p.SetProtocolFeatures(features=f):
+                if f & ~int(OFFERED_PROTOCOL_FEATURES):
+                    raise SessionError(f"protocol features {f:#x} include bits not offered "
+                                       f"({f & ~int(OFFERED_PROTOCOL_FEATURES):#x})")
+                self.protocol_features = f
+            case p.GetQueueNum():
+                return p.U64Reply(p.Request.GET_QUEUE_NUM, self.device.num_queues)
+            case p.GetMaxMemSlots():
+                return p.U64Reply(p.Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)
+            case p.SetMemTable(regions=regions, fds=fds):
+                self._set_mem_table(regions, fds)
+            case p.AddMemReg(region=region, fd=fd):
+                self._change_memory(lambda: self.memory.add(_region(region), fd), [fd])
+            case p.RemMemReg(region=region, fd=fd):
+                self._change_memory(lambda: self.memory.remove(_region(region)), [fd])
+            case p.SetVringNum(index=i, num=n):
+                self._queue(i).set_num(n)
+            case p.SetVringAddr(index=i):
+                q = self._queue(i)
+                q.set_rings(msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr)
+            case p.SetVringBase(index=i, num=n):
+                self._queue(i).set_base(n)
+            case p.GetVringBase(index=i):
+                return self._get_vring_base(i)
+            case p.SetVringKick(index=i, fd=fd):
+                self._set_queue_fd(i, fd, Virtqueue.set_kick)
+            case p.SetVringCall(index=i, fd=fd):
+                self._set_queue_fd(i, fd, Virtqueue.set_call)
+            case p.SetVringErr(index=i, fd=fd):
+                self._set_queue_fd(i, fd, Virtqueue.set_err)
+            case p.SetVringEnable(index=i, enable=enable):
+                self._set_enable(i, enable)
+            case p.GetConfig(offset=off, size=size):
+                return p.ConfigReply(p.Request.GET_CONFIG, off, size, msg.flags,
+                                     self.device.get_config(off, size))
+            case p.SetConfig(offset=off, data=data):
+                self.device.set_config(off, data)
+            case p.Unknown(request=req, fds=fds):
+                _close_fds(fds)
+                raise SessionError(f"unsupported request {p.request_name(req)}")
+            case _:
+                raise SessionError(f"unexpected message {msg!r}")
+        return None
+
+    # --- features ---
+    @property
+    def offered_features(self) -> int:
+        return self.device.features | p.VHOST_USER_F_PROTOCOL_FEATURES
+
+    def _set_features(self, features: int) -> None:
+        extra = features & ~self.offered_features
+        if extra:
+            raise SessionError(f"features {features:#x} include bits not offered ({extra:#x})")
+        self.features = features
+
+    @property
+    def _protocol_features_on(self) -> bool:
+        return bool(self.features & p.VHOST_USER_F_PROTOCOL_FEATURES)
+
+    # --- memory ---
+    def _set_mem_table(self, regions: tuple[p.MemoryRegion, ...], fds: tuple[int, ...]) -> None:
+        def replace() -> None:
+            self.memory.clear()
+            for region, fd in zip(regions, fds):
+                self.memory.add(_region(region), fd)
+        self._change_memory(replace, fds)
+
+    def _change_memory(self, change: object, fds: Iterable[int | None]) -> None:
+        """Queue workers read the map without locks: stop them around any change."""
+        running = [q for q in self.queues if q.running]
+        for q in running:
+            q.stop()
+        try:
+            change()  # type: ignore[operator]
+        finally:
+            _close_fds(fds)  # the mapping keeps the memory; the fd is not needed
+            for q in running:
+                self._maybe_start(q)
+
+    # --- queues ---
+    def _queue(self, index: int) -> Virtqueue:
+        if not 0 <= index < len(self.queues):
+            raise SessionError(f"queue index {index} out of range (device has "
+                               f"{len(self.queues)})")
+        return self.queues[index]
+
+    def _set_queue_fd(self, index: int, fd: int | None, setter: object) -> None:
+        try:
+            q = self._queue(index)
+        except SessionError:
+            _close_fds([fd])
+            raise
+        # The worker polls/writes these fds: swap them only while it is stopped.
+        was_running = q.running
+        q.stop()
+        setter(q, fd)  # type: ignore[operator]
+        if not self._protocol_features_on:
+            q.enabled = True  # without PROTOCOL_FEATURES a ring starts enabled
+        if was_running or q.kick_fd is not None:
+            self._maybe_start(q)
+
+    def _set_enable(self, index: int, enable: bool) -> None:
+        q = self._queue(index)
+        q.enabled = enable
+        if enable:
+            self._maybe_start(q)
+        else:
+            q.stop()
+
+    def _get_vring_base(self, index: int) -> p.Reply:
+        q = self._queue(index)
+        base = q.stop()
+        # The ring is stopped until the front end sends a kick fd again.
+        q.set_kick(None)
+        log.debug("%s: queue %d stopped at %d", self.name, index, base)
+        return p.VringStateReply(p.Request.GET_VRING_BASE, index, base)
+
+    def _maybe_start(self, q: Virtqueue) -> None:
+        if q.running or not q.startable(self.memory):
+            return
+        q.start(self.memory, self.features, self.device.runner(q.index))
+
+    def _reset(self) -> None:
+        for q in self.queues:
+            q.reset()
+        self.device.reset()
+        self.features = 0
+
+    # --- teardown ---
+    def close(self) -> None:
+        """Stop every queue (in-flight batches finish), close fds, unmap memory."""
+        if self.closed:
+            return
+        self.closed = True
+        for q in self.queues:
+            q.reset()
+        self.memory.close()
+
+    def stats(self) -> list[dict[str, int]]:
+        return [{**q.stats(), **self.device.queue_stats(q.index)} for q in self.queues]
+
+
+def _region(r: p.MemoryRegion) -> Region:
+    return Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
+
+
+def _request_of(msg: p.Message) -> int:
+    if isinstance(msg, p.Unknown):
+        return msg.request
+    return _REQUEST_BY_TYPE[type(msg)]
+
+
+_REQUEST_BY_TYPE: dict[type, int] = {
+    p.GetFeatures: p.Request.GET_FEATURES, p.SetFeatures: p.Request.SET_FEATURES,
+    p.SetOwner: p.Request.SET_OWNER, p.ResetOwner: p.Request.RESET_OWNER,
+    p.SetMemTable: p.Request.SET_MEM_TABLE, p.SetVringNum: p.Request.SET_VRING_NUM,
+    p.SetVringAddr: p.Request.SET_VRING_ADDR, p.SetVringBase: p.Request.SET_VRING_BASE,
+    p.GetVringBase: p.Request.GET_VRING_BASE, p.SetVringKick: p.Request.SET_VRING_KICK,
+    p.SetVringCall: p.Request.SET_VRING_CALL, p.SetVringErr: p.Request.SET_VRING_ERR,
+    p.GetProtocolFeatures: p.Request.GET_PROTOCOL_FEATURES,
+    p.SetProtocolFeatures: p.Request.SET_PROTOCOL_FEATURES,
+    p.GetQueueNum: p.Request.GET_QUEUE_NUM, p.SetVringEnable: p.Request.SET_VRING_ENABLE,
+    p.GetConfig: p.Request.GET_CONFIG, p.SetConfig: p.Request.SET_CONFIG,
+    p.GetMaxMemSlots: p.Request.GET_MAX_MEM_SLOTS, p.AddMemReg: p.Request.ADD_MEM_REG,
+    p.RemMemReg: p.Request.REM_MEM_REG, p.ResetDevice: p.Request.RESET_DEVICE,
+}
