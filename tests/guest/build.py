@@ -471,8 +471,10 @@ def build_base_initramfs(
     ``binaries`` defaults to those of :data:`DEFAULT_BINARIES` that exist on
     the host (fio, iperf3, mkfs.ext4); each is a host path (copied to the same
     guest path) or a (host path, guest path) pair.  fio's libraries make the
-    image ~35 MB gzip'd and boot ~1.5 s slower; pass ``()`` for a minimal one.  The file is padded with zeros to a multiple of 512 bytes so a plain
-    cpio appended to it starts 4-byte aligned, as the kernel requires.
+    image ~35 MB gzip'd and boot ~1.5 s slower; pass ``()`` for a minimal one.
+
+    The file is padded with zeros to a multiple of 512 bytes so a plain cpio
+    appended to it starts 4-byte aligned, as the kernel requires.
     """
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ Typical use::
 
     base = build.build_base_initramfs(cache_dir)
     initrd = build.make_initrd(base, script, tmp_path / "initrd")
-    with Guest(build.kernel_path(), initrd, ["-device", "..."], log_path=tmp_path / "console.log") as g:
+    dev = ["-device", "..."]
+    with Guest(build.kernel_path(), initrd, dev, log_path=tmp_path / "console.log") as g:
         rc, text = g.run_workload(timeout=120)
     assert rc == 0, text
     res = results(text)
@@ -264,8 +265,18 @@ class Guest:
 
         Returns (workload exit code, console text between START and EXIT)."""
         deadline = time.monotonic() + timeout
-        self.wait_for(START_MARKER, timeout)
-        text = self.wait_for(EXIT_RE, max(0.0, deadline - time.monotonic()))
+        try:
+            self.wait_for(START_MARKER, timeout)
+        except GuestTimeout:
+            raise GuestTimeout(
+                self._diag(f"guest did not start the workload within {timeout:.0f}s")
+            ) from None
+        try:
+            text = self.wait_for(EXIT_RE, max(0.0, deadline - time.monotonic()))
+        except GuestTimeout:
+            raise GuestTimeout(
+                self._diag(f"workload did not finish within {timeout:.0f}s of QEMU start")
+            ) from None
         m = EXIT_RE.search(text)
         assert m is not None
         start = text.index(START_MARKER) + len(START_MARKER)

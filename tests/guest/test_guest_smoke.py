@@ -2,7 +2,9 @@
 
 Boots a busybox guest under TCG with a 64 MiB sparse raw image as virtio-blk
 (/dev/vda) or IDE (/dev/sda); the workload writes known patterns with O_DIRECT
-(busybox ``dd oflag=direct``), reads them back with ``iflag=direct``, makes an
+(``dio_write``/``dio_read`` from /lib/vhtest.sh: busybox dd with bs=64k and
+byte offsets, since busybox silently drops O_DIRECT for bs < 4096), reads them
+back with O_DIRECT, checks the device's sector counters, makes an
 ext4 file system, copies a file through it, and (virtio only) runs fio.  After
 QEMU exits, the host image must hold the patterns at the offsets written.
 

@@ -1,0 +1,175 @@
+"""4 KiB random reads through the test front end, one queue, queue depth 1 and 32,
+from a page-cached image: our vhost-user-blk against qemu-storage-daemon's
+vhost-user-blk export (the named baseline), side by side in one run.
+
+The front end is Python and is the bottleneck for requests/s; the figure that
+speaks for the back end is its own CPU time per request, read from
+/proc/PID/task/*/schedstat (nanoseconds, all threads) around the measured
+rounds. Run: ``pytest bench -s`` (results also in pytest-benchmark's table and
+extra_info; ``--benchmark-json=FILE`` to keep them).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.frontend import (  # noqa: E402
+    VRING_DESC_F_NEXT,
+    VRING_DESC_F_WRITE,
+    DriverQueue,
+    FrontEnd,
+    GuestRam,
+)
+
+IMAGE_SIZE = 64 << 20
+BLOCK = 4096
+REQUESTS_PER_ROUND = 4096
+ROUNDS = 5
+QSD = shutil.which("qemu-storage-daemon")
+
+
+def _cpu_ns(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
+
+
+def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"back end exited with {proc.returncode}")
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            return  # the probe connection is accepted and closed by the back end
+        except OSError:
+            time.sleep(0.05)
+        finally:
+            s.close()
+    raise TimeoutError(f"{path} never accepted")
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("bench") / "disk.img"
+    data = random.Random(1).randbytes(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(IMAGE_SIZE >> 20):
+            f.write(data)
+    path.read_bytes()  # into the page cache
+    return path
+
+
+def _start(kind: str, image: Path, sock: str) -> subprocess.Popen[bytes]:
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "vhost", "--socket-path", sock, "--blk-file", str(image)]
+    else:
+        cmd = [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
+               "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
+               f"addr.path={sock},writable=on,num-queues=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_socket(sock, proc)
+    return proc
+
+
+class ReadLoop:
+    """QD chains built once (header, 4 KiB buffer, status) and re-offered every round,
+    so the Python side does as little as possible per request."""
+
+    def __init__(self, fe: FrontEnd, ram: GuestRam, qd: int) -> None:
+        self.q: DriverQueue = fe.setup_queue(0, size=128)
+        self.ram = ram
+        self.qd = qd
+        self.rng = random.Random(7)
+        self.heads: list[int] = []
+        self.headers: list[int] = []
+        for _ in range(qd):
+            d = self.q.reserve_descs(3)
+            hdr, buf, st = ram.alloc(16), ram.alloc(BLOCK, 4096), ram.alloc(1)
+            self.q.write_desc(d[0], hdr, 16, VRING_DESC_F_NEXT, d[1])
+            self.q.write_desc(d[1], buf, BLOCK, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, d[2])
+            self.q.write_desc(d[2], st, 1, VRING_DESC_F_WRITE, 0)
+            self.heads.append(d[0])
+            self.headers.append(hdr)
+        self.used = self.q.used_idx()
+        self.done = 0
+
+    def run(self, n: int) -> None:
+        sectors = IMAGE_SIZE // 512 - 8
+        while n > 0:
+            batch = min(self.qd, n)
+            for i in range(batch):
+                self.ram.write(self.headers[i], struct.pack("<IIQ", 0, 0,
+                                                            self.rng.randrange(0, sectors, 8)))
+                self.q.put_avail(self.heads[i])
+            target = (self.used + batch) & 0xFFFF
+            # event idx: one interrupt when the whole batch is done, as a driver would ask
+            self.q.set_used_event((target - 1) & 0xFFFF)
+            self.q.kick()
+            while self.q.used_idx() != target:
+                self.q.wait_call(1.0)
+            self.used = target
+            n -= batch
+            self.done += batch
+
+
+@pytest.fixture(params=["ours", "qemu-storage-daemon"])
+def backend(request: pytest.FixtureRequest, image: Path,
+            tmp_path: Path) -> Iterator[tuple[str, int, FrontEnd, GuestRam]]:
+    kind = request.param
+    if kind != "ours" and QSD is None:
+        pytest.skip("qemu-storage-daemon not installed (apt-get install qemu-system-common)")
+    sock = str(tmp_path / "bench.sock")
+    proc = _start(kind, image, sock)
+    ram = GuestRam(size=32 << 20)
+    fe = FrontEnd(sock, ram).connect()
+    fe.negotiate()
+    fe.set_mem_table()
+    try:
+        yield kind, proc.pid, fe, ram
+    finally:
+        fe.close()
+        ram.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.mark.parametrize("qd", [1, 32])
+def test_randread_4k(benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam],
+                     qd: int) -> None:
+    kind, pid, fe, ram = backend
+    loop = ReadLoop(fe, ram, qd)
+    loop.run(256)  # warm up
+    cpu0, t0, n0 = _cpu_ns(pid), time.perf_counter(), loop.done
+    benchmark.pedantic(loop.run, args=(REQUESTS_PER_ROUND,), rounds=ROUNDS, iterations=1)
+    cpu1, t1, n1 = _cpu_ns(pid), time.perf_counter(), loop.done
+    reqs = n1 - n0
+    info = {"backend": kind, "qd": qd, "requests": reqs,
+            "requests_per_s": round(reqs / (t1 - t0)),
+            "backend_cpu_us_per_request": round((cpu1 - cpu0) / reqs / 1000, 3)}
+    benchmark.extra_info.update(info)
+    print(f"\n{kind:>20} qd={qd:<3} {info['requests_per_s']:>8} req/s  "
+          f"backend CPU {info['backend_cpu_us_per_request']:.2f} us/request")
+    assert os.path.exists(f"/proc/{pid}")  # the back end survived the run
