@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tests.frontend import (  # noqa: E402
+from tests.frontend import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     DriverQueue,
@@ -73,8 +73,7 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "disk.img"
     data = random.Random(1).randbytes(1 << 20)
     with open(path, "wb") as f:
-        for _ in range(IMAGE_SIZE >> 20):
-            f.write(data)
+        f.writelines(data for _ in range(IMAGE_SIZE >> 20))
     path.read_bytes()  # into the page cache
     return path
 
@@ -84,8 +83,8 @@ def _start(kind: str, image: Path, sock: str) -> subprocess.Popen[bytes]:
         cmd = [sys.executable, "-m", "vhost", "--socket-path", sock, "--blk-file", str(image)]
     else:
         cmd = [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
-               "--export", f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-               f"addr.path={sock},writable=on,num-queues=1"]
+               "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
+               f"addr.path={sock},writable=on,num-queues=1")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _wait_socket(sock, proc)
     return proc

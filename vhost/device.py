@@ -11,8 +11,12 @@ from __future__ import annotations
 import abc
 from typing import Any
 
-from vhost.virtqueue import (VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
-                             VIRTIO_RING_F_INDIRECT_DESC, Runner)
+from vhost.virtqueue import (
+    VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    Runner,
+)
 
 # Transport features every device here offers (the ring walker implements them).
 RING_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX

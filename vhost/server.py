@@ -15,6 +15,7 @@ import logging
 import os
 import socket
 import stat
+from typing import Any
 
 from vhost import protocol as p
 from vhost.device import Device
@@ -124,7 +125,7 @@ class Server:
         finally:
             stop_wait.cancel()
 
-    async def _serve_connection(self, conn: socket.socket, stop_wait: asyncio.Future[object]) -> None:
+    async def _serve_connection(self, conn: socket.socket, stop_wait: asyncio.Future[Any]) -> None:
         loop = asyncio.get_running_loop()
         name = f"{self.name}#{self.connections}"
         log.info("%s: front end connected", name)
