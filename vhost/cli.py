@@ -21,6 +21,8 @@ from vhost.server import Server, SocketInUse, listen_unix, socket_from_fd
 
 log = logging.getLogger("vhost")
 
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -61,8 +63,9 @@ def _setup_logging(prog: str, verbose: bool) -> None:
 
 async def _serve(server: Server, device: Device, socket_path: str | None) -> None:
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, server.stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         await server.serve_forever()
     finally:
@@ -94,6 +97,9 @@ def blk_main(argv: list[str] | None = None) -> int:
                                       num_queues=args.num_queues, serial=args.serial))
     except (ValueError, ImageError) as e:
         ap.error(str(e))
+    # From the moment the socket accepts, SIGTERM/SIGINT must mean a clean stop: hold
+    # them until the event loop's handlers are in place (_serve unblocks them).
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         listener = (listen_unix(args.socket_path) if args.socket_path
                     else socket_from_fd(args.fd))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from vhost import protocol as p
 from vhost.device import Device
@@ -105,12 +105,12 @@ class Session:
             case p.RemMemReg(region=region, fd=fd):
                 self._change_memory(lambda: self.memory.remove(_region(region)), [fd])
             case p.SetVringNum(index=i, num=n):
-                self._queue(i).set_num(n)
+                self._reconfigure(self._queue(i), lambda q: q.set_num(n))
             case p.SetVringAddr(index=i):
-                q = self._queue(i)
-                q.set_rings(msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr)
+                self._reconfigure(self._queue(i), lambda q: q.set_rings(
+                    msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr))
             case p.SetVringBase(index=i, num=n):
-                self._queue(i).set_base(n)
+                self._reconfigure(self._queue(i), lambda q: q.set_base(n))
             case p.GetVringBase(index=i):
                 return self._get_vring_base(i)
             case p.SetVringKick(index=i, fd=fd):
@@ -175,20 +175,33 @@ class Session:
                                f"{len(self.queues)})")
         return self.queues[index]
 
-    def _set_queue_fd(self, index: int, fd: int | None, setter: object) -> None:
+    def _reconfigure(self, q: Virtqueue, change: Callable[[Virtqueue], None]) -> None:
+        """The worker reads the queue's state and fds without locks: change them only
+        while it is stopped (joined, so nothing it does later can undo the change)."""
+        was_running = q.running
+        q.stop()
+        try:
+            change(q)
+        finally:
+            if was_running:  # a refused change leaves the queue as it was
+                self._maybe_start(q)
+
+    def _set_queue_fd(self, index: int, fd: int | None,
+                      setter: Callable[[Virtqueue, int | None], None]) -> None:
         try:
             q = self._queue(index)
+            if fd is None and setter is Virtqueue.set_kick:
+                # Without INBAND_NOTIFICATIONS/polling support a ring without a kick fd
+                # could never run: refuse rather than ack a queue that stays silent.
+                raise SessionError(f"queue {index}: no kick fd (polling mode) is not "
+                                   "supported")
         except SessionError:
             _close_fds([fd])
             raise
-        # The worker polls/writes these fds: swap them only while it is stopped.
-        was_running = q.running
-        q.stop()
-        setter(q, fd)  # type: ignore[operator]
+        self._reconfigure(q, lambda q: setter(q, fd))
         if not self._protocol_features_on:
             q.enabled = True  # without PROTOCOL_FEATURES a ring starts enabled
-        if was_running or q.kick_fd is not None:
-            self._maybe_start(q)
+        self._maybe_start(q)
 
     def _set_enable(self, index: int, enable: bool) -> None:
         q = self._queue(index)

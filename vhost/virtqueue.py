@@ -142,7 +142,8 @@ class Virtqueue:
 
     @property
     def running(self) -> bool:
-        return self._worker is not None
+        """A worker is serving the queue (one that gave up on a broken ring is not)."""
+        return self._worker is not None and self._worker.is_alive()
 
     def startable(self, memory: GuestMemory) -> bool:
         return (self.num > 0 and self.rings is not None and self.kick_fd is not None
@@ -153,6 +154,7 @@ class Virtqueue:
         """Translate the rings and serve the queue in a worker thread."""
         if self.running:
             return
+        self.stop()  # reap a worker that ended on its own (broken ring, fd error)
         assert self.rings is not None and self.kick_fd is not None
         desc, avail, used = self.rings
         vq = self._vq
