@@ -28,8 +28,10 @@ int vu_mem_add(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva,
         return VU_ERR_REGION_BAD;
     if (mem->nregions >= VU_MAX_REGIONS)
         return VU_ERR_REGION_FULL;
+    /* Either kind of overlap would make a translation ambiguous. */
     for (uint32_t i = 0; i < mem->nregions; i++)
-        if (overlaps(gpa, size, mem->regions[i].gpa, mem->regions[i].size))
+        if (overlaps(gpa, size, mem->regions[i].gpa, mem->regions[i].size) ||
+            overlaps(uva, size, mem->regions[i].uva, mem->regions[i].size))
             return VU_ERR_REGION_OVERLAP;
     if (mmap_offset + size > (uint64_t)SIZE_MAX)
         return VU_ERR_REGION_BAD;

@@ -150,6 +150,7 @@ static int walk_chain(struct vu_vq *vq, uint32_t head, struct vu_chain *c, uint6
         memcpy(&d, table + (size_t)idx * sizeof(d), sizeof(d));
 
         if (d.flags & VRING_DESC_F_INDIRECT) {
+            *detail = idx;
             if (!vq->indirect)
                 return VU_ERR_INDIRECT_FEATURE;
             if (in_indirect)
@@ -173,8 +174,10 @@ static int walk_chain(struct vu_vq *vq, uint32_t head, struct vu_chain *c, uint6
             continue;
         }
 
-        if (++total > vq->num)
+        if (++total > vq->num) {
+            *detail = total;
             return VU_ERR_CHAIN_TOO_LONG;
+        }
         if (d.flags & VRING_DESC_F_WRITE) {
             seen_writable = 1;
         } else if (seen_writable) {

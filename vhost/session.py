@@ -143,6 +143,12 @@ class Session:
         if extra:
             raise SessionError(f"features {features:#x} include bits not offered ({extra:#x})")
         self.features = features
+        if not self._protocol_features_on:
+            # Spec: without PROTOCOL_FEATURES a ring starts enabled (with it, disabled
+            # until SET_VRING_ENABLE). Decided here, once the features are known.
+            for q in self.queues:
+                q.enabled = True
+                self._maybe_start(q)
 
     @property
     def _protocol_features_on(self) -> bool:
@@ -199,8 +205,6 @@ class Session:
             _close_fds([fd])
             raise
         self._reconfigure(q, lambda q: setter(q, fd))
-        if not self._protocol_features_on:
-            q.enabled = True  # without PROTOCOL_FEATURES a ring starts enabled
         self._maybe_start(q)
 
     def _set_enable(self, index: int, enable: bool) -> None:

@@ -13,7 +13,6 @@ Run: ``python -m pytest tests/guest -q -m qemu`` (add ``-s`` to see timings).
 
 from __future__ import annotations
 
-import random
 import re
 import shutil
 import stat
@@ -24,92 +23,12 @@ from pathlib import Path
 
 import pytest
 
-from . import build, qemu
+from . import build, qemu, workloads
 
-MiB = 1 << 20
+MiB = workloads.MiB
 IMG_SIZE = 64 * MiB
-FS_SIZE_MB = 32  # the file system uses only the first 32 MiB; patterns live above it
+PATTERNS = workloads.default_patterns(IMG_SIZE)
 
-
-def _pattern(seed: int, n: int) -> bytes:
-    return random.Random(seed).randbytes(n)
-
-
-# name -> (byte offset, data); offsets/lengths are 512-aligned, not all 4 KiB-aligned
-PATTERNS: dict[str, tuple[int, bytes]] = {
-    "p0": (40 * MiB, _pattern(0, 1 * MiB)),
-    "p1": (50 * MiB + 4096, _pattern(1, 64 * 1024 + 512)),
-    "p2": (IMG_SIZE - 4096, _pattern(2, 4096)),  # last block of the disk
-    "p3": (33 * MiB + 3 * 512, _pattern(3, 3 * 512)),  # sector-sized, not page-aligned
-}
-EXT4_FILE = _pattern(4, 300 * 1024 + 123)
-
-WORKLOAD = r"""
-. /lib/vhtest.sh
-fail() { echo "FAIL: $*"; exit 1; }
-NAME=@DEV@
-DEV=/dev/$NAME
-[ -b "$DEV" ] || fail "no block device $DEV"
-result dev_size "$(blockdev --getsize64 $DEV)"
-
-# --- raw O_DIRECT writes, read back with O_DIRECT -------------------------
-# (the sector counters prove the I/O bypassed the page cache: a direct write
-# reaches the device before dd returns, a direct read is not served from cache)
-for spec in @SPECS@; do
-    name=${spec%%:*}; off=${spec#*:}
-    f=/data/$name
-    len=$(wc -c < $f)
-    w0=$(wr_sectors $NAME)
-    dio_write $f $DEV $off || fail "dd write $name"
-    w1=$(wr_sectors $NAME)
-    dio_read $DEV $off $len /tmp/$name.back || fail "dd read $name"
-    r1=$(rd_sectors $NAME)
-    dio_read $DEV $off $len /tmp/$name.back2 || fail "dd read2 $name"
-    r2=$(rd_sectors $NAME)
-    want=$(md5sum < $f)
-    ok=ok
-    [ "$want" = "$(md5sum < /tmp/$name.back)" ] || ok=BAD
-    [ "$want" = "$(md5sum < /tmp/$name.back2)" ] || ok=BAD
-    result md5_$name $ok
-    result wrsect_$name $((w1 - w0))
-    result rdsect_$name $((r2 - r1))
-done
-
-# --- ext4 -----------------------------------------------------------------
-if command -v mkfs.ext4 >/dev/null; then
-    mkfs.ext4 -q -F $DEV @FS_MB@M || fail mkfs.ext4
-    echo "RESULT mkfs=mkfs.ext4"
-else
-    mke2fs -F $DEV $((@FS_MB@ * 1024)) >/dev/null || fail mke2fs
-    echo "RESULT mkfs=busybox-mke2fs"
-fi
-mkdir -p /mnt/t
-mount -t ext4 $DEV /mnt/t || fail "mount"
-cp /data/ext4file /mnt/t/f || fail "cp"
-sync
-umount /mnt/t || fail "umount"
-echo 3 > /proc/sys/vm/drop_caches
-mount -t ext4 -o ro $DEV /mnt/t || fail "remount"
-want=$(md5sum < /data/ext4file); got=$(md5sum < /mnt/t/f)
-echo "RESULT ext4_md5=$( [ "$want" = "$got" ] && echo ok || echo BAD )"
-echo "RESULT ext4_fstype=$(awk '$2 == "/mnt/t" {print $3}' /proc/mounts)"
-umount /mnt/t || fail "umount 2"
-
-# --- fio ------------------------------------------------------------------
-if [ "@FIO@" = 1 ] && command -v fio >/dev/null; then
-    echo "RESULT fio_version=$(fio --version)"
-    for eng in libaio psync; do
-        qd=1; [ $eng = libaio ] && qd=16
-        out=$(fio --name=rr --filename=$DEV --rw=randread --bs=4k --direct=1 \
-              --ioengine=$eng --iodepth=$qd --runtime=2 --time_based --minimal 2>&1) \
-            || { echo "$out"; fail "fio $eng"; }
-        # terse v3: field 5 = error, field 8 = read IOPS
-        echo "RESULT fio_${eng}_err=$(echo "$out" | cut -d';' -f5)"
-        echo "RESULT fio_${eng}_iops=$(echo "$out" | cut -d';' -f8)"
-    done
-fi
-echo "RESULT done=1"
-"""
 
 VARIANTS = {
     # name: (guest device, QEMU drive/device args (IMG substituted), run fio?)
@@ -138,16 +57,6 @@ def base_initramfs() -> Path:
     return path
 
 
-def _script(dev: str, fio: bool) -> str:
-    specs = " ".join(f"{n}:{off}" for n, (off, _) in PATTERNS.items())
-    return (
-        WORKLOAD.replace("@DEV@", dev)
-        .replace("@SPECS@", specs)
-        .replace("@FS_MB@", str(FS_SIZE_MB))
-        .replace("@FIO@", "1" if fio else "0")
-    )
-
-
 @pytest.mark.qemu
 @needs_qemu
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -161,9 +70,9 @@ def test_guest_block_smoke(
     img = tmp_path / "disk.img"
     with open(img, "wb") as f:
         f.truncate(IMG_SIZE)  # sparse
-    files = {f"/data/{n}": data for n, (_, data) in PATTERNS.items()}
-    files["/data/ext4file"] = EXT4_FILE
-    initrd = build.make_initrd(base_initramfs, _script(dev, fio), tmp_path / "initrd.img", files)
+    script = workloads.blk_script(dev, PATTERNS, fio=fio)
+    files = workloads.blk_files(PATTERNS)
+    initrd = build.make_initrd(base_initramfs, script, tmp_path / "initrd.img", files)
     args = [a.replace("IMG", str(img)) if a.startswith("file=IMG") else a for a in dev_args]
 
     t0 = time.monotonic()
@@ -177,15 +86,7 @@ def test_guest_block_smoke(
     record_property("total_s", round(total, 2))
 
     assert rc == 0, f"workload failed (rc={rc}):\n{text[-3000:]}"
-    assert res.get("done") == "1", text[-3000:]
-    assert int(res["dev_size"]) == IMG_SIZE
-    for name, (_, data) in PATTERNS.items():
-        assert res[f"md5_{name}"] == "ok", (name, text[-3000:])
-        # O_DIRECT bypasses the page cache: exactly the bytes asked for hit the device
-        assert int(res[f"wrsect_{name}"]) == len(data) // 512, (name, res)
-        assert int(res[f"rdsect_{name}"]) == len(data) // 512, (name, res)
-    assert res["ext4_md5"] == "ok"
-    assert res["ext4_fstype"] == "ext4"
+    workloads.check_blk_results(res, PATTERNS, IMG_SIZE, text)
     if fio and shutil.which("fio"):
         assert res["fio_version"].startswith("fio-")
         for eng in ("libaio", "psync"):
@@ -193,12 +94,7 @@ def test_guest_block_smoke(
             assert float(res[f"fio_{eng}_iops"]) > 0, res
 
     # the host image holds what the guest wrote, where it wrote it
-    with open(img, "rb") as f:
-        for name, (off, data) in PATTERNS.items():
-            f.seek(off)
-            assert f.read(len(data)) == data, f"pattern {name} not at offset {off}"
-        f.seek(1024 + 56)
-        assert f.read(2) == b"\x53\xef", "no ext2/3/4 superblock magic at 1080"
+    workloads.check_image(img, PATTERNS)
     assert boot is not None and boot < 60, f"boot took {boot}s"
 
 

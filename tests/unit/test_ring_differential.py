@@ -13,6 +13,7 @@ region boundary (C splits them) and indirect tables can straddle one (refused).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,9 +22,9 @@ from typing import Any, TypeVar
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from vhost._native import ffi, lib
 
 from tests.frontend import GuestRam, RamRegion
+from vhost._native import ffi, lib
 from vhost.memory import GuestMemory, Region
 from vhost.ring_reference import (
     DESC_SIZE,
@@ -177,7 +178,12 @@ class Scenario:
 
 def weighted(*options: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]:
     """one_of with weights (one_of itself draws each distinct branch about equally often)."""
-    return st.sampled_from([s for w, s in options for _ in range(w)]).flatmap(lambda s: s)
+    return _pick(tuple(s for w, s in options for _ in range(w)))
+
+
+@st.composite
+def _pick(draw: st.DrawFn, slots: tuple[st.SearchStrategy[T], ...]) -> T:
+    return draw(draw(st.sampled_from(slots)))
 
 
 def chance(percent: int) -> st.SearchStrategy[bool]:
@@ -209,15 +215,18 @@ GOOD_ADDR = st.one_of(st.integers(0x10000, R0.end - 0x100), st.integers(R1.gpa, 
 GOOD_LEN = st.integers(0, 0x100)
 
 
+@functools.cache
 def next_index(entries: int) -> st.SearchStrategy[int]:
     inside = st.integers(0, entries - 1)
     return weighted((6, inside), (1, st.integers(entries, entries + 2)),
                     (1, st.integers(0, 0xFFFF)))
 
 
-def indirect_target(
-    num: int, tables: Sequence[tuple[int, tuple[Desc, ...]]]
-) -> st.SearchStrategy[tuple[int, int]]:
+Tables = tuple[tuple[int, tuple[Desc, ...]], ...]
+
+
+@functools.lru_cache(maxsize=64)  # keyed by the tables of one example
+def indirect_target(num: int, tables: Tables) -> st.SearchStrategy[tuple[int, int]]:
     odd_len = st.one_of(
         st.sampled_from([0, 8, 17, DESC_SIZE * (num + 1), U32 - DESC_SIZE]),
         st.integers(1, num + 2).map(lambda n: n * DESC_SIZE),
@@ -226,20 +235,22 @@ def indirect_target(
     anywhere = st.tuples(BUFFER_ADDR, odd_len)
     if not tables:
         return anywhere
+    return weighted((3, _to_a_table(num, tables, odd_len)), (1, anywhere))
 
-    @st.composite
-    def to_a_table(draw: st.DrawFn) -> tuple[int, int]:
-        gpa, entries = draw(st.sampled_from(tables))
-        length = draw(weighted(
-            (12, st.just(DESC_SIZE * len(entries))),
-            (2, st.sampled_from([DESC_SIZE * num, DESC_SIZE * (num + 1)])),  # at the limit
-            (3, odd_len),
-        ))
-        if draw(chance(10)):
-            gpa += draw(st.integers(-DESC_SIZE, DESC_SIZE))
-        return gpa, length
 
-    return weighted((3, to_a_table()), (1, anywhere))
+@st.composite
+def _to_a_table(
+    draw: st.DrawFn, num: int, tables: Tables, odd_len: st.SearchStrategy[int]
+) -> tuple[int, int]:
+    gpa, entries = draw(st.sampled_from(tables))
+    length = draw(weighted(
+        (12, st.just(DESC_SIZE * len(entries))),
+        (2, st.sampled_from([DESC_SIZE * num, DESC_SIZE * (num + 1)])),  # at the limit
+        (3, odd_len),
+    ))
+    if draw(chance(10)):
+        gpa += draw(st.integers(-DESC_SIZE, DESC_SIZE))
+    return gpa, length
 
 
 # Flags of a wild descriptor, weighted: mostly plain buffers with or without NEXT, some
@@ -252,7 +263,7 @@ BUFFER = weighted((3, st.tuples(GOOD_ADDR, GOOD_LEN)), (1, st.tuples(BUFFER_ADDR
 
 @st.composite
 def wild_descriptor(
-    draw: st.DrawFn, entries: int, num: int, tables: Sequence[tuple[int, tuple[Desc, ...]]]
+    draw: st.DrawFn, entries: int, num: int, tables: Tables
 ) -> Desc:
     flags = draw(FLAGS)
     target = indirect_target(num, tables) if flags & INDIRECT else BUFFER
@@ -260,47 +271,66 @@ def wild_descriptor(
     return addr, length, flags, draw(next_index(entries))
 
 
+SHAPES = ("wild", "chain", "chain+table", "tables")
+
+
 @st.composite
 def descriptor_table(
-    draw: st.DrawFn, entries: int, num: int, tables: Sequence[tuple[int, tuple[Desc, ...]]]
+    draw: st.DrawFn,
+    shape: str,
+    entries: int,
+    num: int,
+    tables: Tables,
 ) -> tuple[Desc, ...]:
-    """Either wild, or a well-formed chain 0 -> 1 -> ... with a few descriptors made wild."""
+    """``entries`` descriptors shaped as ``shape`` (one of SHAPES), then a few made wild:
+    wild -- every field random; chain -- a well-formed chain 0 -> 1 -> ... -> entries-1;
+    chain+table -- the same ending in an indirect descriptor; tables -- every descriptor
+    an indirect one (the usual Linux layout)."""
     wild = wild_descriptor(entries, num, tables)
-    if draw(chance(35)):
+    if shape == "wild":
         return tuple(draw(st.lists(wild, min_size=entries, max_size=entries)))
-    first_writable = draw(st.integers(0, entries))
-    descs: list[Desc] = []
-    for i in range(entries):
-        last = i == entries - 1
-        flags = (0 if last else NEXT) | (WRITE if i >= first_writable else 0)
-        descs.append((draw(GOOD_ADDR), draw(GOOD_LEN), flags, 0 if last else i + 1))
-    if tables and draw(chance(40)):  # end in an indirect table
-        addr, length = draw(indirect_target(num, tables))
-        descs[-1] = (addr, length, INDIRECT | draw(st.sampled_from([0, WRITE])), 0)
-    for _ in range(draw(st.integers(0, 2))):
+    if shape == "tables" and tables:
+        descs = [(*draw(indirect_target(num, tables)), INDIRECT | draw(st.sampled_from([0, WRITE])),
+                  0) for _ in range(entries)]
+    else:
+        first_writable = draw(weighted((2, st.just(entries)), (1, st.just(0)),  # all R / all W
+                                        (2, st.integers(0, entries))))
+        descs = []
+        for i in range(entries):
+            last = i == entries - 1
+            flags = (0 if last else NEXT) | (WRITE if i >= first_writable else 0)
+            descs.append((draw(GOOD_ADDR), draw(GOOD_LEN), flags, 0 if last else i + 1))
+        if shape == "chain+table" and tables:
+            addr, length = draw(indirect_target(num, tables))
+            descs[-1] = (addr, length, INDIRECT | draw(st.sampled_from([0, WRITE])), 0)
+    for _ in range(draw(weighted((3, st.just(0)), (2, st.just(1)), (1, st.just(2))))):
         descs[draw(st.integers(0, entries - 1))] = draw(wild)
     return tuple(descs)
 
 
 def table_place(k: int, entries: int) -> st.SearchStrategy[int]:
     size = DESC_SIZE * entries
-    places = [TABLE_SLOTS[k], TABLE_SLOTS[k], R1.end - size, R0.end - DESC_SIZE,
-              R1.end - size + DESC_SIZE, R2.end + 0x1000]
-    if size <= R2.size:
-        places.append(R2.gpa)
-    return st.one_of(st.sampled_from(places), st.integers(1, 15).map(lambda d: TABLE_SLOTS[k] + d))
+    fits = [TABLE_SLOTS[k], R1.end - size] + ([R2.gpa] if size <= R2.size else [])
+    misfits = [R0.end - DESC_SIZE,  # runs on into R2 (when longer than one entry)
+               R1.end - size + DESC_SIZE, R2.end + 0x1000, R1.gpa - DESC_SIZE]
+    return weighted((6, st.just(TABLE_SLOTS[k])), (2, st.sampled_from(fits)),
+                    (1, st.integers(1, 15).map(lambda d: TABLE_SLOTS[k] + d)),
+                    (2, st.sampled_from(misfits)))
 
 
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     num = draw(st.sampled_from([1, 2, 4, 4, 8, 8, 16, 32]))
+    shape = draw(st.sampled_from(SHAPES))
+    event(f"shape: {shape}")
     tables: list[tuple[int, tuple[Desc, ...]]] = []
-    for k in range(draw(st.integers(0, len(TABLE_SLOTS)))):
+    for k in range(draw(weighted((1, st.just(0)), (4, st.integers(1, len(TABLE_SLOTS)))))):
         entries = draw(st.integers(1, min(num + 2, 12)))  # longer ones: by their length
         gpa = draw(table_place(k, entries))
         # entries of earlier tables may point at later ones: nested indirect
-        tables.append((gpa, draw(descriptor_table(entries, num, tables))))
-    descs = draw(descriptor_table(num, num, tables))
+        table_shape = draw(weighted((3, st.just("chain")), (1, st.just("wild"))))
+        tables.append((gpa, draw(descriptor_table(table_shape, entries, num, tuple(tables)))))
+    descs = draw(descriptor_table(shape, num, num, tuple(tables)))
     inside = st.integers(0, num - 1)
     head = weighted((14, inside), (1, st.integers(num, num + 2)), (1, st.integers(0, 0xFFFF)))
     heads = tuple(draw(st.lists(head, min_size=1, max_size=min(num, 4))))
@@ -395,6 +425,62 @@ def run_both(w: World, s: Scenario) -> list[str]:
 def test_c_and_reference_agree(world: World, s: Scenario) -> None:
     for outcome in run_both(world, s):
         event(outcome)
+
+
+# --- the order of checks, pinned on both sides ------------------------------------------------
+
+B = 0x10000  # a good buffer in region 0
+TBL = TABLE_SLOTS[0]
+
+
+def case(descs: Sequence[Desc], tables: Sequence[tuple[int, Sequence[Desc]]] = (),
+         heads: Sequence[int] = (0,), *, num: int = 8, indirect: bool = True,
+         ahead: int | None = None) -> Scenario:
+    descs = list(descs) + [(0, 0, 0, 0)] * (num - len(descs))
+    return Scenario(num, indirect, 0, len(heads) if ahead is None else ahead, tuple(heads),
+                    tuple(descs), tuple((gpa, tuple(t)) for gpa, t in tables))
+
+
+ORDER_CASES: dict[str, tuple[Scenario, list[str]]] = {
+    "buffer count before direction": (case(
+        [(B, 8, WRITE | NEXT, i + 1) for i in range(7)] + [(TBL, 32, INDIRECT, 0)],
+        [(TBL, [(B, 8, WRITE | NEXT, 1), (B, 8, 0, 0)])]), ["CHAIN_TOO_LONG"]),
+    "direction before address": (case(
+        [(B, 8, WRITE | NEXT, 1), (1 << 63, 8, NEXT, 9)]), ["DIRECTION"]),
+    "direction before the empty-buffer skip": (case(
+        [(B, 8, WRITE | NEXT, 1), (1 << 63, 0, 0, 0)]), ["DIRECTION"]),
+    "address before next": (case([(1 << 63, 8, NEXT, 9)]), ["ADDR"]),
+    "next after the buffer was taken": (case([(B, 8, NEXT, 8)]), ["NEXT"]),
+    "a revisit is checked again: direction before loop": (case(
+        [(B, 8, NEXT, 1), (B, 8, WRITE | NEXT, 0)]), ["DIRECTION"]),
+    "loop only after num reads": (case(
+        [(B, 8, NEXT, 1), (B, 8, NEXT, 2), (B, 8, NEXT, 0)]), ["LOOP"]),
+    "loop in a table behind a prefix is too long": (case(
+        [(B, 8, NEXT, i + 1) for i in range(6)] + [(TBL, 64, INDIRECT, 0)],
+        [(TBL, [(B, 8, NEXT, 0)] * 4)]), ["CHAIN_TOO_LONG"]),
+    "feature before next, length and address": (case(
+        [(1 << 63, 0, INDIRECT | NEXT, 9)], indirect=False), ["INDIRECT_FEATURE"]),
+    "nested before next": (case(
+        [(TBL, 16, INDIRECT, 0)], [(TBL, [(TBL, 17, INDIRECT | NEXT, 5)])]), ["INDIRECT_NESTED"]),
+    "next flag before length": (case([(TBL, 17, INDIRECT | NEXT, 1)]), ["INDIRECT_NEXT"]),
+    "length before table size": (case([(TBL, 16 * 9 + 1, INDIRECT, 0)]), ["INDIRECT_LEN"]),
+    "table size before table address": (case(
+        [(R2.end + 0x1000, 16 * 9, INDIRECT, 0)]), ["CHAIN_TOO_LONG"]),
+    "table straddling two adjacent regions": (case(
+        [(R0.end - 16, 32, INDIRECT, 0)]), ["INDIRECT_ADDR"]),
+    "buffer straddling two adjacent regions": (case(
+        [(R0.end - 16, 32, WRITE, 0)]), ["accepted"]),
+    "bad head, then a good chain": (case([(B, 8, 0, 0)], heads=(8, 0)), ["HEAD", "accepted"]),
+    "avail index a full ring ahead": (case([(B, 8, 0, 0)], heads=(0,) * 8, ahead=8),
+                                      ["accepted"] * 8),
+    "avail index too far ahead": (case([(B, 8, 0, 0)], ahead=9), ["AVAIL_IDX"]),
+}
+
+
+@pytest.mark.parametrize("name", list(ORDER_CASES))
+def test_order_of_checks(world: World, name: str) -> None:
+    scenario, expected = ORDER_CASES[name]
+    assert run_both(world, scenario) == expected
 
 
 # --- the same, at the places random rings rarely reach ----------------------------------------
@@ -511,23 +597,6 @@ def test_reference_accepts_a_plain_chain() -> None:
                  (0, 0, 0, 0)])
     assert got == Chain(0, ((0x10_0000, 16),), ((0x10_0200, 8),), 2)
     assert isinstance(got, Chain) and (got.out_bytes, got.in_bytes) == (16, 8)
-
-
-def test_reference_order_loop_behind_prefix_is_too_long() -> None:
-    table = [(0x10_0000, 16, NEXT, 0)] * 4
-    descs = [(0x10_0000, 16, NEXT, i + 1) for i in range(6)] + [(0x2000, 64, INDIRECT, 0), (0,) * 4]
-    got = _walk(descs, {0x2000: table})  # type: ignore[list-item]
-    assert isinstance(got, RingError) and got.code == ErrorCode.CHAIN_TOO_LONG
-
-
-def test_reference_order_direction_before_address() -> None:
-    got = _walk([(0x10_0000, 16, WRITE | NEXT, 1), (1 << 63, 16, NEXT, 9)])
-    assert got == RingError(ErrorCode.DIRECTION, 0, 1)
-
-
-def test_reference_order_address_before_next() -> None:
-    got = _walk([(1 << 63, 16, NEXT, 9), (0, 0, 0, 0)])
-    assert got == RingError(ErrorCode.ADDR, 0, 1 << 63)
 
 
 def test_reference_default_split_is_one_region() -> None:

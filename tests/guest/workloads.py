@@ -1,0 +1,165 @@
+"""Guest workloads shared by the QEMU tests (tests/guest and tests/qemu).
+
+:data:`BLK_WORKLOAD` is the block-device workload: O_DIRECT pattern writes and
+reads (``dio_write``/``dio_read`` from /lib/vhtest.sh: busybox dd with bs=64k and
+byte offsets, since busybox silently drops O_DIRECT for bs < 4096) with the
+device's sector counters, an ext4 file system with a file copied through it,
+optional device-specific checks (``extra``) and optionally fio.  It prints
+``RESULT key=value`` lines; :func:`check_blk_results` checks them and
+:func:`check_image` checks, host side, that the image holds the patterns.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from pathlib import Path
+
+MiB = 1 << 20
+FS_SIZE_MB = 32  # the file system uses only the first 32 MiB; patterns live above it
+
+# name -> (byte offset, data)
+Patterns = Mapping[str, tuple[int, bytes]]
+
+
+def pattern(seed: int, n: int) -> bytes:
+    """``n`` pseudo-random bytes, the same for the same seed."""
+    return random.Random(seed).randbytes(n)
+
+
+def default_patterns(img_size: int) -> dict[str, tuple[int, bytes]]:
+    """Patterns above the file system; offsets/lengths are 512-aligned, not all
+    4 KiB-aligned, and one is the last block of a disk of ``img_size`` bytes."""
+    assert img_size >= 64 * MiB
+    return {
+        "p0": (40 * MiB, pattern(0, 1 * MiB)),
+        "p1": (50 * MiB + 4096, pattern(1, 64 * 1024 + 512)),
+        "p2": (img_size - 4096, pattern(2, 4096)),  # last block of the disk
+        "p3": (33 * MiB + 3 * 512, pattern(3, 3 * 512)),  # sector-sized, not page-aligned
+    }
+
+
+EXT4_FILE = pattern(4, 300 * 1024 + 123)
+
+BLK_WORKLOAD = r"""
+. /lib/vhtest.sh
+fail() { echo "FAIL: $*"; exit 1; }
+NAME=@DEV@
+DEV=/dev/$NAME
+[ -b "$DEV" ] || fail "no block device $DEV"
+result dev_size "$(blockdev --getsize64 $DEV)"
+
+# --- raw O_DIRECT writes, read back with O_DIRECT -------------------------
+# (the sector counters prove the I/O bypassed the page cache: a direct write
+# reaches the device before dd returns, a direct read is not served from cache)
+for spec in @SPECS@; do
+    name=${spec%%:*}; off=${spec#*:}
+    f=/data/$name
+    len=$(wc -c < $f)
+    w0=$(wr_sectors $NAME)
+    dio_write $f $DEV $off || fail "dd write $name"
+    w1=$(wr_sectors $NAME)
+    dio_read $DEV $off $len /tmp/$name.back || fail "dd read $name"
+    r1=$(rd_sectors $NAME)
+    dio_read $DEV $off $len /tmp/$name.back2 || fail "dd read2 $name"
+    r2=$(rd_sectors $NAME)
+    want=$(md5sum < $f)
+    ok=ok
+    [ "$want" = "$(md5sum < /tmp/$name.back)" ] || ok=BAD
+    [ "$want" = "$(md5sum < /tmp/$name.back2)" ] || ok=BAD
+    result md5_$name $ok
+    result wrsect_$name $((w1 - w0))
+    result rdsect_$name $((r2 - r1))
+done
+
+# --- ext4 -----------------------------------------------------------------
+if command -v mkfs.ext4 >/dev/null; then
+    mkfs.ext4 -q -F $DEV @FS_MB@M || fail mkfs.ext4
+    echo "RESULT mkfs=mkfs.ext4"
+else
+    mke2fs -F $DEV $((@FS_MB@ * 1024)) >/dev/null || fail mke2fs
+    echo "RESULT mkfs=busybox-mke2fs"
+fi
+mkdir -p /mnt/t
+mount -t ext4 $DEV /mnt/t || fail "mount"
+cp /data/ext4file /mnt/t/f || fail "cp"
+sync
+umount /mnt/t || fail "umount"
+echo 3 > /proc/sys/vm/drop_caches
+mount -t ext4 -o ro $DEV /mnt/t || fail "remount"
+want=$(md5sum < /data/ext4file); got=$(md5sum < /mnt/t/f)
+echo "RESULT ext4_md5=$( [ "$want" = "$got" ] && echo ok || echo BAD )"
+echo "RESULT ext4_fstype=$(awk '$2 == "/mnt/t" {print $3}' /proc/mounts)"
+umount /mnt/t || fail "umount 2"
+
+# --- device-specific checks -------------------------------------------------
+@EXTRA@
+
+# --- fio ------------------------------------------------------------------
+if [ "@FIO@" = 1 ] && command -v fio >/dev/null; then
+    echo "RESULT fio_version=$(fio --version)"
+    for eng in libaio psync; do
+        qd=1; [ $eng = libaio ] && qd=16
+        out=$(fio --name=rr --filename=$DEV --rw=randread --bs=4k --direct=1 \
+              --ioengine=$eng --iodepth=$qd --runtime=2 --time_based --minimal 2>&1) \
+            || { echo "$out"; fail "fio $eng"; }
+        # terse v3: field 5 = error, field 8 = read IOPS
+        echo "RESULT fio_${eng}_err=$(echo "$out" | cut -d';' -f5)"
+        echo "RESULT fio_${eng}_iops=$(echo "$out" | cut -d';' -f8)"
+    done
+fi
+echo "RESULT done=1"
+"""
+
+
+def blk_script(
+    dev: str,
+    patterns: Patterns,
+    *,
+    fio: bool = False,
+    extra: str = "",
+    fs_mb: int = FS_SIZE_MB,
+) -> str:
+    """The block workload for guest device ``dev`` (e.g. ``vda``); ``extra`` is
+    shell run after the ext4 part (``$DEV``, ``$NAME``, ``fail`` and the
+    /lib/vhtest.sh helpers are available)."""
+    specs = " ".join(f"{n}:{off}" for n, (off, _) in patterns.items())
+    return (
+        BLK_WORKLOAD.replace("@DEV@", dev)
+        .replace("@SPECS@", specs)
+        .replace("@FS_MB@", str(fs_mb))
+        .replace("@FIO@", "1" if fio else "0")
+        .replace("@EXTRA@", extra or ":")
+    )
+
+
+def blk_files(patterns: Patterns) -> dict[str, bytes]:
+    """The initrd files :data:`BLK_WORKLOAD` reads: one per pattern, and the ext4 file."""
+    files = {f"/data/{n}": data for n, (_, data) in patterns.items()}
+    files["/data/ext4file"] = EXT4_FILE
+    return files
+
+
+def check_blk_results(res: Mapping[str, str], patterns: Patterns, size: int, text: str) -> None:
+    """Assert what every run of :data:`BLK_WORKLOAD` must report."""
+    tail = text[-3000:]
+    assert res.get("done") == "1", tail
+    assert int(res["dev_size"]) == size, res
+    for name, (_, data) in patterns.items():
+        assert res[f"md5_{name}"] == "ok", (name, tail)
+        # O_DIRECT bypasses the page cache: exactly the bytes asked for hit the device
+        assert int(res[f"wrsect_{name}"]) == len(data) // 512, (name, res)
+        assert int(res[f"rdsect_{name}"]) == len(data) // 512, (name, res)
+    assert res["ext4_md5"] == "ok", res
+    assert res["ext4_fstype"] == "ext4", res
+
+
+def check_image(img: Path, patterns: Patterns, ext4: bool = True) -> None:
+    """The host image holds each pattern at its offset (and an ext2/3/4 superblock)."""
+    with open(img, "rb") as f:
+        for name, (off, data) in patterns.items():
+            f.seek(off)
+            assert f.read(len(data)) == data, f"pattern {name} not at offset {off} of {img}"
+        if ext4:
+            f.seek(1024 + 56)
+            assert f.read(2) == b"\x53\xef", "no ext2/3/4 superblock magic at 1080"
