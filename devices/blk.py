@@ -88,6 +88,7 @@ class BlkDevice(Device):
         if len(opts.serial.encode()) > 20:
             raise ValueError(f"--serial {opts.serial!r} is longer than 20 bytes")
         self.opts = opts
+        self.created = not os.path.lexists(opts.path)  # this run made the image
         self.fd, self.is_blockdev = _open_image(opts)
         self.size, self.logical_block, self.physical_block = _geometry(self.fd, self.is_blockdev)
         if self.size < SECTOR:

@@ -105,6 +105,8 @@ def blk_main(argv: list[str] | None = None) -> int:
                     else socket_from_fd(args.fd))
     except SocketInUse as e:
         device.close()
+        if device.created:
+            os.unlink(args.blk_file)  # leave no trace of a start that did not happen
         ap.error(str(e))
 
     _setup_logging("vhost-user-blk", args.verbose)

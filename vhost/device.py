@@ -11,11 +11,13 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from vhost.memory import GuestMemory
 from vhost.virtqueue import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     Runner,
+    Virtqueue,
 )
 
 # Transport features every device here offers (the ring walker implements them).
@@ -43,10 +45,19 @@ class Device(abc.ABC):
     def set_config(self, offset: int, data: bytes) -> None:
         raise ValueError("config space is read-only")
 
-    @abc.abstractmethod
     def runner(self, queue_index: int) -> Runner:
         """The blocking C loop serving queue ``queue_index``; called in a worker thread
-        with the queue's C handle, returns a VU_RUN_* code."""
+        with the queue's C handle, returns a VU_RUN_* code. Devices that serve their
+        queues another way override start_queue/stop_queue instead."""
+        raise NotImplementedError
+
+    def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
+        """Serve a queue that is ready (default: a worker thread of its own)."""
+        q.start(memory, features, self.runner(q.index))
+
+    def stop_queue(self, q: Virtqueue) -> int:
+        """Stop serving it (the batch in progress completes); return last_avail_idx."""
+        return q.stop()
 
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return {}

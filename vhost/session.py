@@ -166,7 +166,7 @@ class Session:
         """Queue workers read the map without locks: stop them around any change."""
         running = [q for q in self.queues if q.running]
         for q in running:
-            q.stop()
+            self.device.stop_queue(q)
         try:
             change()  # type: ignore[operator]
         finally:
@@ -185,7 +185,7 @@ class Session:
         """The worker reads the queue's state and fds without locks: change them only
         while it is stopped (joined, so nothing it does later can undo the change)."""
         was_running = q.running
-        q.stop()
+        self.device.stop_queue(q)
         try:
             change(q)
         finally:
@@ -213,11 +213,11 @@ class Session:
         if enable:
             self._maybe_start(q)
         else:
-            q.stop()
+            self.device.stop_queue(q)
 
     def _get_vring_base(self, index: int) -> p.Reply:
         q = self._queue(index)
-        base = q.stop()
+        base = self.device.stop_queue(q)
         # The ring is stopped until the front end sends a kick fd again.
         q.set_kick(None)
         log.debug("%s: queue %d stopped at %d", self.name, index, base)
@@ -226,10 +226,11 @@ class Session:
     def _maybe_start(self, q: Virtqueue) -> None:
         if q.running or not q.startable(self.memory):
             return
-        q.start(self.memory, self.features, self.device.runner(q.index))
+        self.device.start_queue(q, self.memory, self.features)
 
     def _reset(self) -> None:
         for q in self.queues:
+            self.device.stop_queue(q)
             q.reset()
         self.device.reset()
         self.features = 0
@@ -241,6 +242,7 @@ class Session:
             return
         self.closed = True
         for q in self.queues:
+            self.device.stop_queue(q)
             q.reset()
         self.memory.close()
 

@@ -56,6 +56,12 @@ ERROR_TEXT: dict[int, str] = {
     -35: "unsupported request type",
     -36: "write to a read-only device",
     -37: "bad discard/write-zeroes segments",
+    -40: "tx chain shorter than the virtio-net header and an Ethernet header",
+    -41: "tx frame longer than the MTU (or the GSO limit)",
+    -42: "tx chain has device-writable buffers",
+    -43: "rx chain has device-readable buffers",
+    -44: "TAP I/O error",
+    -45: "tx frame needs more iovecs than writev takes",
 }
 
 Runner = Callable[[Any], int]
@@ -108,6 +114,8 @@ class Virtqueue:
         self.call_fd: int | None = None
         self.err_fd: int | None = None
         self.enabled = False
+        self.active = False
+        self.errors_reported = 0
         self._vq = ffi.new("struct vu_vq *")
         self._vq.kick_fd = self._vq.call_fd = self._vq.err_fd = self._vq.stop_fd = -1
         self._worker: threading.Thread | None = None
@@ -142,19 +150,20 @@ class Virtqueue:
 
     @property
     def running(self) -> bool:
-        """A worker is serving the queue (one that gave up on a broken ring is not)."""
-        return self._worker is not None and self._worker.is_alive()
+        """Being served: by its own worker (one that gave up on a broken ring is not),
+        or, when it has none, by a device engine since activate()."""
+        if self._worker is not None:
+            return self._worker.is_alive()
+        return self.active
 
     def startable(self, memory: GuestMemory) -> bool:
         return (self.num > 0 and self.rings is not None and self.kick_fd is not None
                 and self.enabled and bool(memory.regions))
 
     # --- start/stop ---
-    def start(self, memory: GuestMemory, features: int, runner: Runner) -> None:
-        """Translate the rings and serve the queue in a worker thread."""
-        if self.running:
-            return
-        self.stop()  # reap a worker that ended on its own (broken ring, fd error)
+    def activate(self, memory: GuestMemory, features: int) -> None:
+        """Translate and check the rings; the queue is then ready for a worker (its own,
+        see start(), or a device's engine that serves several queues)."""
         assert self.rings is not None and self.kick_fd is not None
         desc, avail, used = self.rings
         vq = self._vq
@@ -168,6 +177,23 @@ class Virtqueue:
         vq.kick_fd = self.kick_fd
         vq.call_fd = -1 if self.call_fd is None else self.call_fd
         vq.err_fd = -1 if self.err_fd is None else self.err_fd
+        self.active = True
+        self.errors_reported = 0
+
+    def deactivate(self) -> int:
+        """The worker serving this queue has stopped: keep where the ring stopped."""
+        if self.active:
+            self.base = self._vq.last_avail_idx
+            self.active = False
+        return self.base
+
+    def start(self, memory: GuestMemory, features: int, runner: Runner) -> None:
+        """Serve the queue in a worker thread of its own, looping in ``runner``."""
+        if self.running:
+            return
+        self.stop()  # reap a worker that ended on its own (broken ring, fd error)
+        self.activate(memory, features)
+        vq = self._vq
         vq.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._worker = threading.Thread(target=self._serve, args=(runner,),
                                         name=f"{self.label}", daemon=True)
@@ -175,7 +201,7 @@ class Virtqueue:
         log.debug("%s: started (size %d, base %d)", self.label, self.num, self.base)
 
     def stop(self) -> int:
-        """Stop serving (the batch in progress completes) and return last_avail_idx."""
+        """Stop its own worker (the batch in progress completes); return last_avail_idx."""
         worker = self._worker
         if worker is not None:
             lib.vu_vq_request_stop(self._vq)
@@ -183,8 +209,7 @@ class Virtqueue:
             self._worker = None
             _close(self._vq.stop_fd)
             self._vq.stop_fd = -1
-            self.base = self._vq.last_avail_idx
-        return self.base
+        return self.deactivate()
 
     def _serve(self, runner: Runner) -> None:
         vq = self._vq
@@ -202,6 +227,12 @@ class Virtqueue:
             else:
                 log.error("%s: kick fd failed, queue stopped", self.label)
             return
+
+    def report_new_errors(self) -> None:
+        """Log (rate limited) errors the C side recorded since the last call."""
+        if self._vq.err.count != self.errors_reported:
+            self.errors_reported = self._vq.err.count
+            self._report_error()
 
     def _report_error(self) -> None:
         err = self._vq.err

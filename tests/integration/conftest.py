@@ -5,7 +5,10 @@ front end (tests/frontend.py) connected to it over its unix socket.
   ``tmp_path``, waits until the daemon's event loop has accepted (and dropped) a probe
   connection, and returns a :class:`Daemon`. At teardown every daemon still running gets
   SIGTERM; each must exit 0 with no ``Traceback`` in its log (killed on timeout).
-* ``daemon`` -- one daemon with the default options.
+* ``daemon`` -- one daemon with the default options, started for the test; a test
+  marked ``@pytest.mark.shared_daemon`` instead gets a view of one daemon shared by the
+  module (its log and disconnect counts start where the test started). Only tests that
+  leave the daemon as they found it may share it; it saves a daemon start per test.
 * ``guest`` -- a :class:`Guest` on ``daemon``: negotiated, memory table sent, queue 0
   set up, with a :class:`BlkDriver` on it. :func:`connect_guest` makes more of them.
 
@@ -14,6 +17,7 @@ Boundary: no assertions about virtio-blk behaviour here; the tests make those.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -24,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Self
+from typing import Any, Self
 
 import pytest
 
@@ -56,13 +60,23 @@ class Daemon:
     args: list[str] = field(default_factory=list)
     #: "disconnected" lines logged by the time the fixture handed the daemon out
     probe_disconnects: int = 0
+    #: where this view of the log starts (a shared daemon's view for one test)
+    log_start: int = 0
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        """The log (from ``log_start``: what happened since this view was made)."""
+        with open(self.log_path, "rb") as f:
+            f.seek(self.log_start)
+            return f.read().decode(errors="replace")
+
+    def view(self) -> Daemon:
+        """This daemon, with a log (and disconnect count) starting now."""
+        return dataclasses.replace(self, log_start=self.log_path.stat().st_size,
+                                   probe_disconnects=0)
 
     def log_count(self, needle: str) -> int:
         return sum(needle in line for line in self.log_text().splitlines())
@@ -162,37 +176,47 @@ def _probe(d: Daemon, deadline: float) -> None:
     d.probe_disconnects = 1
 
 
+def spawn_daemon(directory: Path, name: str, *args: str, image_size: int | None = IMAGE_SIZE,
+                 image: Path | None = None, socket_path: Path | None = None,
+                 listen_fd: int | None = None, pass_fds: Sequence[int] = (),
+                 module: bool = False, probe: bool = True, umask: int = -1) -> Daemon:
+    """Start the daemon with ``args`` added, files named after ``name`` in ``directory``.
+    The image is created sparse with ``image_size`` bytes unless it exists
+    (``image_size=None``: leave it missing). With ``listen_fd`` the daemon gets
+    ``--fd N`` instead of ``--socket-path`` (``socket_path`` then names where that
+    socket is bound, for the probe). ``umask`` (if >= 0) is the daemon's umask."""
+    sock = socket_path or directory / f"{name}.sock"
+    img = image or directory / f"{name}.img"
+    if image_size is not None and not img.exists():
+        with open(img, "wb") as f:
+            f.truncate(image_size)
+    log_path = directory / f"{name}.log"
+    where = ["--fd", str(listen_fd)] if listen_fd is not None else ["--socket-path", str(sock)]
+    argv = [*daemon_command(module), *where, "--blk-file", str(img), *args]
+    inherit = tuple(pass_fds) or (() if listen_fd is None else (listen_fd,))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                pass_fds=inherit, umask=umask)
+    d = Daemon(sock, img, proc, log_path, argv)
+    if probe:
+        try:
+            _probe(d, time.monotonic() + START_TIMEOUT)
+        except BaseException:
+            d.proc.kill()
+            d.proc.wait()
+            raise
+    return d
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
+    """``start_daemon(*args, **options)``: see :func:`spawn_daemon`."""
     started: list[Daemon] = []
     counter = iter(range(1000))
 
-    def start(*args: str, image_size: int | None = IMAGE_SIZE, image: Path | None = None,
-              socket_path: Path | None = None, listen_fd: int | None = None,
-              pass_fds: Sequence[int] = (), module: bool = False,
-              probe: bool = True, umask: int = -1) -> Daemon:
-        """Start the daemon with ``args`` added. The image is created sparse with
-        ``image_size`` bytes unless it exists (``image_size=None``: leave it missing).
-        With ``listen_fd`` the daemon gets ``--fd N`` instead of ``--socket-path``
-        (``socket_path`` then names where that socket is bound, for the probe).
-        ``umask`` (if >= 0) is the daemon's umask."""
-        n = next(counter)
-        sock = socket_path or tmp_path / f"blk{n}.sock"
-        img = image or tmp_path / f"disk{n}.img"
-        if image_size is not None and not img.exists():
-            with open(img, "wb") as f:
-                f.truncate(image_size)
-        log_path = tmp_path / f"daemon{n}.log"
-        where = ["--fd", str(listen_fd)] if listen_fd is not None else ["--socket-path", str(sock)]
-        argv = [*daemon_command(module), *where, "--blk-file", str(img), *args]
-        inherit = tuple(pass_fds) or (() if listen_fd is None else (listen_fd,))
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                    pass_fds=inherit, umask=umask)
-        d = Daemon(sock, img, proc, log_path, argv)
+    def start(*args: str, **options: Any) -> Daemon:
+        d = spawn_daemon(tmp_path, f"blk{next(counter)}", *args, **options)
         started.append(d)
-        if probe:
-            _probe(d, time.monotonic() + START_TIMEOUT)
         return d
 
     yield start
@@ -207,9 +231,31 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
         pytest.fail("\n\n".join(errors), pytrace=False)
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "shared_daemon: the daemon fixture is the module's shared daemon")
+
+
+@pytest.fixture(scope="module")
+def _module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
+    d = spawn_daemon(tmp_path_factory.mktemp("shared"), "shared")
+    yield d
+    d.check_clean_exit()
+
+
 @pytest.fixture
-def daemon(start_daemon: StartDaemon) -> Daemon:
-    return start_daemon()
+def daemon(request: pytest.FixtureRequest, start_daemon: StartDaemon) -> Iterator[Daemon]:
+    if request.node.get_closest_marker("shared_daemon") is None:
+        yield start_daemon()
+        return
+    shared: Daemon = request.getfixturevalue("_module_daemon")
+    view = shared.view()
+    yield view
+    # Let the daemon finish with this test's connections before the next view starts.
+    view.wait_disconnects(view.log_count("front end connected"))
+    # The test must leave the shared daemon running, with a clean log.
+    assert shared.proc.poll() is None, f"shared daemon exited; log:\n{shared.log_text()}"
+    assert "Traceback" not in view.log_text(), view.log_text()
 
 
 @dataclass
@@ -219,6 +265,7 @@ class Guest:
     fe: FrontEnd
     ram: GuestRam
     drivers: list[BlkDriver]
+    daemon: Daemon
 
     @property
     def blk(self) -> BlkDriver:
@@ -265,7 +312,7 @@ def connect_guest(d: Daemon, *, queues: int | None = 1, queue_size: int = 128,
         fe.close()
         ram.close()
         raise
-    return Guest(fe, ram, drivers)
+    return Guest(fe, ram, drivers, d)
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import select
 import socket
 import struct
@@ -59,11 +60,17 @@ from tests.integration.conftest import (
 from vhost.protocol import (
     AddMemReg,
     GetFeatures,
+    GetQueueNum,
+    MemoryRegion,
     Request,
+    SetVringAddr,
     SetVringBase,
+    SetVringCall,
     SetVringKick,
+    SetVringNum,
     U64Reply,
     Unknown,
+    encode_message,
 )
 
 SECTOR = 512
@@ -72,9 +79,13 @@ STATUS_UNTOUCHED = 0xFF
 # GuestRam(64 MiB, 2 regions): region 0 is [0, 32 MiB), region 1 starts at 1 GiB.
 REGION0_END = 32 * MiB
 HOLE_GPA = 512 * MiB  # between the two regions: not guest memory
+PAGE = 4096
 
 
-def pattern(seed: int, n: int) -> bytes:
+shared = pytest.mark.shared_daemon  # see conftest: the module's daemon, not a fresh one
+
+
+def pattern(seed: int | str, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
 
 
@@ -88,17 +99,18 @@ def disk_write(d: Daemon, offset: int, data: bytes) -> None:
         os.pwrite(f.fileno(), data, offset)
 
 
-def check_io_works(g: Guest, d: Daemon, sector: int = 777, seed: int = 4242) -> None:
-    """A good write and read on queue 0 of ``g`` land on / come from the image."""
-    data = pattern(seed, 4 * KiB)
+def check_io_works(g: Guest, d: Daemon, sector: int = 777) -> None:
+    """A good write and read on queue 0 of ``g`` land on / come from the image (fresh
+    random data each time, so an earlier call cannot make a dead write look good)."""
+    data = os.urandom(4 * KiB)
     assert g.blk.write(sector, data) == VIRTIO_BLK_S_OK
     assert disk_read(d, sector * SECTOR, len(data)) == data
     assert g.blk.read(sector, len(data)) == data
 
 
-def check_new_connection_works(d: Daemon, sector: int = 901, seed: int = 99) -> None:
+def check_new_connection_works(d: Daemon, sector: int = 901) -> None:
     with connect_guest(d) as g:
-        check_io_works(g, d, sector, seed)
+        check_io_works(g, d, sector)
 
 
 # =========================================================================================
@@ -106,18 +118,22 @@ def check_new_connection_works(d: Daemon, sector: int = 901, seed: int = 99) -> 
 # =========================================================================================
 
 
+@shared
 @pytest.mark.parametrize("nbytes", [512, 4 * KiB, 64 * KiB + 512, 1 * MiB])
 def test_write_reaches_disk_and_reads_back(guest: Guest, daemon: Daemon, nbytes: int) -> None:
     sector = 2048 + 3  # not 4 KiB aligned on purpose
     data = pattern(nbytes, nbytes)
+    before = disk_read(daemon, sector * SECTOR - SECTOR, SECTOR)
+    after = disk_read(daemon, sector * SECTOR + nbytes, SECTOR)
     assert guest.blk.write(sector, data) == VIRTIO_BLK_S_OK
     assert disk_read(daemon, sector * SECTOR, nbytes) == data
-    # neighbours untouched (the image is sparse: zeros)
-    assert disk_read(daemon, sector * SECTOR - SECTOR, SECTOR) == bytes(SECTOR)
-    assert disk_read(daemon, sector * SECTOR + nbytes, SECTOR) == bytes(SECTOR)
+    # neighbours untouched
+    assert disk_read(daemon, sector * SECTOR - SECTOR, SECTOR) == before
+    assert disk_read(daemon, sector * SECTOR + nbytes, SECTOR) == after
     assert guest.blk.read(sector, nbytes) == data
 
 
+@shared
 def test_read_returns_what_the_host_wrote(guest: Guest, daemon: Daemon) -> None:
     data = pattern(1, 12 * KiB)
     disk_write(daemon, 300 * SECTOR, data)
@@ -127,6 +143,7 @@ def test_read_returns_what_the_host_wrote(guest: Guest, daemon: Daemon) -> None:
     assert c.used_len == len(data) + 1  # data plus the status byte
 
 
+@shared
 def test_last_sector_is_reachable(guest: Guest, daemon: Daemon) -> None:
     assert guest.capacity() == CAPACITY
     data = pattern(2, SECTOR)
@@ -136,13 +153,14 @@ def test_last_sector_is_reachable(guest: Guest, daemon: Daemon) -> None:
     assert os.stat(daemon.image_path).st_size == IMAGE_SIZE
 
 
+@shared
 @pytest.mark.parametrize("segs", [2, 7, 64, (1, 511, 3584), (4095, 1, 1024, 3072)],
                          ids=["2", "7", "64", "odd-sizes", "odd-sizes-2"])
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 def test_multi_segment(guest: Guest, daemon: Daemon, segs: int | tuple[int, ...],
                        indirect: bool) -> None:
     nbytes = sum(segs) if isinstance(segs, tuple) else 32 * KiB
-    data = pattern(len(str(segs)), nbytes)
+    data = pattern(f"{segs}-{indirect}", nbytes)
     st = guest.blk.write(100, data, segs=segs, indirect=indirect)
     assert st == VIRTIO_BLK_S_OK
     assert disk_read(daemon, 100 * SECTOR, nbytes) == data
@@ -151,6 +169,22 @@ def test_multi_segment(guest: Guest, daemon: Daemon, segs: int | tuple[int, ...]
     assert guest.blk.read(100, nbytes, segs=segs, indirect=indirect) == data
 
 
+@shared
+@pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
+def test_more_segments_than_iov_max(daemon: Daemon, indirect: bool) -> None:
+    """1020 data segments: more than one preadv/pwritev (IOV_MAX is 1024) with the status
+    byte's iovec in the mix."""
+    with connect_guest(daemon, queue_size=1024) as g:
+        sizes = [512 if k % 3 else 256 for k in range(1020)]
+        sizes[-1] += 512 - sum(sizes) % 512
+        data = pattern(f"iov-{indirect}", sum(sizes))
+        assert g.blk.write(3000, data, segs=sizes, indirect=indirect) == VIRTIO_BLK_S_OK
+        assert disk_read(daemon, 3000 * SECTOR, len(data)) == data
+        back = g.blk.read(3000, len(data), segs=sizes[::-1], indirect=indirect)
+        assert back == data
+
+
+@shared
 def test_buffers_in_second_memory_region(guest: Guest, daemon: Daemon) -> None:
     blk = BlkDriver(guest.queue, buf_regions=(1,))
     data = pattern(3, 8 * KiB)
@@ -163,6 +197,17 @@ def test_buffers_in_second_memory_region(guest: Guest, daemon: Daemon) -> None:
     assert mixed.read(40, len(data), segs=4, indirect=True) == data
 
 
+@shared
+def test_eight_memory_regions(daemon: Daemon) -> None:
+    with connect_guest(daemon, regions=8, buf_regions=range(8)) as g:
+        data = pattern(30, 16 * KiB)
+        assert g.blk.write(500, data, segs=8) == VIRTIO_BLK_S_OK  # one segment per region
+        assert disk_read(daemon, 500 * SECTOR, len(data)) == data
+        assert g.blk.read(500, len(data), segs=8, indirect=True) == data
+        assert daemon.memfd_maps() >= 8
+
+
+@shared
 def test_rings_in_second_memory_region(daemon: Daemon) -> None:
     with connect_guest(daemon, queues=0) as g:
         q = g.fe.setup_queue(0, 64, region=1)
@@ -173,6 +218,7 @@ def test_rings_in_second_memory_region(daemon: Daemon) -> None:
         assert blk.read(8, len(data), segs=3) == data
 
 
+@shared
 @pytest.mark.parametrize("split", [1, 4, 8, 12, 15])
 def test_header_split_across_descriptors(guest: Guest, daemon: Daemon, split: int) -> None:
     data = pattern(split, 2 * KiB)
@@ -202,6 +248,7 @@ def _raw_request(g: Guest, bufs: list[tuple[int, int, bool]]) -> int:
         q.wait_call(0.1)
 
 
+@shared
 def test_header_data_and_status_share_descriptors(guest: Guest, daemon: Daemon) -> None:
     """The device must not assume one buffer per descriptor: header and data in one
     readable buffer; data and status in one writable buffer."""
@@ -224,6 +271,7 @@ def test_header_data_and_status_share_descriptors(guest: Guest, daemon: Daemon) 
     assert ram.read(inbuf + len(data), 1) == bytes([VIRTIO_BLK_S_OK])
 
 
+@shared
 def test_flush(guest: Guest, daemon: Daemon) -> None:
     data = pattern(6, 4 * KiB)
     assert guest.blk.write(16, data) == VIRTIO_BLK_S_OK
@@ -256,10 +304,11 @@ def test_discard_punches_holes(guest: Guest, daemon: Daemon) -> None:
     assert disk_read(daemon, (start + 2560) * SECTOR, 768 * KiB) == data[-768 * KiB:]
 
 
+@shared
 @pytest.mark.parametrize("flags", [0, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP], ids=["plain", "unmap"])
 def test_write_zeroes(guest: Guest, daemon: Daemon, flags: int) -> None:
-    start = 4096
-    data = pattern(8, 256 * KiB)
+    start = 6000
+    data = pattern(f"write-zeroes-{flags}", 256 * KiB)
     assert guest.blk.write(start, data) == VIRTIO_BLK_S_OK
     # two ranges, one not 4 KiB aligned
     segs = [(start + 8, 64, flags), (start + 201, 3, flags)]
@@ -273,6 +322,7 @@ def test_write_zeroes(guest: Guest, daemon: Daemon, flags: int) -> None:
     assert os.stat(daemon.image_path).st_size == IMAGE_SIZE
 
 
+@shared
 def test_discard_and_write_zeroes_bad_segments(guest: Guest, daemon: Daemon) -> None:
     data = pattern(9, 8 * KiB)
     assert guest.blk.write(0, data) == VIRTIO_BLK_S_OK
@@ -307,9 +357,15 @@ def test_get_id(start_daemon: StartDaemon, serial: str, expect: bytes) -> None:
         assert c.status == VIRTIO_BLK_S_OK
         assert c.data[:20] == expect.ljust(VIRTIO_BLK_ID_BYTES, b"\0")
         assert c.data[20:] == bytes([g.blk.poison]) * 44
+        # a smaller one gets what fits
+        small = g.blk.submit_raw(VIRTIO_BLK_T_GET_ID, 0, in_len=8)
+        c = g.blk.kick_and_wait([small])[0]
+        assert (c.status, c.used_len) == (VIRTIO_BLK_S_OK, 9)
+        assert c.data == expect.ljust(VIRTIO_BLK_ID_BYTES, b"\0")[:8]
         check_io_works(g, d)
 
 
+@shared
 @pytest.mark.parametrize(("sector", "nbytes"), [
     (CAPACITY, SECTOR),          # starts at the end
     (CAPACITY - 1, 2 * SECTOR),  # straddles the end
@@ -331,6 +387,7 @@ def test_beyond_capacity_is_ioerr(guest: Guest, daemon: Daemon, sector: int,
     daemon.wait_log("sector range beyond capacity")
 
 
+@shared
 @pytest.mark.parametrize("nbytes", [1, 100, 513, 4097])
 def test_unaligned_length_is_ioerr(guest: Guest, daemon: Daemon, nbytes: int) -> None:
     old = pattern(11, 8 * KiB)
@@ -342,15 +399,18 @@ def test_unaligned_length_is_ioerr(guest: Guest, daemon: Daemon, nbytes: int) ->
     check_io_works(guest, daemon)
 
 
+@shared
 @pytest.mark.parametrize("rtype", [2, 3, 5, 99, 0xFFFFFFFF])
 def test_unknown_type_is_unsupp(guest: Guest, daemon: Daemon, rtype: int) -> None:
     req = guest.blk.submit_raw(rtype, 0, in_len=512)
     c = guest.blk.kick_and_wait([req])[0]
-    assert c.status == VIRTIO_BLK_S_UNSUPP
+    assert (c.status, c.used_len) == (VIRTIO_BLK_S_UNSUPP, 1)
+    assert c.data == bytes([guest.blk.poison]) * 512  # nothing read into the buffer
     check_io_works(guest, daemon)
     daemon.wait_log("unsupported request type")
 
 
+@shared
 def test_wrong_buffer_directions_are_ioerr(guest: Guest, daemon: Daemon) -> None:
     blk = guest.blk
     old = pattern(13, 4 * KiB)
@@ -372,6 +432,42 @@ def test_wrong_buffer_directions_are_ioerr(guest: Guest, daemon: Daemon) -> None
     assert ram.read(status, 1) == bytes([VIRTIO_BLK_S_IOERR])
     check_io_works(guest, daemon)
     daemon.wait_log("request header shorter than 16 bytes")
+
+
+def test_host_io_error_is_ioerr(daemon: Daemon) -> None:
+    """A write the host refuses (EFBIG past RLIMIT_FSIZE) and a read past the end of a
+    file shrunk underneath the daemon: both IOERR, logged, and the queue goes on."""
+    soft, hard = resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE)
+    resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (1 * MiB, hard))
+    with connect_guest(daemon) as g:
+        before = disk_read(daemon, 2 * MiB, 4 * KiB)
+        assert g.blk.write(2 * MiB // SECTOR, pattern(33, 4 * KiB)) == VIRTIO_BLK_S_IOERR
+        assert disk_read(daemon, 2 * MiB, 4 * KiB) == before
+        daemon.wait_log("host I/O error: File too large")
+        check_io_works(g, daemon, sector=8)  # below the limit
+        resource.prlimit(daemon.pid, resource.RLIMIT_FSIZE, (soft, hard))
+        os.truncate(daemon.image_path, 1 * MiB)
+        c = g.blk.kick_and_wait([g.blk.submit_read(4 * MiB // SECTOR, 4 * KiB)])[0]
+        assert c.status == VIRTIO_BLK_S_IOERR
+        daemon.wait_log("host I/O error: Input/output error")
+        check_io_works(g, daemon, sector=16)
+
+
+def test_bad_chains_do_not_flood_the_log(daemon: Daemon) -> None:
+    with connect_guest(daemon, queue_size=256) as g:
+        for _ in range(3):
+            bads = [bad_loop(g.queue) for _ in range(60)]
+            for b in bads:
+                g.queue.put_avail(b.head)
+            g.queue.kick()
+            _wait_used(g.queue, g.queue.avail_idx)
+            g.blk.collect()
+            assert len(g.blk.unexpected_used) == 60
+            g.blk.unexpected_used.clear()
+            for b in bads:
+                g.queue.release_descs(b.descs)
+        check_io_works(g, daemon)
+        assert 1 <= daemon.log_count("descriptor loop") <= 10, daemon.log_text()
 
 
 # =========================================================================================
@@ -425,13 +521,13 @@ def run_random_io(blk: BlkDriver, d: Daemon, *, total: int, depth: int, slots: i
                 blk.collect()
         assert not blk.unexpected_used
         for head in [h for h, (r, _s, _d) in pending.items() if r.done]:
-            req, slot, data = pending.pop(head)
+            req, slot, written = pending.pop(head)
             assert req.completion is not None
             assert req.completion.status == VIRTIO_BLK_S_OK, req
-            if data is None:
+            if written is None:
                 assert req.completion.data == model[slot], f"slot {slot} read back wrong"
             else:
-                model[slot] = data
+                model[slot] = written
             free.insert(rng.randrange(len(free) + 1), slot)
             completed += 1
         assert time.monotonic() < deadline, "random I/O took too long"
@@ -440,6 +536,7 @@ def run_random_io(blk: BlkDriver, d: Daemon, *, total: int, depth: int, slots: i
     return kicks
 
 
+@shared
 @pytest.mark.parametrize(("depth", "queue_size", "indirect"), [
     (32, 256, False), (64, 512, False), (64, 64, True)])
 def test_many_requests_in_flight(daemon: Daemon, depth: int, queue_size: int,
@@ -449,6 +546,7 @@ def test_many_requests_in_flight(daemon: Daemon, depth: int, queue_size: int,
         assert g.fe.stop_queue(0) == 3000
 
 
+@shared
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
 def test_ring_index_wraps_at_16_bits(daemon: Daemon, event_idx: bool) -> None:
     features = ALL_FEATURES if event_idx else ALL_FEATURES & ~(1 << VIRTIO_RING_F_EVENT_IDX)
@@ -460,6 +558,7 @@ def test_ring_index_wraps_at_16_bits(daemon: Daemon, event_idx: bool) -> None:
         assert g.fe.stop_queue(0) == (start + 300) & 0xFFFF
 
 
+@shared
 @pytest.mark.parametrize("event_idx", [True, False], ids=["event-idx", "no-event-idx"])
 def test_event_idx_negotiation(daemon: Daemon, event_idx: bool) -> None:
     features = ALL_FEATURES if event_idx else ALL_FEATURES & ~(1 << VIRTIO_RING_F_EVENT_IDX)
@@ -477,6 +576,13 @@ def test_event_idx_negotiation(daemon: Daemon, event_idx: bool) -> None:
         check_io_works(g, daemon)
 
 
+def drain_stale_calls(q: DriverQueue) -> None:
+    """Forget calls for work already collected: the device writes the call eventfd just
+    after publishing used->idx, so a call can trail the completion the driver saw."""
+    time.sleep(0.02)
+    q.drain_call()
+
+
 def _wait_used(q: DriverQueue, idx: int, timeout: float = 5.0) -> None:
     """Poll (without asking for a call) until used->idx reaches ``idx``."""
     deadline = time.monotonic() + timeout
@@ -485,12 +591,13 @@ def _wait_used(q: DriverQueue, idx: int, timeout: float = 5.0) -> None:
         time.sleep(0.002)
 
 
+@shared
 def test_no_interrupt_flag_honoured_without_event_idx(daemon: Daemon) -> None:
     features = ALL_FEATURES & ~(1 << VIRTIO_RING_F_EVENT_IDX)
     with connect_guest(daemon, features=features) as g:
         blk, q = g.blk, g.queue
         check_io_works(g, daemon)
-        q.drain_call()
+        drain_stale_calls(q)
         q.set_no_interrupt(True)
         data = pattern(14, 4 * KiB)
         reqs = [blk.submit_write(32 + 8 * k, data) for k in range(3)]
@@ -508,12 +615,13 @@ def test_no_interrupt_flag_honoured_without_event_idx(daemon: Daemon) -> None:
         assert r.completion is not None and r.completion.data == data
 
 
+@shared
 def test_used_event_suppresses_calls_with_event_idx(daemon: Daemon) -> None:
     with connect_guest(daemon) as g:
         blk, q = g.blk, g.queue
         assert q.event_idx
         check_io_works(g, daemon)
-        q.drain_call()
+        drain_stale_calls(q)
         q.set_used_event((q.used_idx() + 100) & 0xFFFF)  # far ahead: no call wanted
         r = blk.submit_write(64, pattern(15, 512))
         blk.publish_and_kick()
@@ -562,6 +670,7 @@ def test_read_only(start_daemon: StartDaemon, tmp_path: Path) -> None:
         (before.st_size, before.st_blocks, before.st_mtime_ns)
 
 
+@shared
 def test_not_read_only_without_flag(guest: Guest) -> None:
     assert not guest.fe.offered_features & (1 << VIRTIO_BLK_F_RO)
 
@@ -619,6 +728,7 @@ def test_multiqueue(start_daemon: StartDaemon, nq: int) -> None:
 # =========================================================================================
 
 
+@shared
 def test_add_mem_reg_instead_of_set_mem_table(daemon: Daemon) -> None:
     with connect_guest(daemon, add_mem_reg=True, buf_regions=(0, 1)) as g:
         assert g.fe.get_max_mem_slots() >= 32
@@ -629,11 +739,13 @@ def test_add_mem_reg_instead_of_set_mem_table(daemon: Daemon) -> None:
         assert g.blk.read(200, len(data), segs=3, indirect=True) == data
 
 
+@shared
 def test_get_max_mem_slots(guest: Guest) -> None:
     assert guest.fe.get_max_mem_slots() >= 32
 
 
 def test_rem_mem_reg(daemon: Daemon) -> None:
+    idle = daemon.resources()
     with connect_guest(daemon, add_mem_reg=True) as g:
         data = pattern(18, 4 * KiB)
         hi = BlkDriver(g.queue, buf_regions=(1,))
@@ -651,7 +763,7 @@ def test_rem_mem_reg(daemon: Daemon) -> None:
         g.fe.request_ack(_add_region(g.ram, 1))
         assert hi.read(300, len(data)) == data
     daemon.wait_disconnects(1)
-    assert daemon.memfd_maps() == 0
+    assert daemon.settled_resources(idle) == idle
 
 
 def _add_region(ram: GuestRam, index: int) -> AddMemReg:
@@ -659,10 +771,271 @@ def _add_region(ram: GuestRam, index: int) -> AddMemReg:
 
 
 # =========================================================================================
+# Control plane: config space, features, queue and memory set-up
+# =========================================================================================
+
+
+@shared
+def test_config_space(guest: Guest) -> None:
+    cfg = parse_blk_config(guest.fe.get_config())
+    assert cfg["capacity"] == CAPACITY
+    assert cfg["blk_size"] == SECTOR
+    assert cfg["num_queues"] == 1
+    assert cfg["seg_max"] >= 1 and cfg["size_max"] >= 4 * KiB
+    assert cfg["max_discard_seg"] == 32 and cfg["max_write_zeroes_seg"] == 32
+    assert cfg["max_discard_sectors"] > 0 and cfg["max_write_zeroes_sectors"] > 0
+    assert cfg["write_zeroes_may_unmap"] == 1
+    # a window of it, and reads past its end are zero
+    assert guest.fe.get_config(8, 0) == guest.fe.get_config()[:8]
+    assert guest.fe.get_config(16, 60) == guest.fe.get_config()[60:] + bytes(16)
+    # config space is read-only here
+    with pytest.raises(AckError):
+        guest.fe.set_config(32, b"\x01")
+    assert parse_blk_config(guest.fe.get_config())["writeback"] == 0
+    check_io_works(guest, guest.daemon)
+
+
+@shared
+def test_features_not_offered_are_refused(guest: Guest) -> None:
+    with pytest.raises(AckError):
+        guest.fe.set_features(ALL_FEATURES)
+    guest.fe.set_features(guest.fe.offered_features)  # the offer itself is fine
+    check_io_works(guest, guest.daemon)
+
+
+@shared
+@pytest.mark.parametrize("size", [0, 3, 100, 2048, 65536])
+def test_bad_queue_size_is_refused(guest: Guest, size: int) -> None:
+    with pytest.raises(AckError):
+        guest.fe.request_ack(SetVringNum(0, size))
+    check_io_works(guest, guest.daemon)
+
+
+@shared
+@pytest.mark.parametrize("size", [4, 8, 1024])
+def test_queue_sizes(daemon: Daemon, size: int) -> None:
+    # A request takes 3 descriptors here, and a chain may not be longer than the queue
+    # (an indirect table counts), so 4 is the smallest size this driver can use.
+    with connect_guest(daemon, queue_size=size) as g:
+        for k in range(6):  # 12 requests: wraps the small rings a few times
+            data = pattern(size + k, 2 * KiB)
+            assert g.blk.write(k * 4, data) == VIRTIO_BLK_S_OK
+            assert g.blk.read(k * 4, len(data)) == data
+            assert disk_read(daemon, k * 4 * SECTOR, len(data)) == data
+
+
+@shared
+@pytest.mark.parametrize("which", ["desc", "avail", "used"])
+@pytest.mark.parametrize("how", ["outside", "misaligned"])
+def test_bad_ring_address_is_refused(daemon: Daemon, which: str, how: str) -> None:
+    with connect_guest(daemon, queues=0) as g:
+        ram = g.ram
+        q = DriverQueue(ram, 64)
+        addrs = {"desc": q.desc_gpa, "avail": q.avail_gpa, "used": q.used_gpa}
+        uva = {k: ram.uva_of(v) for k, v in addrs.items()}
+        uva[which] = ram.UVA_BASE + ram.size + 4096 if how == "outside" else uva[which] + 1
+        g.fe.request_ack(SetVringNum(0, 64))
+        g.fe.request_ack(SetVringBase(0, 0))
+        g.fe.request_ack(SetVringAddr(0, 0, uva["desc"], uva["used"], uva["avail"], 0))
+        g.fe.request_ack(SetVringKick(0, q.kick_fd))
+        g.fe.request_ack(SetVringCall(0, q.call_fd))
+        with pytest.raises(AckError):  # the queue cannot start
+            g.fe.enable_queue(0)
+        q.close()
+        daemon.wait_log("ring address not in guest memory or misaligned")
+        g.drivers.append(BlkDriver(g.fe.setup_queue(0, 64)))
+        check_io_works(g, daemon)
+
+
+@shared
+def test_set_mem_table_again_while_running(daemon: Daemon) -> None:
+    """QEMU resends the table on memory hot-plug: queues go on, old maps go away."""
+    with connect_guest(daemon, buf_regions=(0, 1)) as g:
+        maps = daemon.memfd_maps()
+        for k in range(10):
+            g.fe.set_mem_table()
+            data = pattern(500 + k, 4 * KiB)
+            assert g.blk.write(k * 8, data, segs=2) == VIRTIO_BLK_S_OK
+            assert disk_read(daemon, k * 8 * SECTOR, len(data)) == data
+        assert daemon.memfd_maps() == maps
+
+
+def test_memory_slots_fill_up_and_are_released(daemon: Daemon) -> None:
+    idle = daemon.resources()
+    with connect_guest(daemon, add_mem_reg=True) as g:
+        slots = g.fe.get_max_mem_slots()
+        extra = os.memfd_create("extra-slots", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(extra, 64 * PAGE)
+            regions = [MemoryRegion(guest_phys_addr=(8 << 30) + k * 2 * PAGE, memory_size=PAGE,
+                                    userspace_addr=(1 << 44) + k * PAGE, mmap_offset=k * PAGE)
+                       for k in range(slots - 2 + 1)]
+            for r in regions[:-1]:
+                g.fe.request_ack(AddMemReg(r, extra))
+            with pytest.raises(AckError):  # one more than the slots
+                g.fe.request_ack(AddMemReg(regions[-1], extra))
+            # overlapping an existing region
+            with pytest.raises(AckError):
+                g.fe.request_ack(AddMemReg(MemoryRegion(PAGE, PAGE, 1 << 45, 0), extra))
+        finally:
+            os.close(extra)
+        check_io_works(g, daemon)
+        assert daemon.memfd_maps() >= slots
+    daemon.wait_disconnects(1)
+    assert daemon.settled_resources(idle) == idle
+
+
+@shared
+def test_buffer_spanning_gpa_adjacent_regions(daemon: Daemon) -> None:
+    """Two regions back to back in guest-physical space: one descriptor across the
+    boundary becomes two iovecs on the device side."""
+    ram = GuestRam(64 * MiB, 2)
+    fe = FrontEnd(daemon.socket_path, ram)
+    half = 32 * MiB
+    try:
+        fe.connect()
+        fe.negotiate()
+        # the device's view: region 1 right after region 0 (gpa 32 MiB), same file layout
+        fe.request_ack(AddMemReg(MemoryRegion(0, half, ram.UVA_BASE, 0), ram.fd))
+        fe.request_ack(AddMemReg(MemoryRegion(half, half, ram.UVA_BASE + half, half), ram.fd))
+        blk = BlkDriver(fe.setup_queue(0, 64))
+        data = pattern(26, 4 * KiB)
+        # the buffer: device gpa [32M - 1K, 32M + 3K); our region 1 holds file offset 32M on
+        start = half - 1024
+        ram.write(start, data[:1024])
+        ram.write(1 << 30, data[1024:])
+        hdr, st = _hdr(ram, VIRTIO_BLK_T_OUT, 90), _buf(ram, 1)
+        q = blk.queue
+        d = _direct(q, [(hdr, 16, N, 1), (start, len(data), N, 2), (st, 1, W, None)])
+        q.put_avail(d[0])
+        q.kick()
+        _wait_used(q, 1)
+        assert q.read_used_elem(0) == (d[0], 1)
+        assert ram.read(st, 1) == bytes([VIRTIO_BLK_S_OK])
+        assert disk_read(daemon, 90 * SECTOR, len(data)) == data
+    finally:
+        fe.close()
+        ram.close()
+
+
+@shared
+def test_reset_device_then_set_up_again(guest: Guest) -> None:
+    d = guest.daemon
+    check_io_works(guest, d)
+    guest.fe.reset_device()
+    # the old ring is no longer served
+    drain_stale_calls(guest.queue)
+    data = pattern(32, 4 * KiB)
+    before = disk_read(d, 33 * SECTOR, len(data))
+    stale = guest.blk.submit_write(33, data)
+    guest.blk.publish_and_kick()
+    assert not guest.queue.wait_call(0.3)
+    assert not stale.done
+    assert disk_read(d, 33 * SECTOR, len(data)) == before
+    guest.fe.set_features(guest.fe.features)
+    guest.fe.set_mem_table()
+    blk = BlkDriver(guest.fe.setup_queue(0, 128))
+    data = pattern(27, 4 * KiB)
+    assert blk.write(33, data) == VIRTIO_BLK_S_OK
+    assert disk_read(d, 33 * SECTOR, len(data)) == data
+
+
+@shared
+def test_disabled_ring_is_not_served(guest: Guest) -> None:
+    d = guest.daemon
+    check_io_works(guest, d)
+    guest.fe.enable_queue(0, False)
+    drain_stale_calls(guest.queue)
+    data = pattern(28, 4 * KiB)
+    before = disk_read(d, 44 * SECTOR, len(data))
+    assert before != data
+    r = guest.blk.submit_write(44, data)
+    guest.blk.publish_and_kick()
+    assert not guest.queue.wait_call(0.3)
+    assert not r.done and guest.queue.used_idx() == 2
+    assert disk_read(d, 44 * SECTOR, len(data)) == before
+    guest.fe.enable_queue(0, True)
+    assert guest.blk.wait([r])[0].ok
+    assert disk_read(d, 44 * SECTOR, len(data)) == data
+
+
+@shared
+def test_no_call_fd_means_polling_driver(daemon: Daemon) -> None:
+    """SET_VRING_CALL with NOFD: the device must complete requests without signalling."""
+    with connect_guest(daemon) as g:
+        g.fe.request_ack(SetVringCall(0, None))
+        data = pattern(29, 8 * KiB)
+        c = g.blk.kick_and_wait([g.blk.submit_write(55, data)], poll_interval=0.005)[0]
+        assert c.ok
+        assert disk_read(daemon, 55 * SECTOR, len(data)) == data
+        c = g.blk.kick_and_wait([g.blk.submit_read(55, len(data))], poll_interval=0.005)[0]
+        assert c.data == data
+        assert not g.queue.drain_call()
+
+
+def test_err_fd_signalled_when_ring_breaks(daemon: Daemon) -> None:
+    with connect_guest(daemon) as g:
+        err = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            g.fe.set_vring_err(0, err)
+            check_io_works(g, daemon)
+            with pytest.raises(BlockingIOError):
+                os.eventfd_read(err)  # not for good requests (or bad chains)
+            _break_queue0(daemon, g)
+            assert select.select([err], [], [], 2)[0], "err eventfd not signalled"
+            assert os.eventfd_read(err) >= 1
+        finally:
+            os.close(err)
+
+
+def test_kick_without_fd_is_refused_or_polled(daemon: Daemon) -> None:
+    """SET_VRING_KICK with NOFD asks for polling: a back end must poll, or refuse; it
+    must not ack and then leave the ring silent."""
+    with connect_guest(daemon) as g:
+        check_io_works(g, daemon)
+        try:
+            g.fe.request_ack(SetVringKick(0, None))
+        except AckError:
+            # refused: the front end can give a kick fd again and carry on
+            g.fe.request_ack(SetVringKick(0, g.queue.kick_fd))
+            check_io_works(g, daemon, sector=40)
+            return
+        # accepted: the device must poll, so a request completes without any kick
+        data = pattern(31, 4 * KiB)
+        r = g.blk.submit_write(40, data)
+        g.queue.publish()
+        assert g.blk.wait([r], timeout=2.0, poll_interval=0.005)[0].ok
+        assert disk_read(daemon, 40 * SECTOR, len(data)) == data
+
+
+def test_control_messages_while_other_queues_are_busy(start_daemon: StartDaemon) -> None:
+    """SET_MEM_TABLE (all queues stop and restart around it) and GET_VRING_BASE +
+    restart of queue 0, while queue 1 runs random I/O from another thread."""
+    d = start_daemon("--num-queues", "2")
+    with connect_guest(d, queues=2, queue_size=256) as g:
+        with ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(run_random_io, g.drivers[1], d, total=4000, depth=32, slots=64,
+                               base_sector=60_000, seed=5)
+            k = 0
+            while not busy.done():
+                g.fe.set_mem_table()
+                base = g.fe.stop_queue(0)
+                g.fe.request_ack(SetVringBase(0, base))
+                g.fe.request_ack(SetVringKick(0, g.queue.kick_fd))
+                data = pattern(600 + k, 4 * KiB)
+                assert g.blk.write(k * 8, data) == VIRTIO_BLK_S_OK
+                assert disk_read(d, k * 8 * SECTOR, len(data)) == data
+                k += 1
+            busy.result()
+        assert k >= 3, "the busy queue finished before the control plane did anything"
+
+
+# =========================================================================================
 # GET_VRING_BASE, stop and restart
 # =========================================================================================
 
 
+@shared
 def test_get_vring_base_and_restart(daemon: Daemon) -> None:
     with connect_guest(daemon, queue_size=64) as g:
         blk, q = g.blk, g.queue
@@ -671,6 +1044,7 @@ def test_get_vring_base_and_restart(daemon: Daemon) -> None:
             assert blk.write(k * 8, pattern(k, 4 * KiB)) == VIRTIO_BLK_S_OK
             n += 1
         assert g.fe.stop_queue(0) == n
+        q.drain_call()  # the worker is joined: no call can trail any more
         # stopped: a request made available now is not served...
         data = pattern(100, 4 * KiB)
         pending = blk.submit_write(1000, data)
@@ -691,6 +1065,7 @@ def test_get_vring_base_and_restart(daemon: Daemon) -> None:
         assert q.used_idx() == n + 1 + 45
 
 
+@shared
 def test_get_vring_base_twice_is_stable(guest: Guest) -> None:
     for k in range(5):
         assert guest.blk.write(k, bytes(512)) == VIRTIO_BLK_S_OK
@@ -758,6 +1133,21 @@ def bad_straddles_region_end(q: DriverQueue) -> BadChain:
     return BadChain(d[0], d, st)
 
 
+def bad_huge_length(q: DriverQueue) -> BadChain:
+    ram = q.ram
+    st = _buf(ram, 1)
+    d = _direct(q, [(_hdr(ram), 16, N, 1), (_buf(ram, 512), 0xFFFF_FFFF, W | N, 2),
+                    (st, 1, W, None)])
+    return BadChain(d[0], d, st)
+
+
+def bad_address_wraps(q: DriverQueue) -> BadChain:
+    ram = q.ram
+    st = _buf(ram, 1)
+    d = _direct(q, [(_hdr(ram), 16, N, 1), (2**64 - 256, 512, W | N, 2), (st, 1, W, None)])
+    return BadChain(d[0], d, st)
+
+
 def bad_loop(q: DriverQueue) -> BadChain:
     ram = q.ram
     d = _direct(q, [(_hdr(ram, VIRTIO_BLK_T_OUT), 16, N, 1), (_buf(ram, 512), 512, N, 2),
@@ -812,6 +1202,18 @@ def bad_indirect_length(q: DriverQueue) -> BadChain:
     return BadChain(d[0], d, st)
 
 
+def bad_indirect_empty(q: DriverQueue) -> BadChain:
+    d = _direct(q, [(_buf(q.ram, 64), 0, I, None)])
+    return BadChain(d[0], d, None)
+
+
+def bad_indirect_loop(q: DriverQueue) -> BadChain:
+    ram = q.ram
+    table = _table(ram, [(_hdr(ram), 16, N, 1), (_buf(ram, 16), 16, N, 0)])
+    d = _direct(q, [(table, 2 * DESC_SIZE, I, None)])
+    return BadChain(d[0], d, None)
+
+
 def bad_indirect_next_out_of_table(q: DriverQueue) -> BadChain:
     ram = q.ram
     st = _buf(ram, 1)
@@ -854,6 +1256,8 @@ def bad_head_out_of_range(q: DriverQueue) -> BadChain:
 HOSTILE: dict[str, tuple[Callable[[DriverQueue], BadChain], str]] = {
     "outside-memory": (bad_outside_memory, "buffer outside guest memory"),
     "straddles-region-end": (bad_straddles_region_end, "buffer outside guest memory"),
+    "huge-length": (bad_huge_length, "buffer outside guest memory"),
+    "address-wraps": (bad_address_wraps, "buffer outside guest memory"),
     "loop": (bad_loop, "descriptor loop"),
     "self-loop": (bad_self_loop_writable, "descriptor loop"),
     "indirect-longer-than-queue": (bad_indirect_longer_than_queue,
@@ -863,6 +1267,8 @@ HOSTILE: dict[str, tuple[Callable[[DriverQueue], BadChain], str]] = {
                                 "indirect table outside guest memory"),
     "indirect-with-next": (bad_indirect_with_next, "indirect descriptor with NEXT set"),
     "indirect-length": (bad_indirect_length, "indirect table length not a positive multiple"),
+    "indirect-empty": (bad_indirect_empty, "indirect table length not a positive multiple"),
+    "indirect-loop": (bad_indirect_loop, "descriptor loop"),
     "indirect-next-out-of-table": (bad_indirect_next_out_of_table,
                                    "next index outside its descriptor table"),
     "status-readable": (bad_status_readable, "no device-writable status byte"),
@@ -899,6 +1305,7 @@ def submit_bad_chain(g: Guest, make: Callable[[DriverQueue], BadChain]) -> BadCh
     return bad
 
 
+@shared
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_chain(daemon: Daemon, case: str) -> None:
     make, logged = HOSTILE[case]
@@ -911,17 +1318,12 @@ def test_hostile_chain(daemon: Daemon, case: str) -> None:
             assert g.ram.read(bad.status_gpa, 1)[0] == STATUS_UNTOUCHED
         daemon.wait_log(logged)
         # the same queue goes on
-        check_io_works(g, daemon, sector=60, seed=1)
-        # a few more bad ones in one batch with good ones around them
-        good = g.blk.submit_write(70, pattern(20, 1024))
-        g.blk.publish_and_kick()
-        assert g.blk.wait([good])[0].ok
+        check_io_works(g, daemon, sector=60)
     assert disk_read(daemon, 5 * SECTOR, SECTOR) == data0  # status-readable write not done
     check_new_connection_works(daemon)
-    log = daemon.log_text()
-    assert "Traceback" not in log
 
 
+@shared
 def test_hostile_chains_mixed_into_a_batch(daemon: Daemon) -> None:
     """Bad chains among good ones in one pass: each good one completes, each bad one is
     returned with length 0, and the batch goes on."""
@@ -947,14 +1349,16 @@ def test_hostile_chains_mixed_into_a_batch(daemon: Daemon) -> None:
     check_new_connection_works(daemon)
 
 
+@shared
 def test_indirect_without_feature_is_rejected(daemon: Daemon) -> None:
     features = ALL_FEATURES & ~(1 << VIRTIO_RING_F_INDIRECT_DESC)
     with connect_guest(daemon, features=features) as g:
         assert not g.fe.features & (1 << VIRTIO_RING_F_INDIRECT_DESC)
+        before = disk_read(daemon, 3 * SECTOR, 512)
         req = g.blk.submit_write(3, pattern(21, 512), indirect=True)
         c = g.blk.kick_and_wait([req])[0]
         assert (c.status, c.used_len) == (None, 0)
-        assert disk_read(daemon, 3 * SECTOR, 512) == bytes(512)
+        assert disk_read(daemon, 3 * SECTOR, 512) == before
         daemon.wait_log("INDIRECT_DESC not negotiated")
         check_io_works(g, daemon)
 
@@ -977,6 +1381,7 @@ def test_avail_idx_jump_breaks_only_that_queue(start_daemon: StartDaemon) -> Non
         check_io_works(g, d)
         _break_queue0(d, g)
         # queue 0 is stopped: a sane index and a good request get no answer
+        q0.drain_call()
         q0.set_avail_idx(q0.avail_idx - q0.num - 1)
         r = b0.submit_write(11, pattern(22, 512))
         b0.publish_and_kick()
@@ -1006,14 +1411,10 @@ def test_broken_queue_restarts_after_get_vring_base(start_daemon: StartDaemon) -
         assert d.log_count("ring broken") == 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: SET_VRING_BASE on a queue whose worker has not been joined (here: it "
-    "exited on a broken ring) is overwritten by Virtqueue.stop() (vhost/virtqueue.py:184, "
-    "self.base = self._vq.last_avail_idx) when SET_VRING_KICK restarts the queue, so the "
-    "new ring starts at the old index and breaks again"))
 def test_broken_queue_restarts_when_set_up_again(start_daemon: StartDaemon) -> None:
     """The log promises 'queue stopped until the front end sets it up again': a plain
-    set-up (NUM, BASE 0, ADDR, KICK, CALL, ENABLE) with no GET_VRING_BASE must revive it."""
+    set-up (NUM, BASE 0, ADDR, KICK, CALL, ENABLE) with no GET_VRING_BASE must revive it
+    (the new SET_VRING_BASE must win over the index the dead worker stopped at)."""
     d = start_daemon("--num-queues", "2")
     with connect_guest(d, queues=2) as g:
         check_io_works(g, d)
@@ -1072,28 +1473,36 @@ def _close_raw(fe: FrontEnd) -> None:
     fe.ram.close()
 
 
-@pytest.mark.parametrize("case", list(JUNK))
-@pytest.mark.parametrize("after_setup", [False, True], ids=["fresh", "running"])
+# On a connection with running queues too, for a few representative cases.
+_RUNNING = {"version-2", "size-huge", "kick-without-fd", "extra-fds", "too-many-fds"}
+
+
+@pytest.mark.parametrize(("case", "after_setup"),
+                         [(c, False) for c in JUNK] + [(c, True) for c in sorted(_RUNNING)],
+                         ids=[f"{c}-fresh" for c in JUNK] + [f"{c}-running"
+                                                             for c in sorted(_RUNNING)])
 def test_malformed_message_closes_connection(start_daemon: StartDaemon, case: str,
                                              after_setup: bool) -> None:
     data, nfds, logged = JUNK[case]
     d = start_daemon()
     idle = d.resources()
     fds = [os.eventfd(0, os.EFD_CLOEXEC) for _ in range(nfds)]
+    # junk on a fresh connection, or on one with mapped memory and a running queue
+    g = connect_guest(d) if after_setup else None
+    fe = g.fe if g is not None else _raw_frontend(d)
     try:
-        if after_setup:  # junk on a connection with mapped memory and a running queue
-            g = connect_guest(d)
-            fe = g.fe
+        if g is not None:
             check_io_works(g, d)
-        else:
-            fe = _raw_frontend(d)
         try:
             fe.raw_send(data, fds)
         except BackEndClosed:
             pass
         assert fe.is_closed_by_peer(3.0)
-        (g.close() if after_setup else _close_raw(fe))
     finally:
+        if g is not None:
+            g.close()
+        else:
+            _close_raw(fe)
         for fd in fds:
             os.close(fd)
     lines = d.wait_log("disconnected: malformed message")
@@ -1124,6 +1533,7 @@ def test_short_header_then_close(daemon: Daemon) -> None:
     assert "malformed" not in daemon.log_text()
 
 
+@shared
 @pytest.mark.parametrize("code", [99, int(Request.SET_LOG_BASE), int(Request.GET_INFLIGHT_FD)])
 def test_unknown_request_with_need_reply(daemon: Daemon, code: int) -> None:
     with connect_guest(daemon, queues=0) as g:
@@ -1157,6 +1567,38 @@ def test_unknown_request_without_need_reply(daemon: Daemon) -> None:
     assert daemon.log_count("malformed") == 0
 
 
+@shared
+def test_messages_split_and_coalesced(daemon: Daemon) -> None:
+    """The stream is cut anywhere: messages a byte at a time, several in one send, and an
+    fd sent with the header while the payload follows in a later send."""
+    with connect_guest(daemon) as g:
+        fe = g.fe
+        get_features = encode_message(GetFeatures())[0]
+        get_queue_num = encode_message(GetQueueNum())[0]
+        for b in get_features:
+            fe.raw_send(bytes([b]))
+            time.sleep(0.001)
+        r = fe.read_reply()
+        assert isinstance(r, U64Reply) and r.value == fe.offered_features
+        fe.raw_send(get_queue_num + get_features + get_queue_num)
+        replies = [fe.read_reply() for _ in range(3)]
+        assert [(x.request, x.value) for x in replies if isinstance(x, U64Reply)] == [
+            (Request.GET_QUEUE_NUM, 1), (Request.GET_FEATURES, fe.offered_features),
+            (Request.GET_QUEUE_NUM, 1)]
+        # a new call fd, its header (with the fd) and payload in two sends
+        call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        msg, fds = encode_message(SetVringCall(0, call, need_reply=True))
+        fe.raw_send(msg[:12], fds)
+        time.sleep(0.01)
+        fe.raw_send(msg[12:])
+        ack = fe.read_reply()
+        assert isinstance(ack, U64Reply) and ack.value == 0
+        os.close(g.queue.call_fd)
+        g.queue.call_fd = call
+        check_io_works(g, daemon)  # completions are signalled on the new fd
+
+
+@shared
 def test_set_owner_alone_then_hangup(daemon: Daemon) -> None:
     """A front end that negotiates and leaves without ever setting a queue up."""
     for _ in range(3):
@@ -1234,6 +1676,7 @@ def test_disconnect_while_queue_stopped_and_with_junk_state(daemon: Daemon) -> N
     assert daemon.settled_resources(idle) == idle
 
 
+@shared
 def test_second_front_end_waits_for_the_first(daemon: Daemon) -> None:
     """One front end at a time: a second connection is served once the first leaves."""
     g1 = connect_guest(daemon)

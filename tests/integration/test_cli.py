@@ -235,6 +235,14 @@ def test_socket_in_use_by_live_daemon(start_daemon: StartDaemon, tmp_path: Path)
     io_round_trip(d)
 
 
+def test_refused_start_leaves_no_new_image(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    d = start_daemon()
+    new = tmp_path / "never-served.img"
+    r = run_cli("--socket-path", str(d.socket_path), "--blk-file", str(new), "--size", "1M")
+    assert_usage_error(r, "in use")
+    assert not new.exists()
+
+
 def test_socket_path_is_not_a_socket(tmp_path: Path) -> None:
     path = tmp_path / "regular"
     path.write_text("keep me")
@@ -335,10 +343,6 @@ def test_sigint_is_a_clean_stop(start_daemon: StartDaemon) -> None:
     assert not os.path.lexists(d.socket_path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "daemon bug: the socket accepts connections (vhost/cli.py blk_main: listen_unix) before "
-    "the SIGTERM/SIGINT handlers exist (added in _serve once uvloop runs), so a SIGTERM in "
-    "that window kills the daemon by the default action (-15) and leaves the socket file"))
 def test_sigterm_as_soon_as_socket_accepts(tmp_path: Path) -> None:
     """A supervisor may stop the daemon as soon as its socket accepts connections.
 
@@ -361,7 +365,7 @@ def test_sigterm_as_soon_as_socket_accepts(tmp_path: Path) -> None:
                             stderr=w_end)
     os.close(w_end)
     drained = bytearray()
-    drain = threading.Thread(target=lambda: _read_to_eof(r_end, drained))
+    drain = threading.Thread(target=_read_to_eof, args=(r_end, drained))
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -376,16 +380,17 @@ def test_sigterm_as_soon_as_socket_accepts(tmp_path: Path) -> None:
             finally:
                 s.close()
         proc.send_signal(signal.SIGTERM)
-        drain.start()
-        rc = proc.wait(10)
+    except BaseException:
+        proc.kill()
+        raise
     finally:
-        if proc.poll() is None:
+        drain.start()  # unblocks the daemon's log writes
+        try:
+            rc = proc.wait(10)
+        except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
-        if drain.is_alive() or not drain.ident:
-            if not drain.ident:
-                drain.start()
-            drain.join(10)
+            rc = proc.wait()
+        drain.join(10)
         os.close(r_end)
     assert b"Traceback" not in drained
     assert rc == 0, rc
