@@ -77,9 +77,32 @@ struct blk_stats {
 struct blk_queue { const struct blk_dev *dev; struct blk_stats stats; };
 int blk_run_queue(struct vu_vq *vq, struct blk_queue *q);
 int blk_process_queue(struct vu_vq *vq, struct blk_queue *q);
+
+#define NET_MAX_PAIRS ...
+struct net_stats {
+    uint64_t tx_packets; uint64_t tx_bytes; uint64_t tx_dropped; uint64_t rx_packets;
+    uint64_t rx_bytes; uint64_t rx_dropped; uint64_t rx_no_buffers; uint64_t flooded;
+};
+struct net_port {
+    uint32_t id; uint32_t hdr_len; uint32_t max_frame; int mergeable; int guest_gso;
+    int host_gso; struct net_stats stats;
+};
+struct net_pair {
+    struct net_port *port; struct vu_vq *rx; struct vu_vq *tx; int tap_fd; int rx_starved;
+    int rx_touched;
+};
+struct net_engine {
+    uint32_t npairs; int switch_mode; uint32_t mac_age; int stop_fd; int stop;
+    struct net_pair pairs[];
+    ...;
+};
+int net_run(struct net_engine *e);
+void net_request_stop(struct net_engine *e);
+void net_clear_macs(struct net_engine *e);
+int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
 """
 
-SOURCES = ["memory.c", "ring.c", "blk.c"]
+SOURCES = ["memory.c", "ring.c", "blk.c", "net.c"]
 
 
 def _compile_args() -> tuple[list[str], list[str]]:
@@ -103,12 +126,12 @@ def make_ffi() -> FFI:
     rel = os.path.relpath(HERE, Path.cwd())
     ffi.set_source(
         "vhost._native",
-        '#include "vu.h"\n#include "blk.h"\n',
+        '#include "vu.h"\n#include "blk.h"\n#include "net.h"\n',
         sources=[os.path.join(rel, s) for s in SOURCES],
         include_dirs=[rel],
         extra_compile_args=cflags,
         extra_link_args=ldflags,
-        depends=[os.path.join(rel, h) for h in ("vu.h", "blk.h")],
+        depends=[os.path.join(rel, h) for h in ("vu.h", "blk.h", "net.h")],
     )
     return ffi
 

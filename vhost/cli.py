@@ -16,7 +16,16 @@ import sys
 from typing import NoReturn
 
 from devices.blk import BlkDevice, BlkOptions, ImageError, parse_size
-from vhost.device import Device
+from devices.net import (
+    DEFAULT_MTU,
+    NetDevice,
+    NetOptions,
+    Switch,
+    TapBackend,
+    default_mac,
+    format_mac,
+    parse_mac,
+)
 from vhost.server import Server, SocketInUse, listen_unix, socket_from_fd
 
 log = logging.getLogger("vhost")
@@ -61,23 +70,30 @@ def _setup_logging(prog: str, verbose: bool) -> None:
         format=f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-async def _serve(server: Server, device: Device, socket_path: str | None) -> None:
+async def _serve(servers: list[tuple[Server, str | None]]) -> None:
+    """Run every server until SIGINT/SIGTERM; then flush and close each device and
+    remove each socket file."""
     loop = asyncio.get_running_loop()
+
+    def stop_all() -> None:
+        for server, _ in servers:
+            server.stop()
     for sig in _STOP_SIGNALS:
-        loop.add_signal_handler(sig, server.stop)
+        loop.add_signal_handler(sig, stop_all)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
-        await server.serve_forever()
+        await asyncio.gather(*(server.serve_forever() for server, _ in servers))
     finally:
-        # Queues are stopped by now (their batches finished); make the data durable.
-        await loop.run_in_executor(None, device.flush)
-        device.close()
-        server.listener.close()
-        if socket_path:
-            try:
-                os.unlink(socket_path)
-            except FileNotFoundError:
-                pass
+        for server, socket_path in servers:
+            # Queues are stopped by now (their batches finished); make the data durable.
+            await loop.run_in_executor(None, server.device.flush)
+            server.device.close()
+            server.listener.close()
+            if socket_path:
+                try:
+                    os.unlink(socket_path)
+                except FileNotFoundError:
+                    pass
         log.info("stopped")
 
 
@@ -120,8 +136,80 @@ def blk_main(argv: list[str] | None = None) -> int:
     import uvloop
 
     server = Server(listener, device, name=os.path.basename(args.socket_path or "fd"))
-    uvloop.run(_serve(server, device, args.socket_path))
+    uvloop.run(_serve([(server, args.socket_path)]))
     return 0
+
+
+def _net_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="vhost-user-net",
+                 description="vhost-user-net back end: a virtio-net port on a TAP device, or "
+                             "ports on a learning switch inside this process.")
+    ap.add_argument("--socket-path", metavar="PATH", action="append", default=[],
+                    help="unix socket to listen on; repeat for several switch ports")
+    ap.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
+    be = ap.add_mutually_exclusive_group()
+    be.add_argument("--tap", metavar="NAME", help="attach to (or create) this TAP device")
+    be.add_argument("--switch", metavar="NAME", help="ports on a switch inside the daemon")
+    ap.add_argument("--mac", metavar="MAC", help="MAC address (default: derived from the "
+                    "socket path; with several sockets, each gets its own)")
+    ap.add_argument("--num-queues", type=int, default=1, metavar="N", help="queue pairs")
+    ap.add_argument("--mtu", type=int, default=DEFAULT_MTU, metavar="N", help="MTU (1500)")
+    ap.add_argument("--print-capabilities", action="store_true",
+                    help="print the back end's capabilities as JSON and exit")
+    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return ap
+
+
+def net_main(argv: list[str] | None = None) -> int:
+    ap = _net_parser()
+    args = ap.parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps({"type": "net"}))
+        return 0
+    if bool(args.socket_path) == (args.fd is not None):
+        ap.error("give --socket-path PATH (one or more) or --fd N")
+    if not (args.tap or args.switch):
+        ap.error("give --tap NAME or --switch NAME")
+    if args.tap and len(args.socket_path) > 1:
+        ap.error("--tap serves one port: give one --socket-path (use --switch for several)")
+    if args.mac and len(args.socket_path) > 1:
+        ap.error("--mac names one port: with several --socket-path each gets its own MAC")
+    paths: list[str | None] = list(args.socket_path) or [None]
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    devices: list[NetDevice] = []
+    servers: list[tuple[Server, str | None]] = []
+    try:
+        switch = Switch(args.switch) if args.switch else None
+        for path in paths:
+            mac = parse_mac(args.mac) if args.mac else default_mac(path or f"fd{args.fd}")
+            tap = TapBackend(args.tap, args.num_queues) if args.tap else None
+            opts = NetOptions(mac=mac, num_queue_pairs=args.num_queues, mtu=args.mtu)
+            devices.append(NetDevice(opts, tap=tap, switch=switch))
+            listener = listen_unix(path) if path else socket_from_fd(args.fd)
+            servers.append((Server(listener, devices[-1], name=os.path.basename(path or "fd")),
+                            path))
+    except (ValueError, SocketInUse) as e:
+        for d in devices:
+            d.close()
+        for server, path in servers:
+            server.listener.close()
+            if path:
+                os.unlink(path)
+        ap.error(str(e))
+
+    _setup_logging("vhost-user-net", args.verbose)
+    for (server, path), dev in zip(servers, devices):
+        log.info("port %s (MAC %s) on %s, %s %s", server.name, format_mac(dev.opts.mac),
+                 path or f"fd {args.fd}", "TAP" if args.tap else "switch",
+                 args.tap or args.switch)
+    import uvloop
+
+    uvloop.run(_serve(servers))
+    return 0
+
+
+def net_entry() -> None:
+    sys.exit(net_main())
 
 
 def main() -> None:

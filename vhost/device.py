@@ -38,6 +38,11 @@ class Device(abc.ABC):
     def num_queues(self) -> int:
         """Queues the front end may set up (GET_QUEUE_NUM)."""
 
+    @property
+    def queue_num_reply(self) -> int:
+        """What GET_QUEUE_NUM answers (net counts queue pairs)."""
+        return self.num_queues
+
     @abc.abstractmethod
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of config space from ``offset`` (zero past its end)."""

@@ -95,7 +95,7 @@ class Session:
                                        f"({f & ~int(OFFERED_PROTOCOL_FEATURES):#x})")
                 self.protocol_features = f
             case p.GetQueueNum():
-                return p.U64Reply(p.Request.GET_QUEUE_NUM, self.device.num_queues)
+                return p.U64Reply(p.Request.GET_QUEUE_NUM, self.device.queue_num_reply)
             case p.GetMaxMemSlots():
                 return p.U64Reply(p.Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS)
             case p.SetMemTable(regions=regions, fds=fds):

@@ -1,0 +1,436 @@
+/*
+ * net.c - virtio-net frames between rings and TAP queues or switch ports
+ * (virtio 1.x, 5.1.6).
+ *
+ * tx: each chain is header + frame, device-readable only. It is checked (no
+ * writable buffer, at least a header, not longer than the MTU or the GSO
+ * limit) and written to the TAP with one writev: the TAP was opened with
+ * IFF_VNET_HDR and the same header size, so checksum and segmentation
+ * offloads pass through untouched. In switch mode the frame is copied once,
+ * straight into the destination port's rx buffers.
+ *
+ * rx: buffers are device-writable chains. With MRG_RXBUF a frame may fill
+ * several chains; num_buffers in the header says how many. From a TAP we do
+ * not know a frame's size before reading it, so enough chains for the largest
+ * possible frame are taken, the frame is read into them with one readv, and
+ * the chains it did not need are given back (last_avail_idx moves back).
+ *
+ * When a guest has no rx buffers, TAP frames wait in the TAP (we stop polling
+ * it until the guest kicks the rx queue) and switch frames are dropped; both
+ * are counted.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <limits.h>
+#include <poll.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "net.h"
+
+#define ETH_HLEN 14
+#define VNET_HDR_GSO_NONE 0
+#define NUM_BUFFERS_OFFSET 10
+
+static uint64_t now_seconds(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec;
+}
+
+/* --- switch MAC table (bounded: buckets x ways, oldest entry evicted) --- */
+
+static uint32_t mac_bucket(const uint8_t *mac)
+{
+    uint32_t h = 2166136261u;
+    for (int i = 0; i < 6; i++)
+        h = (h ^ mac[i]) * 16777619u;
+    return h % NET_MAC_BUCKETS;
+}
+
+static void mac_learn(struct net_engine *e, const uint8_t *mac, uint32_t pair, uint64_t now)
+{
+    if (mac[0] & 1)
+        return; /* a group address is never a source */
+    struct net_mac_entry *b = &e->macs[mac_bucket(mac) * NET_MAC_WAYS];
+    struct net_mac_entry *victim = &b[0];
+    for (int i = 0; i < NET_MAC_WAYS; i++) {
+        if (b[i].valid && memcmp(b[i].mac, mac, 6) == 0) {
+            b[i].pair = pair;
+            b[i].seen = now;
+            return;
+        }
+        if (!b[i].valid)
+            victim = &b[i];
+        else if (victim->valid && b[i].seen < victim->seen)
+            victim = &b[i];
+    }
+    memcpy(victim->mac, mac, 6);
+    victim->valid = 1;
+    victim->pair = pair;
+    victim->seen = now;
+}
+
+/* The pair a unicast MAC was learnt on, or -1 (unknown or aged out). */
+int net_switch_lookup(struct net_engine *e, const uint8_t *mac)
+{
+    uint64_t now = now_seconds();
+    struct net_mac_entry *b = &e->macs[mac_bucket(mac) * NET_MAC_WAYS];
+    for (int i = 0; i < NET_MAC_WAYS; i++)
+        if (b[i].valid && memcmp(b[i].mac, mac, 6) == 0)
+            return now - b[i].seen <= e->mac_age ? (int)b[i].pair : -1;
+    return -1;
+}
+
+/* --- rx buffers --- */
+
+/* Take rx chains until `need` bytes (or max_chains chains) are gathered into
+ * e->rx_iov. Returns the number of chains (0: none available), or <0 if the
+ * ring is bad (the queue is then marked broken). */
+static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint32_t max_chains,
+                     uint32_t *niov_out, uint64_t *total_out)
+{
+    uint32_t nchains = 0, niov = 0;
+    uint64_t total = 0;
+    int avail = vu_vq_avail_count(vq);
+    if (avail < 0)
+        return avail;
+    while (total < need && nchains < (uint32_t)avail && nchains < max_chains) {
+        struct vu_chain *c = &e->rx_chain;
+        int r = vu_vq_pop(vq, c);
+        if (r == 0 && c->n_out > 0) {
+            vu_vq_record_error(vq, NET_ERR_RX_READABLE, c->head, c->n_out);
+            r = NET_ERR_RX_READABLE;
+        }
+        if (r == 0 && niov + c->n_in > VU_MAX_CHAIN_IOV) {
+            vq->last_avail_idx--; /* leave it for the next frame */
+            break;
+        }
+        if (r < 0) {
+            /* Chains already taken cannot be given back past this one: a guest
+             * that hands us bad rx buffers loses its rx queue, nobody else's. */
+            vq->broken = 1;
+            return r;
+        }
+        memcpy(&e->rx_iov[niov], c->iov, c->n_in * sizeof(struct iovec));
+        niov += c->n_in;
+        e->rx_heads[nchains] = c->head;
+        e->rx_lens[nchains] = c->in_bytes;
+        total += c->in_bytes;
+        nchains++;
+    }
+    *niov_out = niov;
+    *total_out = total;
+    return (int)nchains;
+}
+
+/* A frame of `len` bytes (header included) now fills the first chains: publish
+ * them, set num_buffers, and give back the chains it did not need. */
+static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair *p,
+                        uint32_t nchains, uint32_t niov, uint64_t len)
+{
+    uint64_t left = len;
+    uint32_t used = 0;
+    while (used < nchains && (left > 0 || used == 0)) {
+        uint64_t n = left < e->rx_lens[used] ? left : e->rx_lens[used];
+        vu_vq_push(vq, e->rx_heads[used], (uint32_t)n);
+        left -= n;
+        used++;
+    }
+    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (nchains - used));
+    uint16_t num_buffers = (uint16_t)used;
+    if (p->port->hdr_len >= NUM_BUFFERS_OFFSET + 2)
+        vu_iov_copy_to(e->rx_iov, niov, NUM_BUFFERS_OFFSET, &num_buffers, 2);
+    p->rx_touched = 1;
+    p->port->stats.rx_packets++;
+    p->port->stats.rx_bytes += len - p->port->hdr_len;
+}
+
+static uint64_t rx_need(const struct net_port *port, uint64_t frame_len)
+{
+    if (frame_len)
+        return port->hdr_len + frame_len;
+    return port->hdr_len + (port->guest_gso ? NET_MAX_GSO_FRAME : port->max_frame);
+}
+
+static void rx_from_tap(struct net_engine *e, struct net_pair *p)
+{
+    struct vu_vq *vq = p->rx;
+    if (!vq || vq->broken || p->tap_fd < 0)
+        return;
+    uint32_t max_chains = p->port->mergeable ? NET_MAX_RX_CHAINS : 1;
+    for (int budget = NET_RX_BUDGET; budget > 0; budget--) {
+        uint32_t niov;
+        uint64_t total;
+        int nchains = gather_rx(e, vq, rx_need(p->port, 0), max_chains, &niov, &total);
+        if (nchains <= 0) {
+            if (nchains == 0) {
+                p->rx_starved = 1;
+                p->port->stats.rx_no_buffers++;
+            }
+            return;
+        }
+        ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(niov > IOV_MAX ? IOV_MAX : niov));
+        if (r <= 0) {
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            if (r < 0 && errno != EAGAIN && errno != EINTR)
+                vu_vq_record_error(vq, NET_ERR_TAP_IO, 0, (uint64_t)errno);
+            return;
+        }
+        complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r);
+    }
+}
+
+/* --- tx --- */
+
+struct tx_ctx {
+    struct net_engine *e;
+    struct net_pair *p;
+    uint64_t now;
+};
+
+/* Copy one tx frame into pair q's rx buffers (switch mode). */
+static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_chain *c,
+                    uint32_t src_hdr_len)
+{
+    struct vu_vq *vq = q->rx;
+    struct net_port *port = q->port;
+    if (!vq || vq->broken) {
+        port->stats.rx_dropped++;
+        return;
+    }
+    uint64_t frame_len = c->out_bytes - src_hdr_len;
+    uint32_t niov;
+    uint64_t total;
+    uint64_t need = rx_need(port, frame_len);
+    int nchains = gather_rx(e, vq, need, port->mergeable ? NET_MAX_RX_CHAINS : 1, &niov, &total);
+    if (nchains <= 0 || total < need) {
+        if (nchains > 0)
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+        if (nchains >= 0) {
+            port->stats.rx_no_buffers++;
+            port->stats.rx_dropped++;
+        }
+        return;
+    }
+    /* No offloads are offered in switch mode: a fresh header, then the frame. */
+    uint8_t hdr[12] = {0};
+    vu_iov_copy_to(e->rx_iov, niov, 0, hdr, port->hdr_len);
+    uint8_t buf[2048];
+    uint64_t off = 0;
+    while (off < frame_len) {
+        size_t n = frame_len - off > sizeof(buf) ? sizeof(buf) : (size_t)(frame_len - off);
+        vu_iov_copy_from(c->iov, c->n_out, src_hdr_len + off, buf, n);
+        vu_iov_copy_to(e->rx_iov, niov, port->hdr_len + off, buf, n);
+        off += n;
+    }
+    complete_rx(e, vq, q, (uint32_t)nchains, niov, need);
+}
+
+static void switch_frame(struct tx_ctx *t, const struct vu_chain *c, uint32_t hdr_len)
+{
+    struct net_engine *e = t->e;
+    uint32_t src = (uint32_t)(t->p - e->pairs);
+    uint8_t eth[12];
+    vu_iov_copy_from(c->iov, c->n_out, hdr_len, eth, sizeof(eth));
+    mac_learn(e, eth + 6, src, t->now);
+    int dst = (eth[0] & 1) ? -1 : net_switch_lookup(e, eth);
+    if (dst >= 0) {
+        if (e->pairs[dst].port != t->p->port)
+            deliver(e, &e->pairs[dst], c, hdr_len);
+        return;
+    }
+    t->p->port->stats.flooded++;
+    for (uint32_t i = 0; i < e->npairs; i++) {
+        struct net_pair *q = &e->pairs[i];
+        /* one copy per other port: its first pair with an rx queue */
+        if (q->port == t->p->port || !q->rx)
+            continue;
+        int first = 1;
+        for (uint32_t j = 0; j < i; j++)
+            if (e->pairs[j].port == q->port && e->pairs[j].rx)
+                first = 0;
+        if (first)
+            deliver(e, q, c, hdr_len);
+    }
+}
+
+static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
+{
+    struct tx_ctx *t = ctx;
+    struct net_port *port = t->p->port;
+    uint32_t hdr_len = port->hdr_len;
+    int code = 0;
+    uint64_t detail = 0;
+    uint8_t hdr[12];
+
+    if (c->n_in > 0) {
+        code = NET_ERR_TX_WRITABLE;
+        detail = c->n_in;
+    } else if (c->out_bytes < hdr_len + ETH_HLEN) {
+        code = NET_ERR_SHORT_HDR;
+        detail = c->out_bytes;
+    } else {
+        vu_iov_copy_from(c->iov, c->n_out, 0, hdr, hdr_len);
+        uint64_t frame = c->out_bytes - hdr_len;
+        uint64_t limit = (hdr[1] != VNET_HDR_GSO_NONE && port->host_gso) ? NET_MAX_GSO_FRAME
+                                                                           : port->max_frame;
+        if (frame > limit) {
+            code = NET_ERR_TOO_LONG;
+            detail = frame;
+        } else if (c->n_out > IOV_MAX) {
+            code = NET_ERR_TOO_MANY_IOV;
+            detail = c->n_out;
+        }
+    }
+    if (code) {
+        vu_vq_record_error(vq, code, c->head, detail);
+        port->stats.tx_dropped++;
+        return 0;
+    }
+    if (t->e->switch_mode) {
+        switch_frame(t, c, hdr_len);
+    } else if (writev(t->p->tap_fd, c->iov, (int)c->n_out) < 0) {
+        if (errno != EAGAIN && errno != ENOBUFS && errno != EIO)
+            vu_vq_record_error(vq, NET_ERR_TAP_IO, c->head, (uint64_t)errno);
+        port->stats.tx_dropped++;
+        return 0;
+    }
+    port->stats.tx_packets++;
+    port->stats.tx_bytes += c->out_bytes - hdr_len;
+    return 0;
+}
+
+static void flush_rx(struct net_engine *e)
+{
+    for (uint32_t i = 0; i < e->npairs; i++) {
+        struct net_pair *p = &e->pairs[i];
+        if (p->rx_touched && p->rx) {
+            vu_vq_flush_used(p->rx);
+            vu_vq_signal_if_needed(p->rx);
+            p->rx_touched = 0;
+        }
+    }
+}
+
+static uint64_t error_count(struct net_engine *e)
+{
+    uint64_t n = 0;
+    for (uint32_t i = 0; i < e->npairs; i++) {
+        if (e->pairs[i].rx)
+            n += e->pairs[i].rx->err.count;
+        if (e->pairs[i].tx)
+            n += e->pairs[i].tx->err.count;
+    }
+    return n;
+}
+
+static void drain(int fd)
+{
+    uint64_t v;
+    if (fd >= 0 && read(fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: nothing to drain */
+    }
+}
+
+/* One pass over every pair; returns 1 if any work was found. */
+static int pass(struct net_engine *e)
+{
+    int work = 0;
+    struct tx_ctx t = {.e = e, .now = now_seconds()};
+    for (uint32_t i = 0; i < e->npairs; i++) {
+        struct net_pair *p = &e->pairs[i];
+        if (p->tx && !p->tx->broken) {
+            t.p = p;
+            int n = vu_vq_process(p->tx, tx_handle_chain, &t);
+            if (n > 0)
+                work = 1;
+        }
+        if (!e->switch_mode && p->rx && !p->rx->broken) {
+            uint16_t before = p->rx->used_idx;
+            rx_from_tap(e, p);
+            if (p->rx->used_idx != before)
+                work = 1;
+        }
+    }
+    flush_rx(e);
+    return work;
+}
+
+/* Ask for kicks again; returns 1 if something arrived meanwhile. */
+static int arm_notifications(struct net_engine *e)
+{
+    int more = 0;
+    for (uint32_t i = 0; i < e->npairs; i++) {
+        struct net_pair *p = &e->pairs[i];
+        if (p->tx && !p->tx->broken && vu_vq_enable_notification(p->tx) > 0)
+            more = 1;
+        if (p->rx && !p->rx->broken && p->rx_starved) {
+            if (vu_vq_enable_notification(p->rx) > 0) {
+                p->rx_starved = 0;
+                more = 1;
+            }
+        }
+    }
+    return more;
+}
+
+int net_run(struct net_engine *e)
+{
+    uint64_t errors_at_entry = error_count(e);
+    struct pollfd fds[1 + 3 * NET_MAX_PAIRS];
+    int is_kick[1 + 3 * NET_MAX_PAIRS];
+    for (;;) {
+        if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE))
+            return VU_RUN_STOPPED;
+        int work = pass(e);
+        if (error_count(e) != errors_at_entry)
+            return VU_RUN_ERRORS;
+        if (work || arm_notifications(e))
+            continue;
+
+        nfds_t n = 0;
+        is_kick[n] = 0;
+        fds[n++] = (struct pollfd){.fd = e->stop_fd, .events = POLLIN};
+        for (uint32_t i = 0; i < e->npairs; i++) {
+            struct net_pair *p = &e->pairs[i];
+            if (p->tx && !p->tx->broken) {
+                is_kick[n] = 1;
+                fds[n++] = (struct pollfd){.fd = p->tx->kick_fd, .events = POLLIN};
+            }
+            if (p->rx && !p->rx->broken) {
+                is_kick[n] = 1;
+                fds[n++] = (struct pollfd){.fd = p->rx->kick_fd, .events = POLLIN};
+            }
+            if (!e->switch_mode && p->rx && !p->rx->broken && !p->rx_starved && p->tap_fd >= 0) {
+                is_kick[n] = 0; /* readv in the next pass takes what is waiting */
+                fds[n++] = (struct pollfd){.fd = p->tap_fd, .events = POLLIN};
+            }
+        }
+        if (poll(fds, n, -1) < 0 && errno != EINTR)
+            return VU_RUN_FD_ERROR;
+        if (fds[0].revents)
+            return VU_RUN_STOPPED;
+        for (nfds_t i = 1; i < n; i++)
+            if (is_kick[i] && (fds[i].revents & POLLIN))
+                drain(fds[i].fd);
+        for (uint32_t i = 0; i < e->npairs; i++)
+            e->pairs[i].rx_starved = 0; /* try again: an rx kick may have brought buffers */
+    }
+}
+
+void net_clear_macs(struct net_engine *e)
+{
+    memset(e->macs, 0, sizeof(e->macs));
+}
+
+void net_request_stop(struct net_engine *e)
+{
+    uint64_t one = 1;
+    __atomic_store_n(&e->stop, 1, __ATOMIC_RELEASE);
+    if (e->stop_fd >= 0 && write(e->stop_fd, &one, sizeof(one)) < 0) {
+        /* the flag alone stops it at the next pass */
+    }
+}

@@ -1,0 +1,87 @@
+/*
+ * net.h - virtio-net data path: one engine thread serves a set of queue pairs,
+ * moving frames between tx rings and TAP queues (tap mode) or between the
+ * ports of a learning L2 switch (switch mode). No Python per packet: Python
+ * builds the engine from the active queues and (re)starts it when they change.
+ */
+#ifndef VU_NET_H
+#define VU_NET_H
+
+#include <stdint.h>
+
+#include "vu.h"
+
+#define NET_MAX_PAIRS 64          /* queue pairs one engine serves */
+#define NET_MAX_RX_CHAINS 64      /* rx chains merged into one packet */
+#define NET_MAX_GSO_FRAME 65550   /* largest frame with segmentation offload */
+#define NET_RX_BUDGET 256         /* packets read from a TAP queue per pass */
+#define NET_MAC_BUCKETS 1024      /* switch MAC table: buckets x ways entries */
+#define NET_MAC_WAYS 4
+
+enum net_error_code {
+    NET_ERR_SHORT_HDR = -40,     /* tx chain shorter than the virtio-net header */
+    NET_ERR_TOO_LONG = -41,      /* tx frame longer than MTU (or GSO limit) */
+    NET_ERR_TX_WRITABLE = -42,   /* tx chain has device-writable buffers */
+    NET_ERR_RX_READABLE = -43,   /* rx chain has device-readable buffers */
+    NET_ERR_TAP_IO = -44,        /* read/write on the TAP failed; errno in detail */
+    NET_ERR_TOO_MANY_IOV = -45,  /* frame needs more iovecs than writev takes */
+};
+
+struct net_stats {
+    uint64_t tx_packets;
+    uint64_t tx_bytes;
+    uint64_t tx_dropped;      /* bad chains, oversize, TAP refused */
+    uint64_t rx_packets;
+    uint64_t rx_bytes;
+    uint64_t rx_dropped;      /* switch: no rx buffers at the destination */
+    uint64_t rx_no_buffers;   /* times the guest had no rx buffer when a frame was ready */
+    uint64_t flooded;         /* switch: frames sent to every other port */
+};
+
+struct net_port {
+    uint32_t id;              /* switch port number */
+    uint32_t hdr_len;         /* 12 (VERSION_1 or MRG_RXBUF) or 10 */
+    uint32_t max_frame;       /* largest frame without GSO: MTU + Ethernet + VLAN */
+    int mergeable;            /* MRG_RXBUF negotiated */
+    int guest_gso;            /* guest takes GSO frames (GUEST_TSO4/6 or UFO) */
+    int host_gso;             /* guest may send GSO frames (HOST_TSO4/6 or UFO) */
+    struct net_stats stats;
+};
+
+struct net_pair {
+    struct net_port *port;
+    struct vu_vq *rx;         /* NULL while that queue is not active */
+    struct vu_vq *tx;
+    int tap_fd;               /* tap mode: this pair's TAP queue; -1 in switch mode */
+    int rx_starved;           /* waiting for rx buffers (tap mode) */
+    int rx_touched;           /* used entries published in this pass, not yet signalled */
+};
+
+struct net_mac_entry {
+    uint8_t mac[6];
+    uint16_t valid;
+    uint32_t pair;            /* index into the engine's pairs: the port's first pair */
+    uint64_t seen;            /* seconds (CLOCK_MONOTONIC) when last learnt */
+};
+
+struct net_engine {
+    uint32_t npairs;
+    int switch_mode;
+    uint32_t mac_age;         /* seconds a learnt MAC stays valid */
+    int stop_fd;
+    int stop;
+    struct net_pair pairs[NET_MAX_PAIRS];
+    struct net_mac_entry macs[NET_MAC_BUCKETS * NET_MAC_WAYS];
+    /* scratch */
+    struct iovec rx_iov[VU_MAX_CHAIN_IOV];
+    uint32_t rx_heads[NET_MAX_RX_CHAINS];
+    uint64_t rx_lens[NET_MAX_RX_CHAINS];
+    struct vu_chain rx_chain;
+};
+
+int net_run(struct net_engine *e);
+void net_request_stop(struct net_engine *e);
+void net_clear_macs(struct net_engine *e);
+int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+
+#endif

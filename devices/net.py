@@ -1,0 +1,308 @@
+"""virtio-net: feature bits, config space, and the host back ends (TAP, switch).
+
+Frames never pass through Python. Each back end owns an *engine*: one thread
+looping in C (c_ext/net.c) over a set of queue pairs. A TAP port's engine
+serves that port's pairs, each with its own TAP queue; a switch's engine
+serves the pairs of every port on the switch, so a frame goes from one
+guest's tx ring to another guest's rx ring in one copy. When a queue starts
+or stops, the engine is stopped (its pass completes), rebuilt from the active
+queues, and started again: queue changes are rare, and the engine never sees
+a queue being torn down under it.
+
+Queues of a virtio-net device, as the back end sees them: receiveq0, transmitq0,
+receiveq1, ... (QEMU keeps the control queue to itself).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from vhost._native import ffi, lib
+from vhost.device import RING_FEATURES, Device
+from vhost.memory import GuestMemory
+from vhost.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
+
+log = logging.getLogger("vhost.net")
+
+# virtio-net feature bits (virtio 1.x, 5.1.3)
+VIRTIO_NET_F_CSUM = 1 << 0
+VIRTIO_NET_F_GUEST_CSUM = 1 << 1
+VIRTIO_NET_F_MTU = 1 << 3
+VIRTIO_NET_F_MAC = 1 << 5
+VIRTIO_NET_F_GUEST_TSO4 = 1 << 7
+VIRTIO_NET_F_GUEST_TSO6 = 1 << 8
+VIRTIO_NET_F_HOST_TSO4 = 1 << 11
+VIRTIO_NET_F_HOST_TSO6 = 1 << 12
+VIRTIO_NET_F_MRG_RXBUF = 1 << 15
+VIRTIO_NET_F_STATUS = 1 << 16
+VIRTIO_NET_F_MQ = 1 << 22
+VIRTIO_NET_S_LINK_UP = 1
+
+OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4
+            | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6)
+
+DEFAULT_MTU = 1500
+MAX_MTU = 65535 - 18
+MAX_QUEUE_PAIRS = 16
+MAC_AGE_SECONDS = 300
+ETH_OVERHEAD = 14 + 4  # Ethernet header + one VLAN tag
+
+# linux/if_tun.h
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+IFF_MULTI_QUEUE = 0x0100
+TUN_F_CSUM = 0x01
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+
+def parse_mac(text: str) -> bytes:
+    parts = text.split(":")
+    if len(parts) != 6 or not all(len(p) == 2 for p in parts):
+        raise ValueError(f"bad MAC {text!r}: use six hex bytes like 52:54:00:12:34:56")
+    try:
+        mac = bytes(int(p, 16) for p in parts)
+    except ValueError:
+        raise ValueError(f"bad MAC {text!r}: use six hex bytes like 52:54:00:12:34:56") from None
+    if mac[0] & 1:
+        raise ValueError(f"bad MAC {text!r}: a multicast address cannot name a port")
+    return mac
+
+
+def default_mac(socket_path: str) -> bytes:
+    """Stable per socket path; locally administered, unicast."""
+    digest = hashlib.sha256(os.path.abspath(socket_path).encode()).digest()
+    return bytes([0x02]) + digest[:5]
+
+
+def format_mac(mac: bytes) -> str:
+    return ":".join(f"{b:02x}" for b in mac)
+
+
+class Engine:
+    """One C loop thread over a set of (port, pair) queue pairs."""
+
+    def __init__(self, name: str, switch_mode: bool) -> None:
+        self.name = name
+        self._e = ffi.new("struct net_engine *")
+        self._e.switch_mode = int(switch_mode)
+        self._e.mac_age = MAC_AGE_SECONDS
+        self._e.stop_fd = -1
+        # (port id, pair index) -> [port handle, rx, tx, tap fd]
+        self._pairs: dict[tuple[int, int], list[Any]] = {}
+        self._thread: threading.Thread | None = None
+
+    @property
+    def handle(self) -> Any:
+        return self._e
+
+    def set_queue(self, port: Any, pair: int, is_tx: bool, q: Virtqueue | None,
+                  tap_fd: int = -1) -> None:
+        self.stop()
+        entry = self._pairs.setdefault((int(port.id), pair), [port, None, None, tap_fd])
+        entry[2 if is_tx else 1] = q
+        entry[3] = tap_fd
+        if entry[1] is None and entry[2] is None:
+            del self._pairs[(int(port.id), pair)]
+        self.start()
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        e = self._e
+        active = [v for _, v in sorted(self._pairs.items())]
+        if not active:
+            return
+        for i, (port, rx, tx, tap_fd) in enumerate(active):
+            p = e.pairs[i]
+            p.port = port
+            p.rx = rx.handle if rx is not None else ffi.NULL
+            p.tx = tx.handle if tx is not None else ffi.NULL
+            p.tap_fd = tap_fd
+            p.rx_starved = 0
+            p.rx_touched = 0
+        e.npairs = len(active)
+        lib.net_clear_macs(e)  # entries name pair slots, which just moved
+        e.stop = 0
+        e.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        queues = [q for _, rx, tx, _ in active for q in (rx, tx) if q is not None]
+        self._thread = threading.Thread(target=self._serve, args=(queues,),
+                                        name=f"net-{self.name}", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        lib.net_request_stop(self._e)
+        self._thread.join()
+        self._thread = None
+        os.close(self._e.stop_fd)
+        self._e.stop_fd = -1
+
+    def _serve(self, queues: list[Virtqueue]) -> None:
+        while True:
+            rc = lib.net_run(self._e)
+            for q in queues:
+                q.report_new_errors()
+            if rc == lib.VU_RUN_ERRORS:
+                continue
+            if rc != lib.VU_RUN_STOPPED:
+                log.error("net engine %s stopped (code %d)", self.name, rc)
+            return
+
+
+class TapBackend:
+    """A TAP device (existing or created), one TAP queue per queue pair."""
+
+    def __init__(self, name: str, pairs: int) -> None:
+        self.name = name
+        self.fds: list[int] = []
+        flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
+        try:
+            for _ in range(pairs):
+                fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+                self.fds.append(fd)
+                ifr = struct.pack("16sH22x", name.encode(), flags)
+                fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as e:
+            self.close()
+            raise ValueError(f"--tap {name}: {e.strerror}") from None
+        self.engine = Engine(f"tap-{name}", switch_mode=False)
+
+    def configure(self, hdr_len: int, features: int) -> None:
+        """Header size and the offloads the guest accepts (TAP to guest direction)."""
+        offload = 0
+        if features & VIRTIO_NET_F_GUEST_CSUM:
+            offload |= TUN_F_CSUM
+            if features & VIRTIO_NET_F_GUEST_TSO4:
+                offload |= TUN_F_TSO4
+            if features & VIRTIO_NET_F_GUEST_TSO6:
+                offload |= TUN_F_TSO6
+        for fd in self.fds:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
+            fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+
+class Switch:
+    """A learning L2 switch: every port naming it shares one engine."""
+
+    _ids = 0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.engine = Engine(f"switch-{name}", switch_mode=True)
+
+    def next_port_id(self) -> int:
+        Switch._ids += 1
+        return Switch._ids
+
+
+@dataclass(frozen=True)
+class NetOptions:
+    mac: bytes
+    num_queue_pairs: int = 1
+    mtu: int = DEFAULT_MTU
+
+
+class NetDevice(Device):
+    kind = "net"
+
+    def __init__(self, opts: NetOptions, tap: TapBackend | None = None,
+                 switch: Switch | None = None) -> None:
+        if (tap is None) == (switch is None):
+            raise ValueError("a net port needs exactly one of a TAP or a switch")
+        if not 1 <= opts.num_queue_pairs <= MAX_QUEUE_PAIRS:
+            raise ValueError(f"--num-queues {opts.num_queue_pairs} is not in "
+                             f"1..{MAX_QUEUE_PAIRS}")
+        if not 68 <= opts.mtu <= MAX_MTU:
+            raise ValueError(f"--mtu {opts.mtu} is not in 68..{MAX_MTU}")
+        self.opts = opts
+        self.tap = tap
+        self.switch = switch
+        self.engine = tap.engine if tap else switch.engine  # type: ignore[union-attr]
+        self.port = ffi.new("struct net_port *")
+        self.port.id = switch.next_port_id() if switch else 0
+
+    @property
+    def features(self) -> int:
+        f = (RING_FEATURES | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
+             | VIRTIO_NET_F_MTU)
+        if self.opts.num_queue_pairs > 1:
+            f |= VIRTIO_NET_F_MQ
+        if self.tap is not None:
+            f |= OFFLOADS  # the TAP does checksums and segmentation, not us
+        return f
+
+    @property
+    def num_queues(self) -> int:
+        return 2 * self.opts.num_queue_pairs
+
+    @property
+    def queue_num_reply(self) -> int:
+        return self.opts.num_queue_pairs  # for net, GET_QUEUE_NUM counts queue pairs
+
+    def config_space(self) -> bytes:
+        return struct.pack("<6sHHH", self.opts.mac, VIRTIO_NET_S_LINK_UP,
+                           self.opts.num_queue_pairs, self.opts.mtu)
+
+    def get_config(self, offset: int, size: int) -> bytes:
+        return self.config_space()[offset:offset + size].ljust(size, b"\0")
+
+    def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
+        self.engine.stop()  # it reads the port settings changed below
+        try:
+            self._configure_port(features)
+            q.activate(memory, features)
+        except BaseException:
+            self.engine.start()
+            raise
+        tap_fd = self.tap.fds[q.index // 2] if self.tap else -1
+        self.engine.set_queue(self.port, q.index // 2, bool(q.index % 2), q, tap_fd)
+        log.debug("%s: queue %d served (pair %d)", self.engine.name, q.index, q.index // 2)
+
+    def stop_queue(self, q: Virtqueue) -> int:
+        if q.active:
+            tap_fd = self.tap.fds[q.index // 2] if self.tap else -1
+            self.engine.set_queue(self.port, q.index // 2, bool(q.index % 2), None, tap_fd)
+        return q.deactivate()
+
+    def _configure_port(self, features: int) -> None:
+        hdr_len = 12 if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
+        p = self.port
+        p.hdr_len = hdr_len
+        p.max_frame = self.opts.mtu + ETH_OVERHEAD
+        p.mergeable = int(bool(features & VIRTIO_NET_F_MRG_RXBUF))
+        p.guest_gso = int(bool(features & (VIRTIO_NET_F_GUEST_TSO4 | VIRTIO_NET_F_GUEST_TSO6)))
+        p.host_gso = int(bool(features & (VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6)))
+        if self.tap is not None:
+            self.tap.configure(hdr_len, features)
+
+    def port_stats(self) -> dict[str, int]:
+        s = self.port.stats
+        return {k: getattr(s, k) for k in ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets",
+                                            "rx_bytes", "rx_dropped", "rx_no_buffers",
+                                            "flooded")}
+
+    def queue_stats(self, queue_index: int) -> dict[str, Any]:
+        return self.port_stats() if queue_index == 0 else {}
+
+    def close(self) -> None:
+        if self.tap is not None:
+            self.engine.stop()
+            self.tap.close()
