@@ -92,7 +92,8 @@ struct net_pair {
     int rx_touched;
 };
 struct net_engine {
-    uint32_t npairs; int switch_mode; uint32_t mac_age; int stop_fd; int stop;
+    uint32_t npairs; int switch_mode; uint32_t mac_age; uint32_t busy_poll_us; int stop_fd;
+    int stop;
     struct net_pair pairs[];
     ...;
 };

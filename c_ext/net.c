@@ -33,6 +33,16 @@
 #define VNET_HDR_GSO_NONE 0
 #define NUM_BUFFERS_OFFSET 10
 
+static void iov_to_iov(const struct iovec *dst, uint32_t ndst, uint64_t dst_skip,
+                       const struct iovec *src, uint32_t nsrc, uint64_t src_skip, uint64_t len);
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 static uint64_t now_seconds(void)
 {
     struct timespec ts;
@@ -58,8 +68,10 @@ static void mac_learn(struct net_engine *e, const uint8_t *mac, uint32_t pair, u
     struct net_mac_entry *victim = &b[0];
     for (int i = 0; i < NET_MAC_WAYS; i++) {
         if (b[i].valid && memcmp(b[i].mac, mac, 6) == 0) {
-            b[i].pair = pair;
-            b[i].seen = now;
+            if (b[i].pair != pair || b[i].seen != now) { /* keep the line clean if unchanged */
+                b[i].pair = pair;
+                b[i].seen = now;
+            }
             return;
         }
         if (!b[i].valid)
@@ -74,14 +86,18 @@ static void mac_learn(struct net_engine *e, const uint8_t *mac, uint32_t pair, u
 }
 
 /* The pair a unicast MAC was learnt on, or -1 (unknown or aged out). */
-int net_switch_lookup(struct net_engine *e, const uint8_t *mac)
+static int mac_lookup(struct net_engine *e, const uint8_t *mac, uint64_t now)
 {
-    uint64_t now = now_seconds();
     struct net_mac_entry *b = &e->macs[mac_bucket(mac) * NET_MAC_WAYS];
     for (int i = 0; i < NET_MAC_WAYS; i++)
         if (b[i].valid && memcmp(b[i].mac, mac, 6) == 0)
             return now - b[i].seen <= e->mac_age ? (int)b[i].pair : -1;
     return -1;
+}
+
+int net_switch_lookup(struct net_engine *e, const uint8_t *mac)
+{
+    return mac_lookup(e, mac, now_seconds());
 }
 
 /* --- rx buffers --- */
@@ -129,7 +145,7 @@ static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint
 /* A frame of `len` bytes (header included) now fills the first chains: publish
  * them, set num_buffers, and give back the chains it did not need. */
 static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair *p,
-                        uint32_t nchains, uint32_t niov, uint64_t len)
+                        uint32_t nchains, uint32_t niov, uint64_t len, int set_num_buffers)
 {
     uint64_t left = len;
     uint32_t used = 0;
@@ -141,7 +157,7 @@ static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair 
     }
     vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (nchains - used));
     uint16_t num_buffers = (uint16_t)used;
-    if (p->port->hdr_len >= NUM_BUFFERS_OFFSET + 2)
+    if (p->port->hdr_len >= NUM_BUFFERS_OFFSET + 2 && (nchains != used || set_num_buffers))
         vu_iov_copy_to(e->rx_iov, niov, NUM_BUFFERS_OFFSET, &num_buffers, 2);
     p->rx_touched = 1;
     p->port->stats.rx_packets++;
@@ -179,7 +195,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
                 vu_vq_record_error(vq, NET_ERR_TAP_IO, 0, (uint64_t)errno);
             return;
         }
-        complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r);
+        complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r, 1);
     }
 }
 
@@ -215,28 +231,53 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_ch
         }
         return;
     }
-    /* No offloads are offered in switch mode: a fresh header, then the frame. */
+    /* No offloads are offered in switch mode: a fresh header, then the frame,
+     * copied once from the sender's buffers into the receiver's. */
     uint8_t hdr[12] = {0};
+    uint16_t num_buffers = (uint16_t)nchains; /* gathering stopped at `need`: all are used */
+    memcpy(hdr + NUM_BUFFERS_OFFSET, &num_buffers, 2);
     vu_iov_copy_to(e->rx_iov, niov, 0, hdr, port->hdr_len);
-    uint8_t buf[2048];
-    uint64_t off = 0;
-    while (off < frame_len) {
-        size_t n = frame_len - off > sizeof(buf) ? sizeof(buf) : (size_t)(frame_len - off);
-        vu_iov_copy_from(c->iov, c->n_out, src_hdr_len + off, buf, n);
-        vu_iov_copy_to(e->rx_iov, niov, port->hdr_len + off, buf, n);
-        off += n;
-    }
-    complete_rx(e, vq, q, (uint32_t)nchains, niov, need);
+    iov_to_iov(e->rx_iov, niov, port->hdr_len, c->iov, c->n_out, src_hdr_len, frame_len);
+    complete_rx(e, vq, q, (uint32_t)nchains, niov, need, 0);
 }
 
-static void switch_frame(struct tx_ctx *t, const struct vu_chain *c, uint32_t hdr_len)
+/* Copy len bytes from src (after src_skip) to dst (after dst_skip). */
+static void iov_to_iov(const struct iovec *dst, uint32_t ndst, uint64_t dst_skip,
+                       const struct iovec *src, uint32_t nsrc, uint64_t src_skip, uint64_t len)
+{
+    uint32_t di = 0, si = 0;
+    while (di < ndst && dst_skip >= dst[di].iov_len)
+        dst_skip -= dst[di++].iov_len;
+    while (si < nsrc && src_skip >= src[si].iov_len)
+        src_skip -= src[si++].iov_len;
+    while (len > 0 && di < ndst && si < nsrc) {
+        uint64_t dn = dst[di].iov_len - dst_skip, sn = src[si].iov_len - src_skip;
+        uint64_t n = dn < sn ? dn : sn;
+        if (n > len)
+            n = len;
+        memcpy((uint8_t *)dst[di].iov_base + dst_skip, (const uint8_t *)src[si].iov_base + src_skip,
+               (size_t)n);
+        len -= n;
+        dst_skip += n;
+        src_skip += n;
+        if (dst_skip == dst[di].iov_len) {
+            di++;
+            dst_skip = 0;
+        }
+        if (src_skip == src[si].iov_len) {
+            si++;
+            src_skip = 0;
+        }
+    }
+}
+
+static void switch_frame(struct tx_ctx *t, const struct vu_chain *c, uint32_t hdr_len,
+                         const uint8_t *eth)
 {
     struct net_engine *e = t->e;
     uint32_t src = (uint32_t)(t->p - e->pairs);
-    uint8_t eth[12];
-    vu_iov_copy_from(c->iov, c->n_out, hdr_len, eth, sizeof(eth));
     mac_learn(e, eth + 6, src, t->now);
-    int dst = (eth[0] & 1) ? -1 : net_switch_lookup(e, eth);
+    int dst = (eth[0] & 1) ? -1 : mac_lookup(e, eth, t->now);
     if (dst >= 0) {
         if (e->pairs[dst].port != t->p->port)
             deliver(e, &e->pairs[dst], c, hdr_len);
@@ -264,7 +305,7 @@ static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
     uint32_t hdr_len = port->hdr_len;
     int code = 0;
     uint64_t detail = 0;
-    uint8_t hdr[12];
+    uint8_t hdr[12 + 12]; /* virtio-net header, then destination and source MAC */
 
     if (c->n_in > 0) {
         code = NET_ERR_TX_WRITABLE;
@@ -273,7 +314,7 @@ static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
         code = NET_ERR_SHORT_HDR;
         detail = c->out_bytes;
     } else {
-        vu_iov_copy_from(c->iov, c->n_out, 0, hdr, hdr_len);
+        vu_iov_copy_from(c->iov, c->n_out, 0, hdr, hdr_len + 12);
         uint64_t frame = c->out_bytes - hdr_len;
         uint64_t limit = (hdr[1] != VNET_HDR_GSO_NONE && port->host_gso) ? NET_MAX_GSO_FRAME
                                                                            : port->max_frame;
@@ -291,7 +332,7 @@ static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
         return 0;
     }
     if (t->e->switch_mode) {
-        switch_frame(t, c, hdr_len);
+        switch_frame(t, c, hdr_len, hdr + hdr_len);
     } else if (writev(t->p->tap_fd, c->iov, (int)c->n_out) < 0) {
         if (errno != EAGAIN && errno != ENOBUFS && errno != EIO)
             vu_vq_record_error(vq, NET_ERR_TAP_IO, c->head, (uint64_t)errno);
@@ -382,13 +423,27 @@ int net_run(struct net_engine *e)
     uint64_t errors_at_entry = error_count(e);
     struct pollfd fds[1 + 3 * NET_MAX_PAIRS];
     int is_kick[1 + 3 * NET_MAX_PAIRS];
+    uint64_t last_work = 0, idle_passes = 0;
     for (;;) {
         if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE))
             return VU_RUN_STOPPED;
         int work = pass(e);
         if (error_count(e) != errors_at_entry)
             return VU_RUN_ERRORS;
-        if (work || arm_notifications(e))
+        if (work) {
+            idle_passes = 0;
+            continue;
+        }
+        /* Busy-poll a short while after the last frame before sleeping: a
+         * kick and a wake-up cost more than a burst of frames. The guest does
+         * not kick meanwhile (avail_event stays behind). The clock is read
+         * once per 64 idle passes, not per pass. */
+        if (idle_passes++ == 0)
+            last_work = now_ns();
+        if ((idle_passes & 63) != 0 || now_ns() - last_work < (uint64_t)e->busy_poll_us * 1000)
+            if (e->busy_poll_us)
+                continue;
+        if (arm_notifications(e))
             continue;
 
         nfds_t n = 0;
@@ -418,6 +473,7 @@ int net_run(struct net_engine *e)
                 drain(fds[i].fd);
         for (uint32_t i = 0; i < e->npairs; i++)
             e->pairs[i].rx_starved = 0; /* try again: an rx kick may have brought buffers */
+        idle_passes = 0;
     }
 }
 

@@ -68,6 +68,7 @@ struct net_engine {
     uint32_t npairs;
     int switch_mode;
     uint32_t mac_age;         /* seconds a learnt MAC stays valid */
+    uint32_t busy_poll_us;    /* keep polling this long after the last frame */
     int stop_fd;
     int stop;
     struct net_pair pairs[NET_MAX_PAIRS];

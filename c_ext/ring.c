@@ -382,6 +382,10 @@ void vu_vq_request_stop(struct vu_vq *vq)
 
 size_t vu_iov_copy_from(const struct iovec *iov, uint32_t niov, size_t skip, void *dst, size_t len)
 {
+    if (niov > 0 && skip + len <= iov[0].iov_len) { /* the common case: one buffer */
+        memcpy(dst, (const uint8_t *)iov[0].iov_base + skip, len);
+        return len;
+    }
     size_t done = 0;
     for (uint32_t i = 0; i < niov && done < len; i++) {
         size_t l = iov[i].iov_len;
@@ -401,6 +405,10 @@ size_t vu_iov_copy_from(const struct iovec *iov, uint32_t niov, size_t skip, voi
 
 size_t vu_iov_copy_to(const struct iovec *iov, uint32_t niov, size_t skip, const void *src, size_t len)
 {
+    if (niov > 0 && skip + len <= iov[0].iov_len) {
+        memcpy((uint8_t *)iov[0].iov_base + skip, src, len);
+        return len;
+    }
     size_t done = 0;
     for (uint32_t i = 0; i < niov && done < len; i++) {
         size_t l = iov[i].iov_len;

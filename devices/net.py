@@ -52,6 +52,8 @@ DEFAULT_MTU = 1500
 MAX_MTU = 65535 - 18
 MAX_QUEUE_PAIRS = 16
 MAC_AGE_SECONDS = 300
+DEFAULT_BUSY_POLL_US = 50  # poll this long after the last frame before sleeping
+MAX_BUSY_POLL_US = 1_000_000
 ETH_OVERHEAD = 14 + 4  # Ethernet header + one VLAN tag
 
 # linux/if_tun.h
@@ -93,9 +95,13 @@ def format_mac(mac: bytes) -> str:
 class Engine:
     """One C loop thread over a set of (port, pair) queue pairs."""
 
-    def __init__(self, name: str, switch_mode: bool) -> None:
+    def __init__(self, name: str, switch_mode: bool,
+                 busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
+        if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
+            raise ValueError(f"--busy-poll-us {busy_poll_us} is not in 0..{MAX_BUSY_POLL_US}")
         self.name = name
         self._e = ffi.new("struct net_engine *")
+        self._e.busy_poll_us = busy_poll_us
         self._e.switch_mode = int(switch_mode)
         self._e.mac_age = MAC_AGE_SECONDS
         self._e.stop_fd = -1
@@ -165,7 +171,7 @@ class Engine:
 class TapBackend:
     """A TAP device (existing or created), one TAP queue per queue pair."""
 
-    def __init__(self, name: str, pairs: int) -> None:
+    def __init__(self, name: str, pairs: int, busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
         self.name = name
         self.fds: list[int] = []
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
@@ -178,7 +184,7 @@ class TapBackend:
         except OSError as e:
             self.close()
             raise ValueError(f"--tap {name}: {e.strerror}") from None
-        self.engine = Engine(f"tap-{name}", switch_mode=False)
+        self.engine = Engine(f"tap-{name}", switch_mode=False, busy_poll_us=busy_poll_us)
 
     def configure(self, hdr_len: int, features: int) -> None:
         """Header size and the offloads the guest accepts (TAP to guest direction)."""
@@ -204,9 +210,9 @@ class Switch:
 
     _ids = 0
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
         self.name = name
-        self.engine = Engine(f"switch-{name}", switch_mode=True)
+        self.engine = Engine(f"switch-{name}", switch_mode=True, busy_poll_us=busy_poll_us)
 
     def next_port_id(self) -> int:
         Switch._ids += 1

@@ -17,6 +17,7 @@ from typing import NoReturn
 
 from devices.blk import BlkDevice, BlkOptions, ImageError, parse_size
 from devices.net import (
+    DEFAULT_BUSY_POLL_US,
     DEFAULT_MTU,
     NetDevice,
     NetOptions,
@@ -154,6 +155,9 @@ def _net_parser() -> argparse.ArgumentParser:
                     "socket path; with several sockets, each gets its own)")
     ap.add_argument("--num-queues", type=int, default=1, metavar="N", help="queue pairs")
     ap.add_argument("--mtu", type=int, default=DEFAULT_MTU, metavar="N", help="MTU (1500)")
+    ap.add_argument("--busy-poll-us", type=int, default=DEFAULT_BUSY_POLL_US, metavar="US",
+                    help="keep polling the rings this long after the last frame before "
+                         f"sleeping on the kick fds (default {DEFAULT_BUSY_POLL_US}; 0: never)")
     ap.add_argument("--print-capabilities", action="store_true",
                     help="print the back end's capabilities as JSON and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -179,10 +183,11 @@ def net_main(argv: list[str] | None = None) -> int:
     devices: list[NetDevice] = []
     servers: list[tuple[Server, str | None]] = []
     try:
-        switch = Switch(args.switch) if args.switch else None
+        switch = Switch(args.switch, args.busy_poll_us) if args.switch else None
         for path in paths:
             mac = parse_mac(args.mac) if args.mac else default_mac(path or f"fd{args.fd}")
-            tap = TapBackend(args.tap, args.num_queues) if args.tap else None
+            tap = (TapBackend(args.tap, args.num_queues, args.busy_poll_us) if args.tap
+                   else None)
             opts = NetOptions(mac=mac, num_queue_pairs=args.num_queues, mtu=args.mtu)
             devices.append(NetDevice(opts, tap=tap, switch=switch))
             listener = listen_unix(path) if path else socket_from_fd(args.fd)
