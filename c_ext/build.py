@@ -89,7 +89,7 @@ struct net_port {
 };
 struct net_pair {
     struct net_port *port; struct vu_vq *rx; struct vu_vq *tx; int tap_fd; int rx_starved;
-    int rx_touched;
+    uint16_t rx_starved_idx; int rx_touched;
 };
 struct net_engine {
     uint32_t npairs; int switch_mode; uint32_t mac_age; uint32_t busy_poll_us; int stop_fd;

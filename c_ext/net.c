@@ -106,7 +106,7 @@ int net_switch_lookup(struct net_engine *e, const uint8_t *mac)
  * e->rx_iov. Returns the number of chains (0: none available), or <0 if the
  * ring is bad (the queue is then marked broken). */
 static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint32_t max_chains,
-                     uint32_t *niov_out, uint64_t *total_out)
+                     uint32_t *niov_out, uint64_t *total_out, int *exhausted)
 {
     uint32_t nchains = 0, niov = 0;
     uint64_t total = 0;
@@ -139,6 +139,7 @@ static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint
     }
     *niov_out = niov;
     *total_out = total;
+    *exhausted = nchains == (uint32_t)avail;
     return (int)nchains;
 }
 
@@ -171,28 +172,59 @@ static uint64_t rx_need(const struct net_port *port, uint64_t frame_len)
     return port->hdr_len + (port->guest_gso ? NET_MAX_GSO_FRAME : port->max_frame);
 }
 
+static uint16_t avail_idx(struct vu_vq *vq)
+{
+    return __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+}
+
+/* Starved until the guest makes more buffers available than it had. */
+static void starve(struct net_pair *p, struct vu_vq *vq, uint32_t nchains)
+{
+    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - nchains);
+    p->rx_starved = 1;
+    p->rx_starved_idx = avail_idx(vq);
+    p->port->stats.rx_no_buffers++;
+}
+
 static void rx_from_tap(struct net_engine *e, struct net_pair *p)
 {
     struct vu_vq *vq = p->rx;
     if (!vq || vq->broken || p->tap_fd < 0)
         return;
+    if (p->rx_starved) {
+        if (avail_idx(vq) == p->rx_starved_idx)
+            return;
+        p->rx_starved = 0;
+    }
     uint32_t max_chains = p->port->mergeable ? NET_MAX_RX_CHAINS : 1;
     for (int budget = NET_RX_BUDGET; budget > 0; budget--) {
         uint32_t niov;
         uint64_t total;
-        int nchains = gather_rx(e, vq, rx_need(p->port, 0), max_chains, &niov, &total);
-        if (nchains <= 0) {
-            if (nchains == 0) {
-                p->rx_starved = 1;
-                p->port->stats.rx_no_buffers++;
-            }
+        int exhausted;
+        uint64_t need = rx_need(p->port, 0);
+        int nchains = gather_rx(e, vq, need, max_chains, &niov, &total, &exhausted);
+        if (nchains < 0)
+            return;
+        if (nchains == 0) {
+            starve(p, vq, 0);
+            return;
+        }
+        if (total < need && exhausted && total < p->port->hdr_len + p->port->max_frame) {
+            /* Not room even for a full-size frame without GSO: wait for the guest
+             * to post more rather than truncate one (the TAP keeps it meanwhile).
+             * With room for that but not for a 64 KiB GSO frame, read: a guest that
+             * takes GSO frames keeps far more than that posted. */
+            starve(p, vq, (uint32_t)nchains);
             return;
         }
         ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(niov > IOV_MAX ? IOV_MAX : niov));
         if (r <= 0) {
             vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
-            if (r < 0 && errno != EAGAIN && errno != EINTR)
+            if (r < 0 && errno != EAGAIN && errno != EINTR) {
+                /* The TAP is gone or broken: stop reading it rather than spin on it. */
                 vu_vq_record_error(vq, NET_ERR_TAP_IO, 0, (uint64_t)errno);
+                p->tap_fd = -1;
+            }
             return;
         }
         complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r, 1);
@@ -221,7 +253,9 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_ch
     uint32_t niov;
     uint64_t total;
     uint64_t need = rx_need(port, frame_len);
-    int nchains = gather_rx(e, vq, need, port->mergeable ? NET_MAX_RX_CHAINS : 1, &niov, &total);
+    int exhausted;
+    int nchains = gather_rx(e, vq, need, port->mergeable ? NET_MAX_RX_CHAINS : 1, &niov, &total,
+                            &exhausted);
     if (nchains <= 0 || total < need) {
         if (nchains > 0)
             vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
@@ -381,8 +415,10 @@ static int pass(struct net_engine *e)
 {
     int work = 0;
     struct tx_ctx t = {.e = e, .now = now_seconds()};
-    for (uint32_t i = 0; i < e->npairs; i++) {
-        struct net_pair *p = &e->pairs[i];
+    /* Start each pass at the next pair, so no port's tx always goes first. */
+    uint32_t first = e->npairs ? e->passes++ % e->npairs : 0;
+    for (uint32_t k = 0; k < e->npairs; k++) {
+        struct net_pair *p = &e->pairs[(first + k) % e->npairs];
         if (p->tx && !p->tx->broken) {
             t.p = p;
             int n = vu_vq_process(p->tx, tx_handle_chain, &t);
@@ -409,10 +445,9 @@ static int arm_notifications(struct net_engine *e)
         if (p->tx && !p->tx->broken && vu_vq_enable_notification(p->tx) > 0)
             more = 1;
         if (p->rx && !p->rx->broken && p->rx_starved) {
-            if (vu_vq_enable_notification(p->rx) > 0) {
-                p->rx_starved = 0;
-                more = 1;
-            }
+            vu_vq_enable_notification(p->rx);
+            if (avail_idx(p->rx) != p->rx_starved_idx)
+                more = 1; /* buffers came while we asked: rx_from_tap takes them */
         }
     }
     return more;
@@ -460,7 +495,7 @@ int net_run(struct net_engine *e)
                 fds[n++] = (struct pollfd){.fd = p->rx->kick_fd, .events = POLLIN};
             }
             if (!e->switch_mode && p->rx && !p->rx->broken && !p->rx_starved && p->tap_fd >= 0) {
-                is_kick[n] = 0; /* readv in the next pass takes what is waiting */
+                is_kick[n] = -(int)i - 1; /* a TAP: readv in the next pass takes its frames */
                 fds[n++] = (struct pollfd){.fd = p->tap_fd, .events = POLLIN};
             }
         }
@@ -468,11 +503,16 @@ int net_run(struct net_engine *e)
             return VU_RUN_FD_ERROR;
         if (fds[0].revents)
             return VU_RUN_STOPPED;
-        for (nfds_t i = 1; i < n; i++)
-            if (is_kick[i] && (fds[i].revents & POLLIN))
+        for (nfds_t i = 1; i < n; i++) {
+            if (is_kick[i] > 0 && (fds[i].revents & POLLIN))
                 drain(fds[i].fd);
-        for (uint32_t i = 0; i < e->npairs; i++)
-            e->pairs[i].rx_starved = 0; /* try again: an rx kick may have brought buffers */
+            if (is_kick[i] < 0 && (fds[i].revents & (POLLERR | POLLHUP | POLLNVAL))) {
+                /* TAP deleted under us: stop polling it (logged once) */
+                struct net_pair *p = &e->pairs[-is_kick[i] - 1];
+                vu_vq_record_error(p->rx, NET_ERR_TAP_IO, 0, (uint64_t)fds[i].revents);
+                p->tap_fd = -1;
+            }
+        }
         idle_passes = 0;
     }
 }

@@ -54,6 +54,7 @@ struct net_pair {
     struct vu_vq *tx;
     int tap_fd;               /* tap mode: this pair's TAP queue; -1 in switch mode */
     int rx_starved;           /* waiting for rx buffers (tap mode) */
+    uint16_t rx_starved_idx;  /* avail->idx when it started waiting */
     int rx_touched;           /* used entries published in this pass, not yet signalled */
 };
 
@@ -71,6 +72,7 @@ struct net_engine {
     uint32_t busy_poll_us;    /* keep polling this long after the last frame */
     int stop_fd;
     int stop;
+    uint32_t passes;
     struct net_pair pairs[NET_MAX_PAIRS];
     struct net_mac_entry macs[NET_MAC_BUCKETS * NET_MAC_WAYS];
     /* scratch */

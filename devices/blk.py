@@ -154,6 +154,13 @@ class BlkDevice(Device):
                                             "write_zeroes", "get_ids", "ioerr", "unsupp",
                                             "bytes_read", "bytes_written")}
 
+    def stats_line(self) -> str:
+        totals: dict[str, int] = {}
+        for i in range(self.num_queues):
+            for k, v in self.queue_stats(i).items():
+                totals[k] = totals.get(k, 0) + int(v)
+        return " ".join(f"{k}={v}" for k, v in totals.items())
+
     def flush(self) -> None:
         if not self.opts.read_only:
             os.fdatasync(self.fd)

@@ -51,6 +51,7 @@ OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO
 DEFAULT_MTU = 1500
 MAX_MTU = 65535 - 18
 MAX_QUEUE_PAIRS = 16
+MAX_ENGINE_PAIRS: int = lib.NET_MAX_PAIRS  # queue pairs one engine (a switch) serves
 MAC_AGE_SECONDS = 300
 DEFAULT_BUSY_POLL_US = 50  # poll this long after the last frame before sleeping
 MAX_BUSY_POLL_US = 1_000_000
@@ -115,6 +116,10 @@ class Engine:
 
     def set_queue(self, port: Any, pair: int, is_tx: bool, q: Virtqueue | None,
                   tap_fd: int = -1) -> None:
+        key = (int(port.id), pair)
+        if q is not None and key not in self._pairs and len(self._pairs) >= lib.NET_MAX_PAIRS:
+            raise ValueError(f"{self.name} is full: one engine serves at most "
+                             f"{lib.NET_MAX_PAIRS} queue pairs")
         self.stop()
         entry = self._pairs.setdefault((int(port.id), pair), [port, None, None, tap_fd])
         entry[2 if is_tx else 1] = q
@@ -174,6 +179,8 @@ class TapBackend:
     def __init__(self, name: str, pairs: int, busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
         self.name = name
         self.fds: list[int] = []
+        if not 0 < len(name.encode()) < 16:
+            raise ValueError(f"--tap {name!r}: an interface name has 1 to 15 bytes")
         flags = IFF_TAP | IFF_NO_PI | IFF_VNET_HDR | (IFF_MULTI_QUEUE if pairs > 1 else 0)
         try:
             for _ in range(pairs):
@@ -307,6 +314,9 @@ class NetDevice(Device):
 
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return self.port_stats() if queue_index == 0 else {}
+
+    def stats_line(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.port_stats().items())
 
     def close(self) -> None:
         if self.tap is not None:

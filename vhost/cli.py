@@ -19,6 +19,7 @@ from devices.blk import BlkDevice, BlkOptions, ImageError, parse_size
 from devices.net import (
     DEFAULT_BUSY_POLL_US,
     DEFAULT_MTU,
+    MAX_ENGINE_PAIRS,
     NetDevice,
     NetOptions,
     Switch,
@@ -179,6 +180,9 @@ def net_main(argv: list[str] | None = None) -> int:
     if args.mac and len(args.socket_path) > 1:
         ap.error("--mac names one port: with several --socket-path each gets its own MAC")
     paths: list[str | None] = list(args.socket_path) or [None]
+    if args.switch and len(paths) * args.num_queues > MAX_ENGINE_PAIRS:
+        ap.error(f"{len(paths)} ports x {args.num_queues} queue pairs is more than a switch "
+                 f"serves ({MAX_ENGINE_PAIRS} queue pairs)")
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     devices: list[NetDevice] = []
     servers: list[tuple[Server, str | None]] = []

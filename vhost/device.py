@@ -67,6 +67,10 @@ class Device(abc.ABC):
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return {}
 
+    def stats_line(self) -> str:
+        """Counters worth a log line when a front end disconnects ("" for none)."""
+        return ""
+
     def flush(self) -> None:
         """Make completed writes durable (called off the event loop)."""
 

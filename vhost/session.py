@@ -241,6 +241,9 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        line = self.device.stats_line()
+        if line:
+            log.info("%s: counters since start: %s", self.name, line)
         for q in self.queues:
             self.device.stop_queue(q)
             q.reset()
