@@ -209,13 +209,22 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
             starve(p, vq, 0);
             return;
         }
-        if (total < need && exhausted && total < p->port->hdr_len + p->port->max_frame) {
+        if (total < need && total < p->port->hdr_len + p->port->max_frame && exhausted) {
             /* Not room even for a full-size frame without GSO: wait for the guest
-             * to post more rather than truncate one (the TAP keeps it meanwhile).
-             * With room for that but not for a 64 KiB GSO frame, read: a guest that
-             * takes GSO frames keeps far more than that posted. */
+             * to post more rather than risk cutting one (the TAP keeps it
+             * meanwhile). With room for that but not for a 64 KiB GSO frame, read:
+             * a guest that takes GSO frames keeps far more posted. */
             starve(p, vq, (uint32_t)nchains);
             return;
+        }
+        if (total < p->port->hdr_len) {
+            /* The chains we may merge cannot even hold a header (tiny buffers):
+             * take the frame off the TAP and drop it, counted. */
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            if (read(p->tap_fd, e->drop_buf, sizeof(e->drop_buf)) <= 0)
+                return;
+            p->port->stats.rx_dropped++;
+            continue;
         }
         ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(niov > IOV_MAX ? IOV_MAX : niov));
         if (r <= 0) {
@@ -226,6 +235,13 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
                 p->tap_fd = -1;
             }
             return;
+        }
+        if ((uint64_t)r == total && total < need) {
+            /* Filled to the last byte with less room than the largest frame: the
+             * TAP may have cut it. Drop it whole rather than pass on a stump. */
+            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            p->port->stats.rx_dropped++;
+            continue;
         }
         complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r, 1);
     }
@@ -445,7 +461,9 @@ static int arm_notifications(struct net_engine *e)
         if (p->tx && !p->tx->broken && vu_vq_enable_notification(p->tx) > 0)
             more = 1;
         if (p->rx && !p->rx->broken && p->rx_starved) {
-            vu_vq_enable_notification(p->rx);
+            /* kick me once avail->idx passes where it was when we ran short (our
+             * last_avail_idx is behind it: those buffers are not enough) */
+            vu_vq_request_kick_at(p->rx, p->rx_starved_idx);
             if (avail_idx(p->rx) != p->rx_starved_idx)
                 more = 1; /* buffers came while we asked: rx_from_tap takes them */
         }

@@ -80,6 +80,7 @@ struct net_engine {
     uint32_t rx_heads[NET_MAX_RX_CHAINS];
     uint64_t rx_lens[NET_MAX_RX_CHAINS];
     struct vu_chain rx_chain;
+    uint8_t drop_buf[NET_MAX_GSO_FRAME + 12];
 };
 
 int net_run(struct net_engine *e);

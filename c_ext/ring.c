@@ -282,6 +282,15 @@ int vu_vq_enable_notification(struct vu_vq *vq)
     return vu_vq_avail_count(vq);
 }
 
+/* Ask for a kick when the driver moves avail->idx past `idx` (event idx), then
+ * fence so that a buffer added before the driver could see it is not missed. */
+void vu_vq_request_kick_at(struct vu_vq *vq, uint16_t idx)
+{
+    if (vq->event_idx)
+        __atomic_store_n(avail_event_ptr(vq), idx, __ATOMIC_RELAXED);
+    full_fence();
+}
+
 /* One pass: every chain available now, handled, published, one signal. */
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
