@@ -1,0 +1,1 @@
+"""vhost-py benchmarks: ``python -m bench`` (see bench/__main__.py) and the pytest benches."""

@@ -1,0 +1,1 @@
+"""Pieces of the one-command benchmark (``python -m bench``)."""

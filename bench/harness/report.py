@@ -1,0 +1,389 @@
+"""Tables, results.json / results.md and the bar chart of one benchmark run."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TCG_NOTE = (
+    "Under TCG the guest's emulated CPU caps small I/O for every device: 4 KiB IOPS and "
+    "TCP throughput mostly measure how much host CPU is left for QEMU's TCG thread, so "
+    "compare devices only within one run. Back-end CPU competes with TCG on the same cores."
+)
+CPU_NOTE = (
+    "CPU s/GB is the back-end process's utime+stime over the workload divided by the "
+    "bytes moved. For the QEMU built-in devices (ide, virtio, e1000) the back end IS "
+    "QEMU, so the figure includes the whole emulated guest CPU and is not comparable "
+    "with the vhost-user daemons' own figures."
+)
+
+Summary = dict[str, Any]
+
+
+def _med(s: Summary | None) -> float | None:
+    if not s:
+        return None
+    v = s.get("median")
+    return None if v is None else float(v)
+
+
+def _spread(s: Summary | None) -> str:
+    m = _med(s)
+    if not s or m is None or not m or s.get("n", 0) < 2:
+        return "-"
+    return f"±{(float(s['max']) - float(s['min'])) / 2 / m * 100:.0f}%"
+
+
+def _f(v: float | None, digits: int = 0) -> str:
+    if v is None or math.isnan(v):
+        return "n/a"
+    return f"{v:,.{digits}f}"
+
+
+def disk_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["workload", "device", "IOPS", "MB/s", "spread", "p50 µs", "p99 µs", "CPU s/GB", "n"]
+    rows: list[list[str]] = []
+    for wl in res["workloads"]:
+        for dev in res["devices"]:
+            r = res["results"].get(dev, {}).get(wl)
+            if not r:
+                rows.append([wl, dev, "n/a", "n/a", "-", "n/a", "n/a", "n/a", "0"])
+                continue
+            main = r["iops"] if "4k" in wl else r["mbps"]
+            rows.append(
+                [
+                    wl,
+                    dev,
+                    _f(_med(r["iops"])),
+                    _f(_med(r["mbps"]), 1),
+                    _spread(main),
+                    _f(_med(r["p50_us"])),
+                    _f(_med(r["p99_us"])),
+                    _f(_med(r["cpu_s_per_gb"]), 2),
+                    str(r["iops"]["n"]),
+                ]
+            )
+    return head, rows
+
+
+def net_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["direction", "device", "Gbit/s", "spread", "CPU s/GB", "n"]
+    rows: list[list[str]] = []
+    names = {"tx": "guest->host", "rx": "host->guest"}
+    for d in ("tx", "rx"):
+        for dev in res["devices"]:
+            r = res["results"].get(dev, {}).get(d)
+            if not r:
+                rows.append([names[d], dev, "n/a", "-", "n/a", "0"])
+                continue
+            rows.append(
+                [
+                    names[d],
+                    dev,
+                    _f(_med(r["gbps"]), 2),
+                    _spread(r["gbps"]),
+                    _f(_med(r["cpu_s_per_gb"]), 2),
+                    str(r["gbps"]["n"]),
+                ]
+            )
+    return head, rows
+
+
+def pkt_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["frame", "back end", "Mpps", "spread", "Gbit/s", "n"]
+    rows: list[list[str]] = []
+    for size in res["sizes"]:
+        for be in res["backends"]:
+            r = res["results"].get(be, {}).get(str(size))
+            if not r:
+                rows.append([f"{size} B", be, "n/a", "-", "n/a", "0"])
+                continue
+            rows.append(
+                [
+                    f"{size} B",
+                    be,
+                    _f(_med(r["mpps"]), 3),
+                    _spread(r["mpps"]),
+                    _f(_med(r["gbps"]), 2),
+                    str(r["mpps"]["n"]),
+                ]
+            )
+    return head, rows
+
+
+def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
+    ]
+    line = "  ".join(
+        h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))
+    )
+    out = [line, "-" * len(line)]
+    prev = None
+    for r in rows:
+        if prev is not None and r[0] != prev:
+            out.append("")
+        prev = r[0]
+        out.append(
+            "  ".join(
+                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+            )
+        )
+    return "\n".join(out)
+
+
+def md_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    out = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|",
+    ]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The project's goals, checked on the medians of this run."""
+    out: list[dict[str, Any]] = []
+    disk = results.get("disk") or {}
+    dres = disk.get("results", {})
+    if "ours" in dres and "qsd" in dres:
+        for wl in disk["workloads"]:
+            o, q = dres["ours"].get(wl), dres["qsd"].get(wl)
+            if not o or not q:
+                continue
+            key = "iops" if "4k" in wl else "mbps"
+            ov, qv = _med(o[key]), _med(q[key])
+            oc, qc = _med(o["cpu_s_per_gb"]), _med(q["cpu_s_per_gb"])
+            out.append(
+                {
+                    "target": f"disk {wl}: ours {key} >= qsd",
+                    "ours": ov,
+                    "ref": qv,
+                    "met": ov is not None and qv is not None and ov >= qv,
+                }
+            )
+            out.append(
+                {
+                    "target": f"disk {wl}: ours CPU s/GB < qsd",
+                    "ours": oc,
+                    "ref": qc,
+                    "met": oc is not None and qc is not None and oc < qc,
+                }
+            )
+    net = results.get("net") or {}
+    nres = net.get("results", {})
+    for d, name in (("tx", "guest->host"), ("rx", "host->guest")):
+        o = _med(nres.get("ours", {}).get(d, {}).get("gbps"))
+        for ref, factor in (("virtio", 1.0), ("e1000", 2.0)):
+            r = _med(nres.get(ref, {}).get(d, {}).get("gbps"))
+            if o is None or r is None:
+                continue
+            label = f"net {name}: ours >= {'' if factor == 1 else '2x '}{ref}"
+            out.append({"target": label, "ours": o, "ref": r * factor, "met": o >= r * factor})
+    return out
+
+
+def render_text(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    parts = [
+        f"vhost-py benchmark  {meta['date']}",
+        f"QEMU: {meta['qemu_version']}   accel: {meta['accel']} ({meta['accel_reason']})",
+        (
+            f"CPU: {meta['cpu_model']} x{meta['cpus']}   host kernel {meta['host_kernel']}   "
+            f"guest kernel {meta['guest_kernel']}"
+        ),
+        (
+            f"runtime {results['options']['runtime']} s per workload, "
+            f"{results['options']['repeat']} interleaved boot(s) per device; "
+            "cells are medians, spread = (max-min)/2 of the main figure"
+        ),
+    ]
+    if results.get("disk"):
+        h, r = disk_rows(results["disk"])
+        parts += ["", "DISK (fio in the guest, --direct=1 --ioengine=libaio)", text_table(h, r)]
+    if results.get("net"):
+        h, r = net_rows(results["net"])
+        parts += ["", "NETWORK (iperf3 TCP, guest <-> host side of a TAP)", text_table(h, r)]
+    pk = results.get("pktrate")
+    if pk:
+        if pk.get("skipped"):
+            parts += ["", f"PACKET RATE: skipped ({pk['skipped']})"]
+        else:
+            h, r = pkt_rows(pk)
+            parts += ["", "PACKET RATE (DPDK virtio-user loop, both directions)", text_table(h, r)]
+    if meta["accel"] == "tcg":
+        parts += ["", "NOTE: " + TCG_NOTE]
+    parts += ["NOTE: " + CPU_NOTE]
+    tg = results.get("targets") or []
+    if tg:
+        parts += ["", "TARGETS"]
+        for t in tg:
+            parts.append(
+                f"  [{'met' if t['met'] else 'NOT met'}] {t['target']}: "
+                f"ours {_f(t['ours'], 2)} vs {_f(t['ref'], 2)}"
+            )
+    for e in results.get("errors") or []:
+        parts.append(f"ERROR: {e.splitlines()[0]}")
+    return "\n".join(parts)
+
+
+def render_md(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    o = results["options"]
+    parts = [
+        "# vhost-py benchmark results",
+        "",
+        f"- date: {meta['date']}",
+        f"- QEMU: {meta['qemu_version']}",
+        f"- accelerator: **{meta['accel']}** ({meta['accel_reason']})",
+        f"- CPU: {meta['cpu_model']} ({meta['cpus']} cpus)",
+        f"- host kernel: {meta['host_kernel']}; guest kernel: {meta['guest_kernel']}",
+        f"- command: `{results['command']}`",
+        (
+            f"- runtime {o['runtime']} s per workload, {o['repeat']} interleaved boot(s) per "
+            f"device, wall time {results.get('wall_s', 0):.0f} s"
+        ),
+        "- cells are medians over the boots; spread = (max-min)/2 of the main figure",
+        "",
+    ]
+    if meta["accel"] == "tcg":
+        parts += [f"> {TCG_NOTE}", ""]
+    parts += [f"> {CPU_NOTE}", ""]
+    if results.get("disk"):
+        d = results["disk"]
+        h, r = disk_rows(d)
+        parts += [
+            "## Disk",
+            "",
+            (
+                "fio in the guest, `--direct=1 --ioengine=libaio`; "
+                "p50/p99 are fio completion latencies."
+            ),
+            "",
+            md_table(h, r),
+            "",
+        ]
+        parts += ["| device | CPU measured on | host caching |", "|---|---|---|"]
+        parts += [f"| {k} | {d['cpu_process'][k]} | {d['caching'][k]} |" for k in d["devices"]]
+        parts.append("")
+    if results.get("net"):
+        n = results["net"]
+        h, r = net_rows(n)
+        parts += [
+            "## Network",
+            "",
+            (
+                "iperf3 TCP between the guest and the host side of its TAP, "
+                "inside a throw-away network namespace."
+            ),
+            "",
+            md_table(h, r),
+            "",
+        ]
+        parts += ["| device | CPU measured on |", "|---|---|"]
+        parts += [f"| {k} | {n['cpu_process'][k]} |" for k in n["devices"]]
+        parts.append("")
+    pk = results.get("pktrate")
+    if pk:
+        parts += ["## Packet rate", ""]
+        if pk.get("skipped"):
+            parts += [f"skipped: {pk['skipped']}", ""]
+        else:
+            h, r = pkt_rows(pk)
+            parts += [
+                (
+                    "DPDK testpmd with two virtio-user ports (io forwarding) on cpu 1, "
+                    "the back end switching between its two sockets on cpu 0."
+                ),
+                "",
+                md_table(h, r),
+                "",
+            ]
+    tg = results.get("targets") or []
+    if tg:
+        parts += ["## Targets", "", "| target | ours | reference | met |", "|---|---:|---:|---|"]
+        parts += [
+            f"| {t['target']} | {_f(t['ours'], 2)} | {_f(t['ref'], 2)} | "
+            f"{'yes' if t['met'] else '**no**'} |"
+            for t in tg
+        ]
+        parts.append("")
+    if results.get("errors"):
+        parts += ["## Errors", ""] + [f"- `{e.splitlines()[0]}`" for e in results["errors"]] + [""]
+    return "\n".join(parts)
+
+
+def write_json(results: dict[str, Any], path: Path) -> None:
+    path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def write_png(results: dict[str, Any], path: Path) -> str | None:
+    """Bar chart of the medians (min-max as error bars); returns why not, or None."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib, or .[bench]): no PNG"
+    panels: list[tuple[str, list[str], list[str], dict[str, list[Summary | None]]]] = []
+    disk = results.get("disk")
+    if disk:
+        dres = disk["results"]
+        small = [w for w in disk["workloads"] if "4k" in w]
+        big = [w for w in disk["workloads"] if "4k" not in w]
+        if small:
+            series = {
+                d: [dres.get(d, {}).get(w, {}).get("iops") for w in small] for d in disk["devices"]
+            }
+            panels.append(("Disk 4 KiB: IOPS", small, disk["devices"], series))
+        if big:
+            series = {
+                d: [dres.get(d, {}).get(w, {}).get("mbps") for w in big] for d in disk["devices"]
+            }
+            panels.append(("Disk 1 MiB: MB/s", big, disk["devices"], series))
+    net = results.get("net")
+    if net:
+        nres = net["results"]
+        dirs = ["tx", "rx"]
+        series = {d: [nres.get(d, {}).get(x, {}).get("gbps") for x in dirs] for d in net["devices"]}
+        panels.append(
+            ("Network iperf3: Gbit/s", ["guest->host", "host->guest"], net["devices"], series)
+        )
+    pk = results.get("pktrate")
+    if pk and not pk.get("skipped"):
+        sizes = [str(s) for s in pk["sizes"]]
+        series = {
+            b: [pk["results"].get(b, {}).get(s, {}).get("mpps") for s in sizes]
+            for b in pk["backends"]
+        }
+        panels.append(("Packet rate: Mpps", [f"{s} B" for s in sizes], pk["backends"], series))
+    if not panels:
+        return "nothing to plot"
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (title, groups, names, series) in zip(axes[0], panels):
+        width = 0.8 / max(1, len(names))
+        for j, name in enumerate(names):
+            meds, lo, hi = [], [], []
+            for s in series[name]:
+                m = _med(s)
+                meds.append(m or 0.0)
+                lo.append((m or 0.0) - float(s["min"]) if s and m is not None else 0.0)
+                hi.append(float(s["max"]) - (m or 0.0) if s and m is not None else 0.0)
+            xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
+            ax.bar(xs, meds, width, label=name, yerr=[lo, hi], capsize=3)
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=20, fontsize=8)
+        ax.set_title(title, fontsize=10)
+        ax.legend(fontsize=8)
+    meta = results["meta"]
+    fig.suptitle(
+        f"vhost-py benchmark, {meta['accel']}, {meta['qemu_version']}, {meta['date']}", fontsize=9
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
