@@ -161,6 +161,7 @@ def run_one(
     on_mark: Callable[[str, str], None] | None = None,
 ) -> tuple[dict[str, dict[str, float]], GuestRun]:
     """One boot of ``device``; returns workload -> metrics, and the raw run."""
+    workdir.mkdir(parents=True, exist_ok=True)  # the daemon's log goes there before the boot
     script = guest_script(workloads, runtime)
     timeout = 60.0 + len(workloads) * (runtime + 15) * 2
     vu = [
