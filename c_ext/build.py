@@ -62,6 +62,7 @@ int vu_vq_should_signal(struct vu_vq *vq);
 int vu_vq_enable_notification(struct vu_vq *vq);
 int vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx);
 void vu_vq_request_stop(struct vu_vq *vq);
+void vu_vq_ring_state(struct vu_vq *vq, uint16_t *out);
 
 struct blk_dev {
     int fd; int read_only; int is_blockdev; uint64_t capacity;

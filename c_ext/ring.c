@@ -291,6 +291,16 @@ void vu_vq_request_kick_at(struct vu_vq *vq, uint16_t idx)
     full_fence();
 }
 
+/* Where both sides stand (for diagnostics): avail->idx, used->idx, the driver's
+ * used_event and our avail_event. Only while the rings are mapped. */
+void vu_vq_ring_state(struct vu_vq *vq, uint16_t *out)
+{
+    out[0] = __atomic_load_n(&vq->avail->idx, __ATOMIC_ACQUIRE);
+    out[1] = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    out[2] = load16(used_event_ptr(vq));
+    out[3] = load16(avail_event_ptr(vq));
+}
+
 /* One pass: every chain available now, handled, published, one signal. */
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {

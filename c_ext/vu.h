@@ -173,6 +173,7 @@ int vu_vq_should_signal(struct vu_vq *vq);
 int vu_vq_signal_if_needed(struct vu_vq *vq);
 int vu_vq_enable_notification(struct vu_vq *vq);
 void vu_vq_request_kick_at(struct vu_vq *vq, uint16_t idx);
+void vu_vq_ring_state(struct vu_vq *vq, uint16_t *out);
 int vu_need_event(uint16_t event_idx, uint16_t new_idx, uint16_t old_idx);
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx);

@@ -185,7 +185,21 @@ class Virtqueue:
         if self.active:
             self.base = self._vq.last_avail_idx
             self.active = False
+            self._log_ring_state()
         return self.base
+
+    def _log_ring_state(self) -> None:
+        """One line on where the ring stood; INFO when the driver had offered buffers we
+        never took (a lost kick would show here), DEBUG otherwise."""
+        st = ffi.new("uint16_t[4]")
+        lib.vu_vq_ring_state(self._vq, st)
+        s = self._vq.stats
+        pending = (st[0] - self.base) & 0xFFFF
+        log.log(logging.INFO if pending else logging.DEBUG,
+                "%s: stopped: avail idx %d, taken %d (%d not taken), used idx %d, "
+                "used_event %d, avail_event %d, %d kicks, %d signals, %d chains",
+                self.label, st[0], self.base, pending, st[1], st[2], st[3], s.kicks,
+                s.signals, s.chains)
 
     def start(self, memory: GuestMemory, features: int, runner: Runner) -> None:
         """Serve the queue in a worker thread of its own, looping in ``runner``."""
