@@ -437,7 +437,10 @@ static int pass(struct net_engine *e)
         struct net_pair *p = &e->pairs[(first + k) % e->npairs];
         if (p->tx && !p->tx->broken) {
             t.p = p;
+            uint64_t bad_before = p->tx->stats.bad_chains;
             int n = vu_vq_process(p->tx, tx_handle_chain, &t);
+            /* chains the ring walk refused never reach tx_handle_chain: count them too */
+            p->port->stats.tx_dropped += p->tx->stats.bad_chains - bad_before;
             if (n > 0)
                 work = 1;
         }
