@@ -226,7 +226,15 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
             p->port->stats.rx_dropped++;
             continue;
         }
-        ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(niov > IOV_MAX ? IOV_MAX : niov));
+        /* One byte of our own after the guest's buffers: a frame that reaches it
+         * did not fit (the TAP would otherwise cut it without telling). */
+        uint32_t nread = niov;
+        if (nread < IOV_MAX && total < need) {
+            e->rx_iov[nread].iov_base = e->drop_buf;
+            e->rx_iov[nread].iov_len = 1;
+            nread++;
+        }
+        ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(nread > IOV_MAX ? IOV_MAX : nread));
         if (r <= 0) {
             vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
             if (r < 0 && errno != EAGAIN && errno != EINTR) {
@@ -236,9 +244,9 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
             }
             return;
         }
-        if ((uint64_t)r == total && total < need) {
-            /* Filled to the last byte with less room than the largest frame: the
-             * TAP may have cut it. Drop it whole rather than pass on a stump. */
+        if ((uint64_t)r > total || ((uint64_t)r == total && nread == niov && total < need)) {
+            /* Longer than the buffers (or, without the spare byte, maybe): the TAP
+             * cut it. Drop it whole rather than pass on a stump. */
             vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
             p->port->stats.rx_dropped++;
             continue;

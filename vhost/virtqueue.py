@@ -103,6 +103,17 @@ def _close(fd: int | None) -> None:
             pass
 
 
+def _nonblocking(fd: int | None) -> int | None:
+    """A worker must never block on a front end's fd (a full eventfd, a pipe): one
+    engine may serve many front ends."""
+    if fd is not None:
+        try:
+            os.set_blocking(fd, False)
+        except OSError:
+            pass  # not ours to fix: the C side treats write errors as a lost signal
+    return fd
+
+
 class Virtqueue:
     def __init__(self, index: int, label: str = "") -> None:
         self.index = index
@@ -138,15 +149,15 @@ class Virtqueue:
 
     def set_kick(self, fd: int | None) -> None:
         _close(self.kick_fd)
-        self.kick_fd = fd
+        self.kick_fd = _nonblocking(fd)
 
     def set_call(self, fd: int | None) -> None:
         _close(self.call_fd)
-        self.call_fd = fd
+        self.call_fd = _nonblocking(fd)
 
     def set_err(self, fd: int | None) -> None:
         _close(self.err_fd)
-        self.err_fd = fd
+        self.err_fd = _nonblocking(fd)
 
     @property
     def running(self) -> bool:
