@@ -268,7 +268,10 @@ class GuestRam:
 
     def pack(self, fmt: str | struct.Struct, gpa: int, *values: Any) -> None:
         s = fmt if isinstance(fmt, struct.Struct) else struct.Struct(fmt)
-        s.pack_into(self._map, self.gpa_to_offset(gpa, s.size), *values)
+        off = self.gpa_to_offset(gpa, s.size)
+        # One slice store: pack_into zeroes the field before writing it, and the device
+        # reading concurrently (avail->idx!) would see that transient 0.
+        self._map[off : off + s.size] = s.pack(*values)
 
     def read_u16(self, gpa: int) -> int:
         return int(self.unpack("<H", gpa)[0])

@@ -241,12 +241,12 @@ class Session:
         if self.closed:
             return
         self.closed = True
-        line = self.device.stats_line()
-        if line:
-            log.info("%s: counters since start: %s", self.name, line)
         for q in self.queues:
             self.device.stop_queue(q)
             q.reset()
+        line = self.device.stats_line()  # after the stop: the last pass is counted
+        if line:
+            log.info("%s: counters since start: %s", self.name, line)
         self.memory.close()
 
     def stats(self) -> list[dict[str, int]]:

@@ -403,10 +403,18 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
         pmd.command("set verbose 1")
         nic.send([_experimental_frame(FRAMES_TO_TESTPMD + 1 + k) for k in range(shown)])
         _wait_for(rx_packets, after["rx_packets"] + shown)
+
+        def dumped() -> str:
+            with open(pmd.log_path, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+
+        # testpmd counts a burst before it prints its frames: wait for the dump itself
+        deadline = time.monotonic() + 5
+        while dumped().count("src=") < shown and time.monotonic() < deadline:
+            time.sleep(0.05)
+        verbose = dumped()
         pmd.command("set verbose 0")
-        with open(pmd.log_path, "rb") as f:
-            f.seek(offset)
-            verbose = f.read().decode(errors="replace")
         pmd.stop()
         final = pmd.port_stats()[0]
         log = pmd.log_tail(60)

@@ -691,7 +691,8 @@ def test_every_dropped_tx_chain_is_counted(start_net: StartNet) -> None:
 
 def test_one_front_end_cannot_stall_the_switch(start_net: StartNet) -> None:
     """a hands over a blocking call eventfd for its transmitq, full to the brim, and
-    never reads it: signalling a fails, but b's frames to c must still flow."""
+    never reads it: signalling a fails, but b's frames to c must still flow. Fixed: the
+    engine, which serves every port of the switch, blocked in write() on a's call fd."""
     d = start_switch(start_net, 3)
     a, b, c = ports = ports_on(d)
     stuck = os.eventfd(0, os.EFD_CLOEXEC)  # blocking: O_NONBLOCK not set
@@ -1072,7 +1073,8 @@ def test_tap_rx_buffers_too_small_for_a_frame_do_not_truncate_it(
 def test_tap_frame_that_exactly_fits_small_buffers_is_delivered(
         netns: NetNs, start_tap: StartNet, agent: MakeAgent) -> None:
     """64 chains of 16 bytes hold 1024 bytes: a 1012-byte frame and its header fill them
-    exactly, nothing is cut, and it must arrive (num_buffers 64)."""
+    exactly, nothing is cut, and it must arrive (num_buffers 64). Fixed: any frame that
+    filled the buffers to the last byte was dropped as possibly cut."""
     d = start_tap("--tap", TAP)
     tap_ready(netns)
     ag = agent(TAP)
