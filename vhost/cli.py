@@ -2,6 +2,12 @@
 conventions (--socket-path, --fd, --print-capabilities).
 
 Bad arguments give one line on stderr and exit status 2, never a traceback.
+
+One process may serve several devices: ``vhost-user-blk`` pairs repeated --socket-path
+and --blk-file options in order (one disk per socket), ``vhost-user-net`` makes one
+switch port per --socket-path. Each socket gets a Server of its own (one front end at a
+time each) on the shared event loop; each queue still has its own worker thread, so a
+busy disk does not wait for another one.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from typing import NoReturn
 
 from devices.blk import BlkDevice, BlkOptions, ImageError, parse_size
@@ -43,27 +50,37 @@ class _Parser(argparse.ArgumentParser):
 def _blk_parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="vhost-user-blk",
                  description="vhost-user-blk back end: serves a raw image or block device "
-                             "as a virtio-blk disk to QEMU over a unix socket.")
-    ap.add_argument("--socket-path", metavar="PATH", help="unix socket to listen on")
+                             "as a virtio-blk disk to QEMU over a unix socket. Several disks: "
+                             "repeat --socket-path and --blk-file, paired in order.")
+    ap.add_argument("--socket-path", metavar="PATH", action="append", default=[],
+                    help="unix socket to listen on; repeat for several disks")
     ap.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
-    ap.add_argument("--blk-file", metavar="FILE", help="raw image file or block device")
+    ap.add_argument("--blk-file", metavar="FILE", action="append", default=[],
+                    help="raw image file or block device; one per --socket-path, same order")
     ap.add_argument("--size", metavar="SIZE",
-                    help="create FILE sparse with this size if missing (e.g. 1G)")
-    ap.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO")
-    ap.add_argument("--num-queues", type=int, default=1, metavar="N", help="queues (default 1)")
-    ap.add_argument("--serial", default="", metavar="S", help="serial for GET_ID (<= 20 bytes)")
+                    help="create FILE sparse with this size if missing (e.g. 1G; every disk)")
+    ap.add_argument("--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO (every disk)")
+    ap.add_argument("--num-queues", type=int, default=1, metavar="N",
+                    help="queues per disk (default 1)")
+    ap.add_argument("--serial", metavar="S", action="append", default=[],
+                    help="serial for GET_ID (<= 20 bytes); with several disks, none or one "
+                         "per disk, same order")
     ap.add_argument("--print-capabilities", action="store_true",
                     help="print the back end's capabilities as JSON and exit")
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return ap
 
 
-def qemu_command_line(socket_path: str, num_queues: int = 1, mem: str = "512M") -> str:
-    """The QEMU options that attach a guest to this back end."""
+def qemu_command_line(socket_paths: str | Sequence[str], num_queues: int = 1,
+                      mem: str = "512M") -> str:
+    """The QEMU options that attach a guest to this back end (one disk per socket)."""
+    paths = [socket_paths] if isinstance(socket_paths, str) else list(socket_paths)
+    disks = " ".join(f"-chardev socket,id=vub{i},path={path},reconnect=1 "
+                     f"-device vhost-user-blk-pci,chardev=vub{i},num-queues={num_queues}"
+                     for i, path in enumerate(paths))
     return (f"qemu-system-x86_64 -m {mem} "
             f"-object memory-backend-memfd,id=mem,size={mem},share=on -numa node,memdev=mem "
-            f"-chardev socket,id=vub0,path={socket_path},reconnect=1 "
-            f"-device vhost-user-blk-pci,chardev=vub0,num-queues={num_queues} ...")
+            f"{disks} ...")
 
 
 def _setup_logging(prog: str, verbose: bool) -> None:
@@ -99,46 +116,88 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> None:
         log.info("stopped")
 
 
+def _check_blk_disks(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """The disk options must pair up: one --blk-file (and --serial, if any) per socket."""
+    if bool(args.socket_path) == (args.fd is not None):
+        ap.error("give exactly one of --socket-path PATH (one per disk) or --fd N")
+    if not args.blk_file:
+        ap.error("--blk-file FILE is required")
+    sockets = len(args.socket_path) or 1  # --fd: one socket
+    if args.fd is not None and len(args.blk_file) > 1:
+        ap.error(f"--fd N serves one disk, but {len(args.blk_file)} --blk-file were given "
+                 "(use one --socket-path per disk)")
+    if len(args.blk_file) != sockets:
+        ap.error(f"{sockets} --socket-path but {len(args.blk_file)} --blk-file: give one "
+                 "--blk-file per --socket-path, in the same order")
+    if args.serial and len(args.serial) != sockets:
+        ap.error(f"{len(args.serial)} --serial for {sockets} disks: give one --serial per "
+                 "disk, in the same order, or none")
+    for option, values in (("--socket-path", args.socket_path), ("--blk-file", args.blk_file)):
+        seen: set[str] = set()
+        for value in values:
+            key = os.path.realpath(value)
+            if key in seen:
+                ap.error(f"{option} {value} is given twice (each disk needs its own)")
+            seen.add(key)
+
+
+def _discard_blk_devices(devices: list[BlkDevice]) -> None:
+    """Undo a start that did not happen: close the images and remove those this run
+    created, so a refused start leaves no trace."""
+    for device in devices:
+        device.close()
+        if device.created:
+            os.unlink(device.opts.path)
+
+
 def blk_main(argv: list[str] | None = None) -> int:
     ap = _blk_parser()
     args = ap.parse_args(argv)
     if args.print_capabilities:
         print(json.dumps({"type": "block", "features": ["read-only", "blk-file"]}))
         return 0
-    if (args.socket_path is None) == (args.fd is None):
-        ap.error("give exactly one of --socket-path PATH or --fd N")
-    if not args.blk_file:
-        ap.error("--blk-file FILE is required")
+    _check_blk_disks(ap, args)
+    paths: list[str | None] = list(args.socket_path) or [None]
+    serials: list[str] = list(args.serial) or [""] * len(paths)
+    devices: list[BlkDevice] = []
     try:
         size = parse_size(args.size) if args.size is not None else None
-        device = BlkDevice(BlkOptions(path=args.blk_file, size=size, read_only=args.read_only,
-                                      num_queues=args.num_queues, serial=args.serial))
+        for blk_file, serial in zip(args.blk_file, serials):
+            devices.append(BlkDevice(BlkOptions(
+                path=blk_file, size=size, read_only=args.read_only,
+                num_queues=args.num_queues, serial=serial)))
     except (ValueError, ImageError) as e:
+        _discard_blk_devices(devices)
         ap.error(str(e))
-    # From the moment the socket accepts, SIGTERM/SIGINT must mean a clean stop: hold
+    # From the moment a socket accepts, SIGTERM/SIGINT must mean a clean stop: hold
     # them until the event loop's handlers are in place (_serve unblocks them).
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    servers: list[tuple[Server, str | None]] = []
     try:
-        listener = (listen_unix(args.socket_path) if args.socket_path
-                    else socket_from_fd(args.fd))
+        for path, device in zip(paths, devices):
+            listener = listen_unix(path) if path else socket_from_fd(args.fd)
+            servers.append((Server(listener, device, name=os.path.basename(path or "fd")),
+                            path))
     except SocketInUse as e:
-        device.close()
-        if device.created:
-            os.unlink(args.blk_file)  # leave no trace of a start that did not happen
+        for server, path in servers:
+            server.listener.close()
+            if path:
+                os.unlink(path)
+        _discard_blk_devices(devices)
         ap.error(str(e))
 
     _setup_logging("vhost-user-blk", args.verbose)
-    where = args.socket_path or f"fd {args.fd}"
-    log.info("serving %s (%d bytes%s, %d queue%s) on %s", args.blk_file, device.size,
-             ", read-only" if args.read_only else "", args.num_queues,
-             "s" if args.num_queues > 1 else "", where)
+    for (server, path), device in zip(servers, devices):
+        where = path or f"fd {args.fd}"
+        log.info("serving %s (%d bytes%s, %d queue%s) on %s", device.opts.path, device.size,
+                 ", read-only" if args.read_only else "", args.num_queues,
+                 "s" if args.num_queues > 1 else "", where)
     if args.socket_path:
-        log.info("attach with: %s", qemu_command_line(os.path.abspath(args.socket_path),
-                                                      args.num_queues))
+        log.info("attach with: %s", qemu_command_line(
+            [os.path.abspath(path) for path in args.socket_path], args.num_queues))
     import uvloop
 
-    server = Server(listener, device, name=os.path.basename(args.socket_path or "fd"))
-    uvloop.run(_serve([(server, args.socket_path)]))
+    uvloop.run(_serve(servers))
     return 0
 
 
