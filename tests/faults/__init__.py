@@ -43,8 +43,10 @@ def shim_env(shim: Path, path: str | os.PathLike[str], *, start: int = 0, length
              ops: str = "rw", errno: int | None = None, short: int = 0,
              fail_sync: bool = False) -> dict[str, str]:
     """The variables that make a process fail I/O to ``path`` as eio_shim.c describes
-    (``LD_PRELOAD`` prepended to any the caller already has)."""
-    preload = " ".join(filter(None, [str(shim), os.environ.get("LD_PRELOAD", "")]))
+    (the shim appended to any ``LD_PRELOAD`` the caller already has)."""
+    # after any preload already there: a sanitizer runtime must stay first, and its
+    # interceptors then reach the shim as "the next definition"
+    preload = " ".join(filter(None, [os.environ.get("LD_PRELOAD", ""), str(shim)]))
     env = {
         "LD_PRELOAD": preload,
         "EIO_SHIM_PATH": os.fspath(path),
