@@ -23,6 +23,7 @@ CDEF = """
 #define VU_RUN_ERRORS ...
 #define VU_RUN_BROKEN ...
 #define VU_RUN_FD_ERROR ...
+#define VU_INFLIGHT_VERSION ...
 
 struct iovec { void *iov_base; size_t iov_len; };
 
@@ -34,11 +35,17 @@ struct vu_chain { uint32_t head; uint32_t n_out; uint32_t n_in; uint64_t out_byt
                   uint64_t in_bytes; struct iovec iov[]; ...; };
 struct vu_stats { uint64_t chains; uint64_t bad_chains; uint64_t kicks; uint64_t signals;
                   uint64_t batches; };
+struct vu_inflight_desc { uint8_t inflight; uint16_t next; uint64_t counter; ...; };
+struct vu_inflight_split { uint64_t features; uint16_t version; uint16_t desc_num;
+                           uint16_t last_batch_head; uint16_t used_idx;
+                           struct vu_inflight_desc desc[]; };
 struct vu_vq {
     uint32_t num; int event_idx; int indirect;
     uint16_t last_avail_idx; uint16_t used_idx;
     int broken; int kick_fd; int call_fd; int err_fd; int stop_fd;
     struct vu_error err; struct vu_stats stats; struct vu_chain chain;
+    struct vu_inflight_split *inflight; uint64_t inflight_counter;
+    uint32_t resubmit_n; uint32_t resubmit_pos;
     ...;
 };
 
@@ -55,6 +62,8 @@ int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
                 uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
                 uint16_t last_avail_idx, int event_idx, int indirect);
 int vu_vq_avail_count(struct vu_vq *vq);
+uint64_t vu_inflight_queue_size(uint32_t num);
+int vu_vq_set_inflight(struct vu_vq *vq, void *region, uint64_t size);
 int vu_vq_pop(struct vu_vq *vq, struct vu_chain *chain);
 void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len);
 void vu_vq_flush_used(struct vu_vq *vq);

@@ -14,6 +14,20 @@
  *  - a full fence sits between publishing used->idx (or avail_event) and
  *    reading the driver's used_event/flags (or avail->idx again), so that
  *    neither side can miss the other's update.
+ *
+ * Inflight tracking (vhost-user.rst, "Inflight I/O tracking", split ring), when
+ * the front end gave us a region: the stores happen in this order, each one a
+ * compiler-ordered store to shared memory (a killed process loses no store it
+ * executed; only program order matters):
+ *   pop:   desc[h].counter = counter++; desc[h].inflight = 1
+ *   push:  desc[h].next = last_batch_head; last_batch_head = h; used ring entry
+ *   flush: used->idx = new; desc[h].inflight = 0 for the batch; used_idx = new
+ * Dying anywhere leaves one of: a head not yet marked (its avail slot is read
+ * again, because last_avail_idx is rebuilt as used->idx + heads in flight); a
+ * head marked and not yet visible in used->idx (it is run again -- requests are
+ * idempotent: the same read, the same write of the same bytes); or used->idx
+ * ahead of the region's used_idx, in which case the last batch, found through
+ * last_batch_head and next, is the difference and gets cleared, never replayed.
  */
 #include <errno.h>
 #include <poll.h>
@@ -30,6 +44,12 @@ static inline uint16_t load16(const uint16_t *p)
 static inline void full_fence(void)
 {
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
+}
+
+/* Keep the compiler from reordering inflight stores (see the header comment). */
+static inline void store_order(void)
+{
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);
 }
 
 static uint16_t *used_event_ptr(struct vu_vq *vq)
@@ -80,6 +100,10 @@ int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
     vq->signalled_used = 0;
     vq->signalled_used_valid = 0;
     vq->broken = 0;
+    vq->inflight = NULL;
+    vq->inflight_counter = 0;
+    vq->batch_n = 0;
+    vq->resubmit_n = vq->resubmit_pos = 0;
     __atomic_store_n(&vq->stop, 0, __ATOMIC_SEQ_CST);
     memset(&vq->err, 0, sizeof(vq->err));
     return 0;
@@ -208,8 +232,18 @@ static int pop_chain(struct vu_vq *vq, struct vu_chain *c, uint64_t *detail)
     vq->stats.chains++;
     c->head = head;
     if (head >= vq->num) {
+        /* The avail ring is garbage: nothing later in it can be trusted, and the
+         * slot could not be given back anyway (no valid id to use). */
+        vq->broken = 1;
         *detail = head;
         return VU_ERR_HEAD;
+    }
+    if (vq->inflight) {
+        struct vu_inflight_desc *d = &vq->inflight->desc[head];
+        d->counter = vq->inflight_counter++;
+        store_order();
+        d->inflight = 1;
+        store_order();
     }
     return walk_chain(vq, head, c, detail);
 }
@@ -225,6 +259,14 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_chain *chain)
 
 void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len)
 {
+    struct vu_inflight_split *inf = vq->inflight;
+    if (inf && head < vq->num && vq->batch_n < VU_MAX_QUEUE_SIZE) {
+        inf->desc[head].next = inf->last_batch_head;
+        store_order();
+        inf->last_batch_head = (uint16_t)head;
+        vq->batch[vq->batch_n++] = (uint16_t)head;
+        store_order();
+    }
     struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (uint16_t)(vq->num - 1)];
     e->id = head;
     e->len = len;
@@ -235,6 +277,101 @@ void vu_vq_flush_used(struct vu_vq *vq)
 {
     /* Entries (and the data the device wrote) become visible before the index. */
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+    struct vu_inflight_split *inf = vq->inflight;
+    if (inf) {
+        store_order();
+        for (uint32_t i = 0; i < vq->batch_n; i++)
+            inf->desc[vq->batch[i]].inflight = 0;
+        store_order();
+        inf->used_idx = vq->used_idx;
+        store_order();
+        vq->batch_n = 0;
+    }
+}
+
+uint64_t vu_inflight_queue_size(uint32_t num)
+{
+    uint64_t n = sizeof(struct vu_inflight_split) + (uint64_t)num * sizeof(struct vu_inflight_desc);
+    return (n + VU_INFLIGHT_ALIGN - 1) / VU_INFLIGHT_ALIGN * VU_INFLIGHT_ALIGN;
+}
+
+/*
+ * Attach this queue's inflight region (after vu_vq_setup) and recover from it,
+ * as the spec's "When reconnecting" says. A fresh region (version 0) is
+ * initialised. Otherwise: if used->idx is ahead of the region's used_idx the
+ * process died inside a flush, and that many heads of the last batch list are
+ * cleared; every head still marked is queued for resubmission, oldest counter
+ * first, and last_avail_idx becomes used->idx plus their number (whatever
+ * SET_VRING_BASE said: after a crash QEMU only knows the used index).
+ * Everything in the region came from the front end and is checked before use.
+ * Returns the number of heads to resubmit, or VU_ERR_INFLIGHT (detail in err).
+ */
+int vu_vq_set_inflight(struct vu_vq *vq, void *region, uint64_t size)
+{
+    struct vu_inflight_split *inf = region;
+    uint32_t num = vq->num;
+    vq->inflight = NULL;
+    vq->batch_n = 0;
+    vq->resubmit_n = vq->resubmit_pos = 0;
+    if (!region || size < vu_inflight_queue_size(num)) {
+        vu_vq_record_error(vq, VU_ERR_INFLIGHT, 0, size);
+        return VU_ERR_INFLIGHT;
+    }
+    uint16_t used = __atomic_load_n(&vq->used->idx, __ATOMIC_ACQUIRE);
+    if (inf->version == 0) {
+        memset(inf, 0, vu_inflight_queue_size(num));
+        inf->desc_num = (uint16_t)num;
+        inf->used_idx = used;
+        store_order();
+        inf->version = VU_INFLIGHT_VERSION;
+        vq->inflight = inf;
+        vq->inflight_counter = 1;
+        return 0;
+    }
+    if (inf->version != VU_INFLIGHT_VERSION || inf->desc_num != num) {
+        vu_vq_record_error(vq, VU_ERR_INFLIGHT, inf->desc_num, inf->version);
+        return VU_ERR_INFLIGHT;
+    }
+    uint16_t batch = (uint16_t)(used - inf->used_idx);
+    if (batch > num) {
+        vu_vq_record_error(vq, VU_ERR_INFLIGHT, batch, inf->used_idx);
+        return VU_ERR_INFLIGHT;
+    }
+    uint16_t h = inf->last_batch_head;
+    for (uint16_t i = 0; i < batch; i++) {
+        if (h >= num) {
+            vu_vq_record_error(vq, VU_ERR_INFLIGHT, h, i);
+            return VU_ERR_INFLIGHT;
+        }
+        inf->desc[h].inflight = 0;
+        h = inf->desc[h].next;
+    }
+    store_order();
+    inf->used_idx = used;
+
+    uint64_t max_counter = 0;
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < num; i++) {
+        if (!inf->desc[i].inflight)
+            continue;
+        inf->desc[i].inflight = 1; /* any non-zero byte means in flight */
+        uint64_t c = inf->desc[i].counter;
+        if (c > max_counter)
+            max_counter = c;
+        /* insertion by counter: at most num (<= 1024) entries, once per start */
+        uint32_t j = n++;
+        while (j > 0 && inf->desc[vq->resubmit[j - 1]].counter > c) {
+            vq->resubmit[j] = vq->resubmit[j - 1];
+            j--;
+        }
+        vq->resubmit[j] = (uint16_t)i;
+    }
+    vq->resubmit_n = n;
+    vq->used_idx = used;
+    vq->last_avail_idx = (uint16_t)(used + n);
+    vq->inflight_counter = max_counter + 1;
+    vq->inflight = inf;
+    return (int)n;
 }
 
 /* virtio spec: signal when the used index crossed the driver's used_event. */
@@ -302,28 +439,59 @@ void vu_vq_ring_state(struct vu_vq *vq, uint16_t *out)
 }
 
 /* One pass: every chain available now, handled, published, one signal. */
+/* Requests that were in flight when the previous process died, oldest first
+ * (their inflight marks and counters stay as they were until they are used). */
+static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
+{
+    int done = 0;
+    while (vq->resubmit_pos < vq->resubmit_n) {
+        uint16_t head = vq->resubmit[vq->resubmit_pos++];
+        uint64_t detail = 0;
+        struct vu_chain *c = &vq->chain;
+        c->head = head;
+        vq->stats.chains++;
+        int r = walk_chain(vq, head, c, &detail);
+        if (r < 0) {
+            vq->stats.bad_chains++;
+            vu_vq_record_error(vq, r, head, detail);
+            vu_vq_push(vq, head, 0);
+        } else {
+            vu_vq_push(vq, head, handler(ctx, vq, c));
+        }
+        done++;
+    }
+    return done;
+}
+
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
+    int again = resubmit(vq, handler, ctx);
+    if (again)
+        vu_vq_flush_used(vq); /* its own batch: a batch never holds more than num heads */
     int n = vu_vq_avail_count(vq);
-    if (n <= 0)
-        return n;
+    int ret = n;
     for (int i = 0; i < n; i++) {
         uint64_t detail = 0;
         int r = pop_chain(vq, &vq->chain, &detail);
         if (r < 0) {
             vq->stats.bad_chains++;
             vu_vq_record_error(vq, r, vq->chain.head, detail);
-            /* Give the buffer back with nothing written, if it is a real head. */
-            if (vq->chain.head < vq->num)
-                vu_vq_push(vq, vq->chain.head, 0);
+            if (vq->broken) { /* bad head: publish what is done, take nothing more */
+                ret = r;
+                break;
+            }
+            /* Give the buffer back with nothing written. */
+            vu_vq_push(vq, vq->chain.head, 0);
             continue;
         }
         vu_vq_push(vq, vq->chain.head, handler(ctx, vq, &vq->chain));
     }
+    if (again + (n > 0 ? n : 0) == 0)
+        return n;
     vu_vq_flush_used(vq);
     vq->stats.batches++;
     vu_vq_signal_if_needed(vq);
-    return n;
+    return ret < 0 ? ret : again + n;
 }
 
 static void notify_error_fd(struct vu_vq *vq)

@@ -19,6 +19,7 @@
 #define VU_MAX_REGIONS 32       /* memory slots advertised (GET_MAX_MEM_SLOTS) */
 #define VU_MAX_QUEUE_SIZE 1024  /* largest SET_VRING_NUM accepted */
 #define VU_MAX_CHAIN_IOV 2048   /* iovecs per chain (a descriptor may span regions) */
+#define VU_INFLIGHT_ALIGN 64    /* each queue's inflight region starts on this boundary */
 
 /* Split ring layouts (virtio 1.x, little endian on x86). */
 #define VRING_DESC_F_NEXT 1
@@ -73,6 +74,7 @@ enum vu_error_code {
     VU_ERR_REGION_BAD = -18,      /* zero size or wrapping range */
     VU_ERR_REGION_NOT_FOUND = -19,
     VU_ERR_MMAP = -20,            /* mmap failed; errno in detail */
+    VU_ERR_INFLIGHT = -21,        /* inflight region unusable (size, version, desc_num, batch) */
     /* device-level request errors (the request fails, the queue goes on) */
     VU_ERR_DEV_NO_STATUS = -30,   /* no device-writable byte for the status */
     VU_ERR_DEV_HEADER = -31,      /* request header short or misplaced */
@@ -117,6 +119,30 @@ struct vu_chain {
     struct iovec iov[VU_MAX_CHAIN_IOV];
 };
 
+/*
+ * Inflight I/O tracking, split ring layout of vhost-user.rst "Inflight I/O
+ * tracking": one region per queue in a memfd the front end keeps across our
+ * restarts. Written only by the worker serving the queue (see ring.c for the
+ * store order that keeps it trustworthy after a crash between any two stores).
+ */
+struct vu_inflight_desc {
+    uint8_t inflight;
+    uint8_t padding[5];
+    uint16_t next;
+    uint64_t counter;
+};
+
+struct vu_inflight_split {
+    uint64_t features;
+    uint16_t version;
+    uint16_t desc_num;
+    uint16_t last_batch_head;
+    uint16_t used_idx;
+    struct vu_inflight_desc desc[];
+};
+
+#define VU_INFLIGHT_VERSION 1
+
 struct vu_stats {
     uint64_t chains;     /* chains taken from the avail ring */
     uint64_t bad_chains; /* chains rejected by validation */
@@ -146,6 +172,14 @@ struct vu_vq {
     struct vu_error err;
     struct vu_stats stats;
     struct vu_chain chain;      /* scratch for the chain being handled */
+    /* inflight tracking (NULL: off) */
+    struct vu_inflight_split *inflight;
+    uint64_t inflight_counter;  /* next counter value to hand out */
+    uint32_t batch_n;           /* heads pushed since the last flush */
+    uint32_t resubmit_n;        /* heads to run again before new ones ... */
+    uint32_t resubmit_pos;      /* ... and how many of them are done */
+    uint16_t batch[VU_MAX_QUEUE_SIZE];
+    uint16_t resubmit[VU_MAX_QUEUE_SIZE];
 };
 
 /* Returns the used length for the chain (bytes the device wrote). */
@@ -166,6 +200,8 @@ int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
                 uint64_t desc_uva, uint64_t avail_uva, uint64_t used_uva,
                 uint16_t last_avail_idx, int event_idx, int indirect);
 int vu_vq_avail_count(struct vu_vq *vq);
+uint64_t vu_inflight_queue_size(uint32_t num);
+int vu_vq_set_inflight(struct vu_vq *vq, void *region, uint64_t size);
 int vu_vq_pop(struct vu_vq *vq, struct vu_chain *chain);
 void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len);
 void vu_vq_flush_used(struct vu_vq *vq);

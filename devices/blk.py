@@ -81,6 +81,7 @@ def parse_size(text: str) -> int:
 
 class BlkDevice(Device):
     kind = "block"
+    supports_inflight = True
 
     def __init__(self, opts: BlkOptions) -> None:
         if not 1 <= opts.num_queues <= MAX_QUEUES:

@@ -34,10 +34,12 @@ from vhost.protocol import (
     ConfigReply,
     GetConfig,
     GetFeatures,
+    GetInflightFd,
     GetMaxMemSlots,
     GetProtocolFeatures,
     GetQueueNum,
     GetVringBase,
+    InflightReply,
     MemoryRegion,
     ProtocolFeature,
     RemMemReg,
@@ -45,6 +47,7 @@ from vhost.protocol import (
     ResetDevice,
     SetConfig,
     SetFeatures,
+    SetInflightFd,
     SetMemTable,
     SetOwner,
     SetProtocolFeatures,
@@ -119,9 +122,11 @@ PF_REPLY_ACK = int(ProtocolFeature.REPLY_ACK)
 PF_CONFIG = int(ProtocolFeature.CONFIG)
 PF_RESET_DEVICE = int(ProtocolFeature.RESET_DEVICE)
 PF_CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
+PF_INFLIGHT_SHMFD = int(ProtocolFeature.INFLIGHT_SHMFD)
 #: the protocol features this front end knows how to drive
 FRONTEND_PROTOCOL_FEATURES = (
     PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | PF_RESET_DEVICE
+    | PF_INFLIGHT_SHMFD
 )
 
 
@@ -606,7 +611,8 @@ class DriverQueue:
 # =========================================================================================
 
 Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply
-_REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots)
+_REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots,
+             GetInflightFd)
 _HDR = struct.Struct("<III")
 
 
@@ -642,6 +648,7 @@ class FrontEnd:
         self.protocol_features = 0
         self.queue_num = 1
         self.queues: dict[int, DriverQueue] = {}
+        self._reply_fds: list[int] = []  # fds that came with reply bytes not yet parsed
 
     # --- connection ---------------------------------------------------------------------
     def connect(self, timeout: float = 5.0) -> FrontEnd:
@@ -709,13 +716,14 @@ class FrontEnd:
         while True:
             r = self._reader.next_reply()
             if r is not None:
-                return r
+                return self._attach_reply_fd(r)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"no {what} from the back end within {t}s")
             self._s.settimeout(left)
             try:
-                chunk = self._s.recv(65536)
+                chunk, fds, _flags, _addr = socket.recv_fds(self._s, 65536, 8)
+                self._reply_fds += fds
             except TimeoutError:
                 continue
             except ConnectionResetError as e:
@@ -726,6 +734,15 @@ class FrontEnd:
             if not chunk:
                 raise BackEndClosed(f"back end closed the connection waiting for {what}")
             self._reader.feed(chunk)
+
+    def _attach_reply_fd(self, r: Reply) -> Reply:
+        """GET_INFLIGHT_FD's reply owns the fd that came with it; any other fd is junk."""
+        fds, self._reply_fds = self._reply_fds, []
+        if isinstance(r, InflightReply) and fds:
+            r = dataclasses.replace(r, fd=fds.pop(0))
+        for fd in fds:
+            os.close(fd)
+        return r
 
     def is_closed_by_peer(self, timeout: float = 1.0) -> bool:
         """True if the back end closes the connection within ``timeout`` (reads discarded)."""
@@ -867,9 +884,16 @@ class FrontEnd:
             old.close()
         q = DriverQueue(self.ram, size, event_idx, region=region, start_idx=start_idx)
         self.queues[index] = q
+        self.announce_queue(index, q, start_idx, enable=enable, log=log)
+        return q
+
+    def announce_queue(self, index: int, q: DriverQueue, base: int, *, enable: bool = True,
+                       log: bool = False) -> None:
+        """Describe an existing ring to the back end (what QEMU does for a running guest
+        when it reconnects; after a back-end crash it sends the used index as base)."""
         ack = self.request_ack
-        ack(SetVringNum(index, size))
-        ack(SetVringBase(index, start_idx & 0xFFFF))
+        ack(SetVringNum(index, q.num))
+        ack(SetVringBase(index, base & 0xFFFF))
         ack(
             SetVringAddr(
                 index=index,
@@ -884,13 +908,25 @@ class FrontEnd:
         ack(SetVringCall(index, q.call_fd))
         if enable and self.features & F_PROTOCOL_FEATURES:
             ack(SetVringEnable(index, True))
-        return q
 
     def enable_queue(self, index: int, enable: bool = True) -> None:
         self.request_ack(SetVringEnable(index, enable))
 
     def set_vring_err(self, index: int, fd: int | None) -> None:
         self.request_ack(SetVringErr(index, fd))
+
+    def get_inflight_fd(self, num_queues: int, queue_size: int) -> InflightReply:
+        """GET_INFLIGHT_FD: the caller owns the reply's fd (None when refused)."""
+        r = self.request(GetInflightFd(num_queues, queue_size))
+        if not isinstance(r, InflightReply):
+            raise FrontEndError(f"expected an inflight reply, got {r!r}")
+        return r
+
+    def set_inflight_fd(self, region: InflightReply) -> None:
+        """SET_INFLIGHT_FD with a region from get_inflight_fd (the fd stays the caller's)."""
+        assert region.fd is not None
+        self.request_ack(SetInflightFd(region.mmap_size, region.mmap_offset,
+                                       region.num_queues, region.queue_size, region.fd))
 
     def stop_queue(self, index: int) -> int:
         """GET_VRING_BASE: stops the ring; returns the back end's next avail index."""

@@ -27,6 +27,9 @@ RING_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F
 class Device(abc.ABC):
     #: short name for log lines and --print-capabilities ("block", "net")
     kind: str = ""
+    #: offer INFLIGHT_SHMFD: every request can be run again after a crash (a block
+    #: device's reads and writes can; a NIC's frames are simply lost)
+    supports_inflight: bool = False
 
     @property
     @abc.abstractmethod

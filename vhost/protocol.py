@@ -24,7 +24,7 @@ import os
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeAlias, assert_never
 
 
@@ -124,6 +124,8 @@ _MEM_TABLE_HEAD = struct.Struct("<II")
 _REGION = struct.Struct("<QQQQ")
 _SINGLE_REGION_PAD = struct.Struct("<Q")
 _CONFIG_HEAD = struct.Struct("<III")
+# VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size (+ 4 bytes of C padding)
+_INFLIGHT = struct.Struct("<QQHH4x")
 
 
 class ProtocolError(Exception):
@@ -297,6 +299,29 @@ class RemMemReg:
 
 
 @dataclass(frozen=True)
+class GetInflightFd:
+    """The front end asks for a region to track inflight I/O (it sends zeros for the
+    mmap fields; only the queue count and size matter)."""
+
+    num_queues: int
+    queue_size: int
+    need_reply: bool = False
+
+
+@dataclass(frozen=True)
+class SetInflightFd:
+    """The front end hands a region back (the one GET_INFLIGHT_FD gave it, kept across
+    back-end restarts)."""
+
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    fd: int
+    need_reply: bool = False
+
+
+@dataclass(frozen=True)
 class Unknown:
     """Any request this codec does not parse, passed through raw.
 
@@ -336,6 +361,8 @@ Message: TypeAlias = (
     | SetConfig
     | AddMemReg
     | RemMemReg
+    | GetInflightFd
+    | SetInflightFd
     | Unknown
 )
 
@@ -374,7 +401,28 @@ class ConfigReply:
     data: bytes
 
 
-Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply
+@dataclass(frozen=True)
+class InflightReply:
+    """GET_INFLIGHT_FD: the region's size and offset in ``fd``, sent with the reply
+    (SCM_RIGHTS). mmap_size 0 and no fd means "no region" (QEMU then goes on without
+    inflight tracking). ``fd`` is not part of the bytes, so not of equality."""
+
+    request: int
+    mmap_size: int
+    mmap_offset: int
+    num_queues: int
+    queue_size: int
+    fd: int | None = field(default=None, compare=False)
+
+
+Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply | InflightReply
+
+
+def reply_fds(reply: Reply) -> list[int]:
+    """The fds to send with a reply's bytes (still owned by whoever made the reply)."""
+    if isinstance(reply, InflightReply) and reply.fd is not None:
+        return [reply.fd]
+    return []
 
 
 # --- header ------------------------------------------------------------------------------
@@ -592,6 +640,16 @@ def _build_add_mem_reg(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     return AddMemReg(region, fds[0], need_reply)
 
 
+def _build_get_inflight(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    _size, _offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
+    return GetInflightFd(num_queues, queue_size, need_reply)
+
+
+def _build_set_inflight(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    size, offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
+    return SetInflightFd(size, offset, num_queues, queue_size, fds[0], need_reply)
+
+
 def _build_rem_mem_reg(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     region = _read_region(request_name(Request.REM_MEM_REG), payload, _SINGLE_REGION_PAD.size)
     return RemMemReg(region, fds[0] if fds else None, need_reply)
@@ -623,6 +681,8 @@ _RULES: Final[dict[int, _Rule]] = {
     Request.GET_MAX_MEM_SLOTS: _Rule(_fixed(0), _no_fds, _empty(GetMaxMemSlots)),
     Request.ADD_MEM_REG: _Rule(_fixed(_SINGLE_REGION_SIZE), _one_fd, _build_add_mem_reg),
     Request.REM_MEM_REG: _Rule(_fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
+    Request.GET_INFLIGHT_FD: _Rule(_fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
+    Request.SET_INFLIGHT_FD: _Rule(_fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
 }
 
 
@@ -657,6 +717,9 @@ def _decode_reply(header: _Header, payload: bytes) -> Reply:
         _check_config(name, payload)
         offset, size, flags = _CONFIG_HEAD.unpack_from(payload)
         return ConfigReply(header.request, offset, size, flags, payload[_CONFIG_HEAD.size :])
+    if header.request == Request.GET_INFLIGHT_FD:
+        _expect_size(name, payload, _INFLIGHT.size)
+        return InflightReply(header.request, *_INFLIGHT.unpack(payload))
     _expect_size(name, payload, _U64.size)
     (value,) = _U64.unpack(payload)
     return U64Reply(header.request, value)
@@ -747,6 +810,11 @@ def _encode_body(msg: Message) -> tuple[int, bytes, _Fds]:
         case RemMemReg(region=region, fd=fd):
             pad = _pack(_SINGLE_REGION_PAD, 0)
             return Request.REM_MEM_REG, pad + _pack_region(region), (() if fd is None else (fd,))
+        case GetInflightFd(num_queues=nq, queue_size=qs):
+            return Request.GET_INFLIGHT_FD, _pack(_INFLIGHT, 0, 0, nq, qs), ()
+        case SetInflightFd(mmap_size=size, mmap_offset=offset, num_queues=nq, queue_size=qs,
+                           fd=fd):
+            return Request.SET_INFLIGHT_FD, _pack(_INFLIGHT, size, offset, nq, qs), (fd,)
         case Unknown(request=request, payload=payload, fds=fds):
             return request, bytes(payload), tuple(fds)
         case _:
@@ -788,6 +856,9 @@ def _encode_reply_body(reply: Reply) -> bytes:
             return _pack(_VRING_STATE, index, num)
         case ConfigReply(offset=offset, size=size, flags=flags, data=data):
             return _pack(_CONFIG_HEAD, offset, size, flags) + bytes(data)
+        case InflightReply():
+            return _pack(_INFLIGHT, reply.mmap_size, reply.mmap_offset, reply.num_queues,
+                         reply.queue_size)
         case _:
             assert_never(reply)
 
@@ -946,7 +1017,8 @@ class MessageReader(_Framer):
 
 
 class ReplyReader(_Framer):
-    """Front-end side decoder for the back end's replies (no fds in the replies we parse)."""
+    """Front-end side decoder for the back end's replies. The one reply that carries an fd
+    (GET_INFLIGHT_FD) decodes with fd=None: the caller attaches what recvmsg gave it."""
 
     def __init__(self) -> None:
         super().__init__(replies=True)

@@ -162,7 +162,11 @@ class Server:
                 while (msg := reader.next_message()) is not None:
                     reply = session.handle(msg)
                     if reply is not None:
-                        conn.sendall(p.encode_reply(reply))
+                        data, reply_fds = p.encode_reply(reply), p.reply_fds(reply)
+                        if reply_fds:
+                            socket.send_fds(conn, [data], reply_fds)
+                        else:
+                            conn.sendall(data)
             except p.ProtocolError as e:
                 finish(f"malformed message: {e}")
             except OSError as e:

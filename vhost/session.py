@@ -15,13 +15,17 @@ every fd it holds.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
+import stat
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from vhost import protocol as p
+from vhost._native import ffi, lib
 from vhost.device import Device
 from vhost.memory import GuestMemory, GuestMemoryError, Region
-from vhost.virtqueue import Virtqueue, VirtqueueError
+from vhost.virtqueue import MAX_QUEUE_SIZE, Virtqueue, VirtqueueError
 
 log = logging.getLogger("vhost.session")
 
@@ -53,6 +57,8 @@ class Session:
         self.features = 0
         self.protocol_features = 0
         self.closed = False
+        self._inflight: tuple[mmap.mmap, Any] | None = None
+        self._offered_inflight_fd: int | None = None
 
     # --- entry point ---
     def handle(self, msg: p.Message) -> p.Reply | None:
@@ -75,6 +81,9 @@ class Session:
             return p.ConfigReply(p.Request.GET_CONFIG, 0, 0, 0, b"")
         if isinstance(msg, p.GetVringBase):
             return p.VringStateReply(p.Request.GET_VRING_BASE, msg.index, 0)
+        if isinstance(msg, p.GetInflightFd):
+            # mmap_size 0: QEMU goes on without inflight tracking
+            return p.InflightReply(p.Request.GET_INFLIGHT_FD, 0, 0, 0, 0)
         return None
 
     def _dispatch(self, msg: p.Message) -> p.Reply | None:
@@ -88,11 +97,12 @@ class Session:
             case p.ResetOwner() | p.ResetDevice():
                 self._reset()
             case p.GetProtocolFeatures():
-                return p.U64Reply(p.Request.GET_PROTOCOL_FEATURES, int(OFFERED_PROTOCOL_FEATURES))
+                return p.U64Reply(p.Request.GET_PROTOCOL_FEATURES,
+                                  self.offered_protocol_features)
             case p.SetProtocolFeatures(features=f):
-                if f & ~int(OFFERED_PROTOCOL_FEATURES):
+                if f & ~self.offered_protocol_features:
                     raise SessionError(f"protocol features {f:#x} include bits not offered "
-                                       f"({f & ~int(OFFERED_PROTOCOL_FEATURES):#x})")
+                                       f"({f & ~self.offered_protocol_features:#x})")
                 self.protocol_features = f
             case p.GetQueueNum():
                 return p.U64Reply(p.Request.GET_QUEUE_NUM, self.device.queue_num_reply)
@@ -126,6 +136,10 @@ class Session:
                                      self.device.get_config(off, size))
             case p.SetConfig(offset=off, data=data):
                 self.device.set_config(off, data)
+            case p.GetInflightFd(num_queues=nq, queue_size=qs):
+                return self._get_inflight_fd(nq, qs)
+            case p.SetInflightFd():
+                self._set_inflight_fd(msg)
             case p.Unknown(request=req, fds=fds):
                 _close_fds(fds)
                 raise SessionError(f"unsupported request {p.request_name(req)}")
@@ -137,6 +151,13 @@ class Session:
     @property
     def offered_features(self) -> int:
         return self.device.features | p.VHOST_USER_F_PROTOCOL_FEATURES
+
+    @property
+    def offered_protocol_features(self) -> int:
+        f = int(OFFERED_PROTOCOL_FEATURES)
+        if self.device.supports_inflight:
+            f |= p.ProtocolFeature.INFLIGHT_SHMFD
+        return f
 
     def _set_features(self, features: int) -> None:
         extra = features & ~self.offered_features
@@ -173,6 +194,78 @@ class Session:
             _close_fds(fds)  # the mapping keeps the memory; the fd is not needed
             for q in running:
                 self._maybe_start(q)
+
+    # --- inflight tracking (vhost-user.rst, "Inflight I/O tracking") ---
+    def _check_inflight_shape(self, num_queues: int, queue_size: int) -> int:
+        """Validate a region's queue count and size; return one queue's share in bytes."""
+        if not self.protocol_features & p.ProtocolFeature.INFLIGHT_SHMFD:
+            raise SessionError("INFLIGHT_SHMFD was not negotiated")
+        if not 1 <= num_queues <= len(self.queues):
+            raise SessionError(f"inflight region for {num_queues} queues, the device has "
+                               f"{len(self.queues)}")
+        if not 0 < queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
+            raise SessionError(f"inflight queue size {queue_size} is not a power of 2 in "
+                               f"1..{MAX_QUEUE_SIZE}")
+        return int(lib.vu_inflight_queue_size(queue_size))
+
+    def _get_inflight_fd(self, num_queues: int, queue_size: int) -> p.Reply:
+        per_queue = self._check_inflight_shape(num_queues, queue_size)
+        size = per_queue * num_queues
+        fd = os.memfd_create(f"vhost-inflight-{self.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, size)  # zeros: version 0, set up when each queue starts
+        except OSError:
+            os.close(fd)
+            raise
+        _close_fds([self._offered_inflight_fd])
+        self._offered_inflight_fd = fd  # ours until the next GET or close; QEMU gets a dup
+        log.debug("%s: inflight region of %d bytes for %d x %d", self.name, size, num_queues,
+                  queue_size)
+        return p.InflightReply(p.Request.GET_INFLIGHT_FD, size, 0, num_queues, queue_size, fd)
+
+    def _set_inflight_fd(self, msg: p.SetInflightFd) -> None:
+        try:
+            per_queue = self._check_inflight_shape(msg.num_queues, msg.queue_size)
+            need = per_queue * msg.num_queues
+            if msg.mmap_size < need:
+                raise SessionError(f"inflight mmap_size {msg.mmap_size} is less than the "
+                                   f"{need} bytes {msg.num_queues} queues of "
+                                   f"{msg.queue_size} need")
+            if msg.mmap_offset % mmap.PAGESIZE:
+                raise SessionError(f"inflight mmap_offset {msg.mmap_offset:#x} is not "
+                                   "page aligned")
+            st = os.fstat(msg.fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < msg.mmap_offset + msg.mmap_size:
+                raise SessionError(f"inflight fd is not a file of at least "
+                                   f"{msg.mmap_offset + msg.mmap_size} bytes")
+            region = mmap.mmap(msg.fd, msg.mmap_size, mmap.MAP_SHARED,
+                               mmap.PROT_READ | mmap.PROT_WRITE, offset=msg.mmap_offset)
+        except OSError as e:
+            raise SessionError(f"cannot map the inflight region: {e.strerror}") from None
+        finally:
+            _close_fds([msg.fd])  # the mapping keeps the memory
+        running = [q for q in self.queues if q.running]
+        for q in running:
+            self.device.stop_queue(q)
+        self._release_inflight()
+        self._inflight = (region, ffi.from_buffer(region))
+        base = ffi.cast("char *", self._inflight[1])
+        for i, q in enumerate(self.queues):
+            q.inflight = (base + i * per_queue, per_queue) if i < msg.num_queues else None
+        log.info("%s: inflight region of %d bytes for %d x %d attached", self.name,
+                 msg.mmap_size, msg.num_queues, msg.queue_size)
+        for q in running:
+            self._maybe_start(q)
+
+    def _release_inflight(self) -> None:
+        """Queues must be stopped: nothing may write the region after this."""
+        for q in self.queues:
+            q.inflight = None
+        if self._inflight is not None:
+            region, view = self._inflight
+            self._inflight = None
+            ffi.release(view)
+            region.close()
 
     # --- queues ---
     def _queue(self, index: int) -> Virtqueue:
@@ -232,6 +325,8 @@ class Session:
         for q in self.queues:
             self.device.stop_queue(q)
             q.reset()
+        # QEMU drops its region on a device reset and asks for a new one.
+        self._release_inflight()
         self.device.reset()
         self.features = 0
 
@@ -247,6 +342,9 @@ class Session:
         line = self.device.stats_line()  # after the stop: the last pass is counted
         if line:
             log.info("%s: counters since start: %s", self.name, line)
+        self._release_inflight()
+        _close_fds([self._offered_inflight_fd])
+        self._offered_inflight_fd = None
         self.memory.close()
 
     def stats(self) -> list[dict[str, int]]:
@@ -276,4 +374,5 @@ _REQUEST_BY_TYPE: dict[type, int] = {
     p.GetConfig: p.Request.GET_CONFIG, p.SetConfig: p.Request.SET_CONFIG,
     p.GetMaxMemSlots: p.Request.GET_MAX_MEM_SLOTS, p.AddMemReg: p.Request.ADD_MEM_REG,
     p.RemMemReg: p.Request.REM_MEM_REG, p.ResetDevice: p.Request.RESET_DEVICE,
+    p.GetInflightFd: p.Request.GET_INFLIGHT_FD, p.SetInflightFd: p.Request.SET_INFLIGHT_FD,
 }

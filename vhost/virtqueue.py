@@ -48,6 +48,7 @@ ERROR_TEXT: dict[int, str] = {
     -13: "indirect descriptor but INDIRECT_DESC not negotiated",
     -14: "ring address not in guest memory or misaligned",
     -15: "queue size not a power of 2 in 1..1024",
+    -21: "inflight region unusable (too small, wrong version or queue size, bad last batch)",
     -30: "request has no device-writable status byte",
     -31: "request header shorter than 16 bytes",
     -32: "request buffers in the wrong direction or size",
@@ -127,6 +128,10 @@ class Virtqueue:
         self.enabled = False
         self.active = False
         self.errors_reported = 0
+        #: this queue's inflight region (pointer, size), set by the session; None: off
+        self.inflight: tuple[Any, int] | None = None
+        #: requests resubmitted from the inflight region at the last start
+        self.resubmitted = 0
         self._vq = ffi.new("struct vu_vq *")
         self._vq.kick_fd = self._vq.call_fd = self._vq.err_fd = self._vq.stop_fd = -1
         self._worker: threading.Thread | None = None
@@ -185,11 +190,32 @@ class Virtqueue:
             raise VirtqueueError(f"{self.label}: cannot start: {ERROR_TEXT.get(rc, rc)} "
                                  f"(size {self.num}, desc {desc:#x}, avail {avail:#x}, "
                                  f"used {used:#x})")
+        if self.inflight is not None:
+            self._attach_inflight(*self.inflight)
         vq.kick_fd = self.kick_fd
         vq.call_fd = -1 if self.call_fd is None else self.call_fd
         vq.err_fd = -1 if self.err_fd is None else self.err_fd
         self.active = True
         self.errors_reported = 0
+
+    def _attach_inflight(self, region: Any, size: int) -> None:
+        """Recover from the front end's inflight region (requests a crashed back end
+        left in flight are run again first), then track into it."""
+        vq = self._vq
+        base = vq.last_avail_idx
+        rc = lib.vu_vq_set_inflight(vq, region, size)
+        if rc < 0:
+            err = vq.err
+            # Serving without tracking beats a dead disk; only a crash would lose.
+            log.error("%s: %s (detail %#x/%#x, %d bytes); serving without inflight "
+                      "tracking", self.label, ERROR_TEXT.get(rc, rc), err.head, err.detail, size)
+            return
+        self.resubmitted = rc
+        if rc or vq.last_avail_idx != base:
+            log.info("%s: inflight region: %d request%s in flight before the restart run "
+                     "again first; used idx %d, taking new ones from %d (front end said %d)",
+                     self.label, rc, "" if rc == 1 else "s", vq.used_idx, vq.last_avail_idx,
+                     base)
 
     def deactivate(self) -> int:
         """The worker serving this queue has stopped: keep where the ring stopped."""
@@ -288,3 +314,4 @@ class Virtqueue:
         self.rings = None
         self.base = 0
         self.enabled = False
+        self.inflight = None

@@ -762,7 +762,17 @@ def _too_long(r: Ring) -> E:
     return E.CHAIN_TOO_LONG
 
 
-@pytest.mark.parametrize("bad", [_bad_head, _bad_next, _bad_addr, _loop, _direction, _nested,
+def test_bad_head_breaks_the_ring(ring: Ring) -> None:
+    """A head outside the table means the avail ring itself is garbage (Linux vhost and
+    libvhost-user stop the queue too): nothing after it is taken."""
+    code = _bad_head(ring)
+    ring.descs({6: (ring.buf(40, 1), 40, 0, 0)})
+    ring.offer(6)
+    ring.refused(code)
+    assert ring.vq.broken
+
+
+@pytest.mark.parametrize("bad", [_bad_next, _bad_addr, _loop, _direction, _nested,
                                  _indirect_len, _too_long])
 def test_good_chain_after_a_bad_one(ring: Ring, bad: BadChain) -> None:
     code = bad(ring)
