@@ -95,6 +95,12 @@ class RateLimitedLog:
         else:
             self._suppressed += 1
 
+    def flush(self) -> None:
+        """Say how many lines were held back (before the source goes away)."""
+        if self._suppressed:
+            self._log.warning("(%d similar messages suppressed)", self._suppressed)
+            self._suppressed = 0
+
 
 def _close(fd: int | None) -> None:
     if fd is not None:
@@ -260,6 +266,7 @@ class Virtqueue:
             self._worker = None
             _close(self._vq.stop_fd)
             self._vq.stop_fd = -1
+        self._errors.flush()
         return self.deactivate()
 
     def _serve(self, runner: Runner) -> None:

@@ -368,10 +368,6 @@ def test_eio_log_is_rate_limited(start_daemon: StartDaemon, monkeypatch: pytest.
     d.wait_disconnects(1)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vhost/virtqueue.py RateLimitedLog: the count of held-back lines is written only "
-    "when a later message comes after the window; when the queue stops first (the front "
-    "end disconnects), it is dropped with the Virtqueue"))
 def test_held_back_count_is_logged_when_the_queue_stops(
         start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
         eio_shim: Path) -> None:
