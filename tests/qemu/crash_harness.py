@@ -1,0 +1,274 @@
+"""Pieces of the crash test (test_blk_crash.py): a guest console read as it grows,
+daemon incarnations started on one socket without a probe, and the record of each
+SIGKILL and of how long the guest's I/O took to resume after it.
+
+Boundary: this module starts, kills and watches processes and keeps times; the test
+decides what passes.
+
+Why not ``harness.start_daemon``: it proves the daemon is up with a probe connection
+(its connection #1) and waits for that probe's teardown.  Under a live QEMU with
+``reconnect=1`` QEMU may connect first; the daemon serves one front end at a time, so
+the probe then waits behind QEMU and start-up times out.  Here the daemon is started
+bare and QEMU's own connection is the proof that it serves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tests.guest import qemu
+
+from .harness import BlkDaemon, daemon_command
+
+#: one line of the guest's I/O monitor: guest uptime, completed reads and writes of
+#: /dev/vda, requests in flight (fields 1, 5 and 9 of /sys/block/vda/stat)
+TICK_RE = re.compile(r"^IO (\d+\.\d+) (\d+) (\d+) (\d+)$")
+PASS_START_RE = re.compile(r"^FIO PASS (\d+) START$")
+PASS_END_RE = re.compile(r"^FIO PASS (\d+) END rc=(\d+)$")
+#: a /dev/kmsg record as busybox grep prints it: "prio,seq,usec,flags;text"
+KMSG_RE = re.compile(r"^\d+,\d+,\d+,[^;]*;(.*)$")
+CONNECTED_RE = re.compile(r"#(\d+): front end connected")
+QUEUE_STARTED_RE = re.compile(r"#(\d+)/vq(\d+): started \(size (\d+), base (\d+)\)")
+SERVING = "serving "
+
+
+@dataclass(frozen=True)
+class Tick:
+    seen: float  # host monotonic time the line was read
+    uptime: float  # guest seconds since boot
+    reads: int
+    writes: int
+    inflight: int
+
+    @property
+    def done(self) -> int:
+        return self.reads + self.writes
+
+
+class Console:
+    """The guest's serial console, read incrementally; every complete line is kept
+    with the host time at which it was first read."""
+
+    def __init__(self, guest: qemu.Guest) -> None:
+        self.guest = guest
+        self._offset = 0
+        self._partial = b""
+        self.lines: list[tuple[float, str]] = []
+        self.ticks: list[Tick] = []
+        self.pass_started = 0  # last "FIO PASS n START"
+        self.pass_ended = 0  # last "FIO PASS n END"
+        self.pass_rcs: dict[int, int] = {}
+        self.exit_rc: int | None = None
+
+    def poll(self) -> None:
+        try:
+            with open(self.guest.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
+            return
+        if not data:
+            return
+        self._offset += len(data)
+        now = time.monotonic()
+        data = self._partial + data
+        *complete, self._partial = data.split(b"\n")
+        for raw in complete:
+            line = raw.decode("utf-8", "replace").rstrip("\r")
+            self.lines.append((now, line))
+            self._parse(now, line)
+
+    def _parse(self, now: float, line: str) -> None:
+        if m := TICK_RE.match(line):
+            self.ticks.append(Tick(now, float(m[1]), int(m[2]), int(m[3]), int(m[4])))
+        elif m := PASS_START_RE.match(line):
+            self.pass_started = int(m[1])
+        elif m := PASS_END_RE.match(line):
+            self.pass_ended = int(m[1])
+            self.pass_rcs[int(m[1])] = int(m[2])
+        elif m := qemu.EXIT_RE.search(line):
+            self.exit_rc = int(m[1])
+
+    # --- state ---
+    def fio_running(self) -> bool:
+        return self.pass_started > self.pass_ended
+
+    def failed_pass(self) -> int | None:
+        return next((n for n, rc in self.pass_rcs.items() if rc != 0), None)
+
+    def finished(self) -> bool:
+        return self.exit_rc is not None
+
+    def last_tick(self) -> Tick | None:
+        return self.ticks[-1] if self.ticks else None
+
+    def ticks_between(self, t0: float, t1: float) -> list[Tick]:
+        return [t for t in self.ticks if t0 <= t.seen < t1]
+
+    def io_flowing(self, window: float = 0.8) -> bool:
+        """Whether completions went up between the last two ticks read within
+        ``window`` seconds."""
+        now = time.monotonic()
+        recent = [t for t in self.ticks[-2:] if now - t.seen <= window]
+        return len(recent) == 2 and recent[1].done > recent[0].done
+
+    # --- views ---
+    def text(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def kmsg(self) -> list[str]:
+        return [text for _, text in self.kmsg_seen()]
+
+    def kmsg_seen(self) -> list[tuple[float, str]]:
+        """(host time read, text) of each kernel message the guest echoed."""
+        return [(seen, m[1]) for seen, line in self.lines if (m := KMSG_RE.match(line))]
+
+    def fio_json(self) -> dict[int, dict[str, object]]:
+        """pass -> fio's JSON report (the guest prints each on one line)."""
+        out: dict[int, dict[str, object]] = {}
+        for _, line in self.lines:
+            if line.startswith("FIOJSON "):
+                _, n, body = line.split(" ", 2)
+                try:
+                    out[int(n)] = json.loads(body)
+                except ValueError:
+                    out[int(n)] = {"unparsable": body[:500]}
+        return out
+
+    def fio_stderr(self) -> list[str]:
+        return [line for _, line in self.lines if line.startswith("FIOERR ")]
+
+    def section(self, name: str) -> list[str]:
+        """Lines between ``=== NAME BEGIN ===`` and ``=== NAME END ===``."""
+        begin, end = f"=== {name} BEGIN ===", f"=== {name} END ==="
+        out: list[str] = []
+        inside = False
+        for _, line in self.lines:
+            if line == begin:
+                inside = True
+            elif line == end:
+                inside = False
+            elif inside:
+                out.append(line)
+        return out
+
+    def tail(self, n: int = 60, ticks: int = 8) -> str:
+        """The last ``n`` lines other than monitor ticks and fio JSON, then the last
+        ``ticks`` ticks (the I/O monitor would otherwise fill any tail)."""
+        other = [
+            line
+            for _, line in self.lines
+            if not TICK_RE.match(line) and not line.startswith("FIOJSON ")
+        ]
+        last = [f"{t.seen:.2f} {t}" for t in self.ticks[-ticks:]]
+        return "\n".join(other[-n:] + ["--- last I/O monitor ticks (host time) ---"] + last)
+
+
+@dataclass
+class Incarnation:
+    """One run of the daemon on the shared socket; ``n`` counts from 0."""
+
+    n: int
+    daemon: BlkDaemon
+    started: float
+    connected: float | None = None
+    queue_started: float | None = None
+    queue_base: int | None = None
+
+    def log_text(self) -> str:
+        return self.daemon.log_text()
+
+
+def start_incarnation(
+    workdir: Path, n: int, socket_path: Path, image: Path, args: Sequence[str]
+) -> Incarnation:
+    """Start ``vhost-user-blk --socket-path S --blk-file I ARGS`` without probing it
+    (see the module docstring); its log goes to ``<workdir>/crash<n>.daemon.log``."""
+    log_path = workdir / f"crash{n}.daemon.log"
+    argv = [*daemon_command(), "--socket-path", str(socket_path), "--blk-file", str(image), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    return Incarnation(n, BlkDaemon(socket_path, image, proc, log_path, argv), time.monotonic())
+
+
+def wait_serving(inc: Incarnation, timeout: float) -> None:
+    """Wait until the daemon logged that it listens."""
+    inc.daemon.wait_log(SERVING, 1, timeout)
+
+
+def poll_connection(inc: Incarnation) -> None:
+    """Note when QEMU's connection (#1: nothing else connects) and queue 0 started."""
+    now = time.monotonic()
+    text = inc.log_text()
+    if inc.connected is None and CONNECTED_RE.search(text):
+        inc.connected = now
+    if inc.queue_started is None and (m := QUEUE_STARTED_RE.search(text)):
+        inc.queue_started = now
+        inc.queue_base = int(m[4])
+
+
+def kill9(inc: Incarnation) -> int:
+    """SIGKILL the daemon and reap it; returns its exit status (-9)."""
+    os.kill(inc.daemon.pid, signal.SIGKILL)
+    return inc.daemon.proc.wait(10)
+
+
+def socket_state(path: Path) -> str:
+    """``missing``, ``stale`` (file there, nobody listening) or ``live``."""
+    if not path.exists():
+        return "missing"
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        s.connect(str(path))
+    except ConnectionRefusedError:
+        return "stale"
+    except OSError as e:
+        return f"error {e.strerror}"
+    finally:
+        s.close()
+    return "live"
+
+
+@dataclass
+class KillRecord:
+    """One SIGKILL and what followed; times are seconds after the first fio pass
+    started (``t_*``) or after the kill (``*_after``)."""
+
+    index: int
+    t_kill: float
+    fio_pass: int
+    delay: float
+    exit_status: int | None = None
+    socket_after_kill: str = ""
+    done_at_kill: int | None = None  # completions the guest had counted (last tick)
+    inflight_stalled: list[int] = field(default_factory=list)  # in_flight while down
+    restart_after: float | None = None
+    connected_after: float | None = None
+    queue_base: int | None = None
+    queue_started_after: float | None = None
+    resumed_after: float | None = None
+
+    def row(self) -> str:
+        def f(x: float | None) -> str:
+            return "-" if x is None else f"{x:6.2f}"
+
+        stalled = sorted(set(self.inflight_stalled))
+        return (
+            f"kill {self.index:2d} at {self.t_kill:7.2f}s (pass {self.fio_pass}, "
+            f"delay {self.delay:.2f}s): status {self.exit_status}, socket "
+            f"{self.socket_after_kill}, done {self.done_at_kill}, in flight while down "
+            f"{stalled}; restart +{f(self.restart_after)} connected +{f(self.connected_after)}"
+            f" vq0 base {self.queue_base} started +{f(self.queue_started_after)}"
+            f" I/O resumed +{f(self.resumed_after)}"
+        )
