@@ -95,6 +95,8 @@ static uint8_t do_rw(struct vu_vq *vq, struct blk_queue *q, const struct blk_req
         return fail(vq, q, VU_ERR_DEV_READ_ONLY, h->sector);
     if (len % BLK_SECTOR_SIZE || !range_ok(dev, h->sector, len / BLK_SECTOR_SIZE))
         return fail(vq, q, VU_ERR_DEV_RANGE, h->sector);
+    if (len > dev->max_request_bytes) /* bounds the time one request holds the queue */
+        return fail(vq, q, VU_ERR_DEV_TOO_BIG, len);
     int r = rw_full(dev->fd, iov, niov, h->sector * BLK_SECTOR_SIZE, writing);
     if (r < 0)
         return fail(vq, q, VU_ERR_DEV_IO, (uint64_t)-r);

@@ -33,6 +33,7 @@ struct blk_dev {
     uint32_t max_discard_seg;
     uint32_t max_write_zeroes_sectors;
     uint32_t max_write_zeroes_seg;
+    uint64_t max_request_bytes; /* data bytes per read/write (seg_max x size_max) */
     uint8_t serial[VIRTIO_BLK_ID_BYTES];
 };
 

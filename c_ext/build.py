@@ -77,6 +77,7 @@ struct blk_dev {
     int fd; int read_only; int is_blockdev; uint64_t capacity;
     uint32_t max_discard_sectors; uint32_t max_discard_seg;
     uint32_t max_write_zeroes_sectors; uint32_t max_write_zeroes_seg;
+    uint64_t max_request_bytes;
     uint8_t serial[20];
 };
 struct blk_stats {

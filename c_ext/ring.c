@@ -471,6 +471,12 @@ int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
     int n = vu_vq_avail_count(vq);
     int ret = n;
     for (int i = 0; i < n; i++) {
+        if (i && __atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE)) {
+            /* A stop waits for one request, not a ring of them; the rest stay in
+             * the avail ring (last_avail_idx counts only what was taken). */
+            n = ret = i;
+            break;
+        }
         uint64_t detail = 0;
         int r = pop_chain(vq, &vq->chain, &detail);
         if (r < 0) {

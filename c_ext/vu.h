@@ -84,6 +84,7 @@ enum vu_error_code {
     VU_ERR_DEV_UNSUPPORTED = -35, /* unknown request type */
     VU_ERR_DEV_READ_ONLY = -36,
     VU_ERR_DEV_SEGMENTS = -37,    /* discard/write-zeroes segment count or flags */
+    VU_ERR_DEV_TOO_BIG = -38,     /* read/write longer than seg_max x size_max */
 };
 
 /* Last error seen on a queue, for Python to log (rate limited there). */

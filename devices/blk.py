@@ -16,6 +16,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
+from vhost import limits
 from vhost._native import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.virtqueue import Runner
@@ -35,15 +36,16 @@ VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 
 CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + padding
 
-# Limits advertised in config space; the C handler enforces the same numbers.
-SIZE_MAX = 1 << 20            # bytes per data segment
-SEG_MAX = 126                 # QEMU's default queue size (128) minus header and status
-MAX_DISCARD_SECTORS = (1 << 22) - 1
-MAX_DISCARD_SEG = 32
-MAX_WRITE_ZEROES_SECTORS = (1 << 22) - 1
-MAX_WRITE_ZEROES_SEG = 32
+# Limits advertised in config space (vhost/limits.py); the C handler enforces them.
+SIZE_MAX = limits.SIZE_MAX
+SEG_MAX = limits.SEG_MAX
+MAX_REQUEST_BYTES = limits.MAX_REQUEST_BYTES
+MAX_DISCARD_SECTORS = limits.MAX_DISCARD_SECTORS
+MAX_DISCARD_SEG = limits.MAX_DISCARD_SEG
+MAX_WRITE_ZEROES_SECTORS = limits.MAX_WRITE_ZEROES_SECTORS
+MAX_WRITE_ZEROES_SEG = limits.MAX_WRITE_ZEROES_SEG
 DISCARD_ALIGNMENT_SECTORS = 8  # punching holes works in 4 KiB pages
-MAX_QUEUES = 64
+MAX_QUEUES = limits.MAX_BLK_QUEUES
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -104,6 +106,7 @@ class BlkDevice(Device):
         self._dev.max_discard_seg = MAX_DISCARD_SEG
         self._dev.max_write_zeroes_sectors = MAX_WRITE_ZEROES_SECTORS
         self._dev.max_write_zeroes_seg = MAX_WRITE_ZEROES_SEG
+        self._dev.max_request_bytes = MAX_REQUEST_BYTES
         serial = opts.serial.encode()
         ffi.memmove(self._dev.serial, serial.ljust(20, b"\0"), 20)
         self._queues = [ffi.new("struct blk_queue *") for _ in range(opts.num_queues)]

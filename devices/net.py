@@ -24,6 +24,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from vhost import limits
 from vhost._native import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.memory import GuestMemory
@@ -51,7 +52,7 @@ OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO
 DEFAULT_MTU = 1500
 MAX_MTU = 65535 - 18
 MAX_QUEUE_PAIRS = 16
-MAX_ENGINE_PAIRS: int = lib.NET_MAX_PAIRS  # queue pairs one engine (a switch) serves
+MAX_ENGINE_PAIRS: int = limits.MAX_ENGINE_PAIRS  # queue pairs one engine (a switch) serves
 MAC_AGE_SECONDS = 300
 DEFAULT_BUSY_POLL_US = 50  # poll this long after the last frame before sleeping
 MAX_BUSY_POLL_US = 1_000_000

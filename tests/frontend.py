@@ -610,7 +610,7 @@ class DriverQueue:
 # vhost-user front end
 # =========================================================================================
 
-Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply
+Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply | InflightReply
 _REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots,
              GetInflightFd)
 _HDR = struct.Struct("<III")

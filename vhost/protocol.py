@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final, NoReturn, TypeAlias, assert_never
 
+from vhost import limits
+
 
 class Request(enum.IntEnum):
     """Front-end request codes (the `request` header field)."""
@@ -105,16 +107,15 @@ FLAG_NEED_REPLY: Final = 0x8
 VRING_INDEX_MASK: Final = 0xFF
 VRING_NOFD_MASK: Final = 0x100
 HEADER_SIZE: Final = 12
-MAX_PAYLOAD_SIZE: Final = 4096
-MAX_FDS_PER_MESSAGE: Final = 8
-MAX_CONFIG_SIZE: Final = 256
-MEM_TABLE_MAX_REGIONS: Final = 8
 
 _VERSION_MASK: Final = 0x3
 _U64_LIMIT: Final = 1 << 64
-# Any valid message fits in HEADER_SIZE + MAX_PAYLOAD_SIZE bytes, so more than this much
-# buffered without a complete message can only be a hostile or broken peer.
-_MAX_BUFFERED_BYTES: Final = HEADER_SIZE + 2 * MAX_PAYLOAD_SIZE
+# The bounds are vhost/limits.py's; named here too for callers of the codec.
+MAX_PAYLOAD_SIZE: Final = limits.MAX_PAYLOAD_SIZE
+MAX_FDS_PER_MESSAGE: Final = limits.MAX_FDS_PER_MESSAGE
+MAX_CONFIG_SIZE: Final = limits.MAX_CONFIG_SIZE
+MEM_TABLE_MAX_REGIONS: Final = limits.MEM_TABLE_MAX_REGIONS
+_MAX_BUFFERED_BYTES: Final = limits.MAX_BUFFERED_BYTES
 
 _HEADER = struct.Struct("<III")
 _U64 = struct.Struct("<Q")
@@ -529,11 +530,11 @@ def _check_region(name: str, region: MemoryRegion) -> None:
         raise ProtocolError(
             f"{name}: region at guest address {region.guest_phys_addr:#x} has memory_size 0"
         )
-    for field in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
-        start: int = getattr(region, field)
+    for attr in ("guest_phys_addr", "userspace_addr", "mmap_offset"):
+        start: int = getattr(region, attr)
         if start + region.memory_size >= _U64_LIMIT:
             raise ProtocolError(
-                f"{name}: region {field} {start:#x} + memory_size "
+                f"{name}: region {attr} {start:#x} + memory_size "
                 f"{region.memory_size:#x} overflows 64 bits"
             )
 

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from vhost import limits
 from vhost import protocol as p
 from vhost._native import ffi, lib
 from vhost.device import Device
@@ -32,7 +33,7 @@ log = logging.getLogger("vhost.session")
 OFFERED_PROTOCOL_FEATURES = (p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
                              | p.ProtocolFeature.CONFIG | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
                              | p.ProtocolFeature.RESET_DEVICE)
-MAX_MEM_SLOTS = 32
+MAX_MEM_SLOTS = limits.MAX_MEM_SLOTS
 
 
 class SessionError(Exception):

@@ -19,12 +19,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from vhost import limits
 from vhost._native import ffi, lib
 from vhost.memory import GuestMemory
 
 log = logging.getLogger("vhost.virtqueue")
 
-MAX_QUEUE_SIZE: int = lib.VU_MAX_QUEUE_SIZE
+MAX_QUEUE_SIZE: int = limits.MAX_QUEUE_SIZE
 
 # virtio feature bits the ring walker implements
 VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
@@ -57,6 +58,7 @@ ERROR_TEXT: dict[int, str] = {
     -35: "unsupported request type",
     -36: "write to a read-only device",
     -37: "bad discard/write-zeroes segments",
+    -38: "read/write longer than seg_max x size_max",
     -40: "tx chain shorter than the virtio-net header and an Ethernet header",
     -41: "tx frame longer than the MTU (or the GSO limit)",
     -42: "tx chain has device-writable buffers",

@@ -20,6 +20,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import itertools
 import mmap
 import os
 import random
@@ -34,18 +35,17 @@ from pathlib import Path
 import pytest
 
 from tests.frontend import (
+    PF_INFLIGHT_SHMFD,
+    VIRTIO_BLK_S_OK,
     BlkDriver,
     BlkRequest,
     DriverQueue,
     FrontEnd,
     GuestRam,
-    InflightReply,
-    PF_INFLIGHT_SHMFD,
-    VIRTIO_BLK_S_OK,
 )
-from vhost.protocol import GetInflightFd, SetInflightFd
+from vhost.protocol import GetInflightFd, InflightReply, SetInflightFd
 
-from .conftest import RAM_SIZE, Daemon, StartDaemon, spawn_daemon
+from .conftest import RAM_SIZE, Daemon, spawn_daemon
 
 SECTOR = 512
 QSIZE = 128
@@ -230,7 +230,7 @@ def test_restart_from_crash_point(daemon: Daemon, vm: Vm, point: str) -> None:
     for slot, k in enumerate([k for k in (A, B) if k in batch]):
         _used(vm, slot, reqs[k].head, 1)
     heads = [reqs[k].head for k in batch]
-    for newer, older in zip(heads, heads[1:]):
+    for newer, older in itertools.pairwise(heads):
         vm.region.set_desc(newer, vm.region.desc(newer)[0], older, vm.region.desc(newer)[2])
     _used_idx(vm, published)
     vm.region.set_header(1, QSIZE, heads[0] if heads else 0, 0)
@@ -385,7 +385,7 @@ class Writer(threading.Thread):
                 if blk.unexpected_used:
                     self.errors.append(f"unexpected used entries {blk.unexpected_used}")
                     return
-        except Exception as e:  # reported by the test
+        except Exception as e:  # noqa: BLE001 -- any failure in the thread is the test's
             self.errors.append(repr(e))
 
 
