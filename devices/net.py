@@ -278,6 +278,9 @@ class NetDevice(Device):
     def get_config(self, offset: int, size: int) -> bytes:
         return self.config_space()[offset:offset + size].ljust(size, b"\0")
 
+    def buffers_wait_for_data(self, queue_index: int) -> bool:
+        return queue_index % 2 == 0  # rx queues: 0, 2, 4, ...
+
     def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
         self.engine.stop()  # it reads the port settings changed below
         try:

@@ -59,6 +59,11 @@ class Device(abc.ABC):
         queues another way override start_queue/stop_queue instead."""
         raise NotImplementedError
 
+    def buffers_wait_for_data(self, queue_index: int) -> bool:
+        """True for queues whose buffers normally sit untaken until the device has data
+        (a NIC's rx ring): a stop with buffers not taken is then no news."""
+        return False
+
     def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
         """Serve a queue that is ready (default: a worker thread of its own)."""
         q.start(memory, features, self.runner(q.index))

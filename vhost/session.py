@@ -55,6 +55,8 @@ class Session:
         self.name = name
         self.memory = GuestMemory()
         self.queues = [Virtqueue(i, f"{name}/vq{i}") for i in range(device.num_queues)]
+        for q in self.queues:
+            q.untaken_is_normal = device.buffers_wait_for_data(q.index)
         self.features = 0
         self.protocol_features = 0
         self.closed = False

@@ -140,6 +140,8 @@ class Virtqueue:
         self.inflight: tuple[Any, int] | None = None
         #: requests resubmitted from the inflight region at the last start
         self.resubmitted = 0
+        #: buffers left untaken at a stop are normal (rx rings): no INFO line for them
+        self.untaken_is_normal = False
         self._vq = ffi.new("struct vu_vq *")
         self._vq.kick_fd = self._vq.call_fd = self._vq.err_fd = self._vq.stop_fd = -1
         self._worker: threading.Thread | None = None
@@ -240,7 +242,7 @@ class Virtqueue:
         lib.vu_vq_ring_state(self._vq, st)
         s = self._vq.stats
         pending = (st[0] - self.base) & 0xFFFF
-        log.log(logging.INFO if pending else logging.DEBUG,
+        log.log(logging.INFO if pending and not self.untaken_is_normal else logging.DEBUG,
                 "%s: stopped: avail idx %d, taken %d (%d not taken), used idx %d, "
                 "used_event %d, avail_event %d, %d kicks, %d signals, %d chains",
                 self.label, st[0], self.base, pending, st[1], st[2], st[3], s.kicks,

@@ -245,7 +245,8 @@ class RestartableNet:
         self.ns, self.workdir = ns, workdir
         self.sockets = [workdir / f"net{i}.sock" for i in range(ports)]
         self.argv = [*cmd, *(a for p in self.sockets for a in ("--socket-path", str(p)))]
-        self.argv += backend
+        # -v: the per-queue "stopped:" lines checked below are DEBUG for rx rings
+        self.argv += [*backend, "-v"]
         self.lives: list[NetBackend] = []
 
     @property
