@@ -17,11 +17,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +39,7 @@ PASS_END_RE = re.compile(r"^FIO PASS (\d+) END rc=(\d+)$")
 KMSG_RE = re.compile(r"^\d+,\d+,\d+,[^;]*;(.*)$")
 CONNECTED_RE = re.compile(r"#(\d+): front end connected")
 QUEUE_STARTED_RE = re.compile(r"#(\d+)/vq(\d+): started \(size (\d+), base (\d+)\)")
+RESUBMITTED_RE = re.compile(r"/vq0: inflight region: (\d+) requests? in flight before")
 SERVING = "serving "
 
 
@@ -183,23 +185,100 @@ class Incarnation:
     connected: float | None = None
     queue_started: float | None = None
     queue_base: int | None = None
+    resubmitted: int | None = None  # requests found in flight in the inflight region
 
     def log_text(self) -> str:
         return self.daemon.log_text()
 
 
 def start_incarnation(
-    workdir: Path, n: int, socket_path: Path, image: Path, args: Sequence[str]
+    workdir: Path,
+    n: int,
+    socket_path: Path,
+    image: Path,
+    args: Sequence[str],
+    env: Mapping[str, str] | None = None,
 ) -> Incarnation:
     """Start ``vhost-user-blk --socket-path S --blk-file I ARGS`` without probing it
-    (see the module docstring); its log goes to ``<workdir>/crash<n>.daemon.log``."""
+    (see the module docstring), with ``env`` added to the environment; its log goes
+    to ``<workdir>/crash<n>.daemon.log``."""
     log_path = workdir / f"crash{n}.daemon.log"
     argv = [*daemon_command(), "--socket-path", str(socket_path), "--blk-file", str(image), *args]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+            env={**os.environ, **env} if env else None,
         )
     return Incarnation(n, BlkDaemon(socket_path, image, proc, log_path, argv), time.monotonic())
+
+
+# An LD_PRELOAD shim that makes each preadv/pwritev of the daemon sleep first.  With a
+# page-cached image a request takes microseconds and the TCG guest is the bottleneck,
+# so a SIGKILL almost never finds a request taken from the ring and not yet used (40
+# kills, none did).  Slowed down, the daemon becomes the bottleneck and always has a
+# batch in progress: the kills then land between pop and push, where the inflight
+# region matters.
+IO_DELAY_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <stdlib.h>
+#include <sys/uio.h>
+#include <time.h>
+
+static void io_delay(void)
+{
+    static long ns = -1;
+    if (ns < 0) {
+        const char *s = getenv("VHOST_CRASH_IO_DELAY_US");
+        ns = s ? atol(s) * 1000L : 0;
+    }
+    if (ns > 0) {
+        struct timespec ts = { ns / 1000000000L, ns % 1000000000L };
+        nanosleep(&ts, NULL);
+    }
+}
+
+ssize_t preadv(int fd, const struct iovec *iov, int cnt, off_t off)
+{
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real)
+        real = (ssize_t (*)(int, const struct iovec *, int, off_t))dlsym(RTLD_NEXT, "preadv");
+    io_delay();
+    return real(fd, iov, cnt, off);
+}
+
+ssize_t pwritev(int fd, const struct iovec *iov, int cnt, off_t off)
+{
+    static ssize_t (*real)(int, const struct iovec *, int, off_t);
+    if (!real)
+        real = (ssize_t (*)(int, const struct iovec *, int, off_t))dlsym(RTLD_NEXT, "pwritev");
+    io_delay();
+    return real(fd, iov, cnt, off);
+}
+"""
+
+
+def io_delay_env(workdir: Path, delay_us: int) -> dict[str, str]:
+    """Environment that slows the daemon's every preadv/pwritev by ``delay_us``
+    (the shim is compiled into ``workdir``); empty for 0."""
+    if delay_us <= 0:
+        return {}
+    src = workdir / "io_delay.c"
+    lib = workdir / "io_delay.so"
+    src.write_text(IO_DELAY_SHIM)
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler for the I/O delay shim")
+    subprocess.run(
+        [cc, "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-o", str(lib), str(src), "-ldl"],
+        check=True,
+        capture_output=True,
+    )
+    return {"LD_PRELOAD": str(lib), "VHOST_CRASH_IO_DELAY_US": str(delay_us)}
 
 
 def wait_serving(inc: Incarnation, timeout: float) -> None:
@@ -216,6 +295,9 @@ def poll_connection(inc: Incarnation) -> None:
     if inc.queue_started is None and (m := QUEUE_STARTED_RE.search(text)):
         inc.queue_started = now
         inc.queue_base = int(m[4])
+        # logged before "started" when the inflight region held requests
+        r = RESUBMITTED_RE.search(text)
+        inc.resubmitted = int(r[1]) if r else 0
 
 
 def kill9(inc: Incarnation) -> int:
@@ -257,6 +339,7 @@ class KillRecord:
     connected_after: float | None = None
     queue_base: int | None = None
     queue_started_after: float | None = None
+    resubmitted: int | None = None
     resumed_after: float | None = None
 
     def row(self) -> str:
@@ -270,5 +353,6 @@ class KillRecord:
             f"{self.socket_after_kill}, done {self.done_at_kill}, in flight while down "
             f"{stalled}; restart +{f(self.restart_after)} connected +{f(self.connected_after)}"
             f" vq0 base {self.queue_base} started +{f(self.queue_started_after)}"
+            f" resubmitted {self.resubmitted}"
             f" I/O resumed +{f(self.resumed_after)}"
         )

@@ -52,7 +52,6 @@ pytestmark = [pytest.mark.qemu, needs_qemu]
 
 FIO = Path("/usr/bin/fio")
 IMG_SIZE = 128 * MiB
-FIO_SIZE = 64 * MiB
 CTL_OFF = IMG_SIZE - 4096  # the stop request: a block outside fio's region
 STOP_MAGIC = b"VHOST-CRASH-TEST-STOP"
 KILLS = int(os.environ.get("VHOST_CRASH_KILLS", "3"))
@@ -127,12 +126,12 @@ exit $rc
 """
 
 
-def _script() -> str:
+def _script(fio_size: int) -> str:
     return (
         SCRIPT.replace("@TICK@", str(TICK))
         .replace("@CTL_BLOCK@", str(CTL_OFF // 4096))
         .replace("@MAGIC@", STOP_MAGIC.decode())
-        .replace("@SIZE@", str(FIO_SIZE))
+        .replace("@SIZE@", str(fio_size))
         .replace("@MAX_PASSES@", str(MAX_PASSES))
     )
 
@@ -150,13 +149,14 @@ def fio_base() -> Path:
 class CrashRun:
     """The state of one crash test run, and the report made of it on failure."""
 
-    def __init__(self, workdir: Path, seed: int) -> None:
+    def __init__(self, workdir: Path, seed: int, io_delay_us: int) -> None:
         self.workdir = workdir
         self.sock = workdir / "crash.sock"
         self.image = workdir / "crash.img"
         self.rng = random.Random(seed)
         self.seed = seed
         self.args = ["-v"]
+        self.env = ch.io_delay_env(workdir, io_delay_us)
         self.incarnations: list[ch.Incarnation] = []
         self.kills: list[ch.KillRecord] = []
         self.console: ch.Console | None = None
@@ -169,7 +169,7 @@ class CrashRun:
 
     def start_daemon(self) -> ch.Incarnation:
         inc = ch.start_incarnation(
-            self.workdir, len(self.incarnations), self.sock, self.image, self.args
+            self.workdir, len(self.incarnations), self.sock, self.image, self.args, self.env
         )
         self.incarnations.append(inc)
         return inc
@@ -248,6 +248,7 @@ class CrashRun:
         rec.connected_after = inc.connected - t_kill
         rec.queue_started_after = (inc.queue_started or 0.0) - t_kill
         rec.queue_base = inc.queue_base
+        rec.resubmitted = inc.resubmitted
         down = c.ticks_between(t_kill, inc.connected)
         rec.inflight_stalled = [t.inflight for t in down]
         baseline = max([t.done for t in down] + [rec.done_at_kill or 0])
@@ -334,14 +335,29 @@ def _stop_for_evidence(run: CrashRun) -> None:
             pass
 
 
+@pytest.mark.parametrize(
+    ("io_delay_us", "fio_size"),
+    [
+        # as it runs: requests take microseconds, the kills find the daemon idle
+        pytest.param(0, 64 * MiB, id="page-cache"),
+        # each preadv/pwritev 500 us late (crash_harness.IO_DELAY_SHIM): the daemon is
+        # the bottleneck, the kills land between pop and push and the restarted daemon
+        # must resubmit what the inflight region holds
+        pytest.param(500, 24 * MiB, id="slow-io"),
+    ],
+)
 def test_blk_survives_daemon_kill9(
-    fio_base: Path, tmp_path: Path, record_property: RecordProperty
+    fio_base: Path,
+    tmp_path: Path,
+    record_property: RecordProperty,
+    io_delay_us: int,
+    fio_size: int,
 ) -> None:
     """SIGKILL the daemon VHOST_CRASH_KILLS times (default 3) under fio randwrite with
     crc32c verification; restarted on the same socket it serves the reconnecting QEMU
     and the guest sees no I/O error, no hang and no verify error."""
     seed = int(os.environ.get("VHOST_CRASH_SEED") or random.randrange(1 << 32))
-    run = CrashRun(tmp_path, seed)
+    run = CrashRun(tmp_path, seed, io_delay_us)
     record_property("seed", seed)
     with open(run.image, "wb") as f:
         f.truncate(IMG_SIZE)
@@ -354,7 +370,7 @@ def test_blk_survives_daemon_kill9(
         "vhost-user-blk-pci,chardev=c0,num-queues=1",
     ]
     t_boot = time.monotonic()
-    run.guest = boot_guest(fio_base, _script(), tmp_path, "crash", args)
+    run.guest = boot_guest(fio_base, _script(fio_size), tmp_path, "crash", args)
     run.console = ch.Console(run.guest)
     ok = False
     try:
@@ -384,6 +400,7 @@ def test_blk_survives_daemon_kill9(
     record_property("kills", len(run.kills))
     record_property("passes", c.pass_ended)
     record_property("resumed_after_s", [round(r.resumed_after or -1, 2) for r in run.kills])
+    record_property("resubmitted", [r.resubmitted for r in run.kills])
 
     diag = run.report
     assert len(run.kills) == KILLS, diag()
@@ -398,13 +415,19 @@ def test_blk_survives_daemon_kill9(
         job = jobs[0]
         assert job["error"] == 0, f"pass {n}: fio error {job['error']}\n{diag()}"
         # every block written was read back and verified
-        assert job["write"]["io_bytes"] == FIO_SIZE, (n, job["write"]["io_bytes"])
-        assert job["read"]["io_bytes"] == FIO_SIZE, (n, job["read"]["io_bytes"])
+        assert job["write"]["io_bytes"] == fio_size, (n, job["write"]["io_bytes"])
+        assert job["read"]["io_bytes"] == fio_size, (n, job["read"]["io_bytes"])
     verify_msgs = [ln for ln in c.fio_stderr() if "verify" in ln.lower() or "crc" in ln.lower()]
     assert not verify_msgs, "\n".join(verify_msgs) + "\n" + diag()
     bad = _bad_kmsg(c.kmsg() + c.section("DMESG"))
     assert not bad, "guest kernel:\n" + "\n".join(bad) + "\n" + diag()
 
+    if io_delay_us:
+        # not vacuous: some kill caught requests between pop and push, and the next
+        # daemon found them in the inflight region and ran them again
+        assert any(r.resubmitted for r in run.kills), (
+            "no restarted daemon resubmitted a request from the inflight region\n" + diag()
+        )
     # each restarted daemon served the reconnecting QEMU (its connection #1)
     for inc in run.incarnations:
         assert inc.connected is not None and inc.queue_started is not None, diag()
