@@ -1,11 +1,14 @@
 """A pure-Python reference of the split virtqueue walk, device side: the rules, in order.
 
-Job: say, one check at a time, what makes a chain acceptable, and be the oracle that
+Job: say, one check at a time, what makes a chain acceptable, what the device then
+writes back (used ring, avail_event) and when it signals, and be the oracle that
 ``tests/unit/test_ring_differential.py`` runs against the C walker. It mirrors
-``c_ext/ring.c`` (``vu_vq_avail_count``, ``pop_chain``, ``walk_chain``, ``add_buffer``)
-and ``vu_gpa_to_iov`` in ``c_ext/memory.c``, and reports the same negative codes as
+``c_ext/ring.c`` (``vu_vq_avail_count``, ``pop_chain``, ``walk_chain``, ``add_buffer``,
+``vu_vq_process``, ``vu_vq_should_signal``, ``vu_vq_enable_notification``) and
+``vu_gpa_to_iov`` in ``c_ext/memory.c``, and reports the same negative codes as
 ``c_ext/vu.h``. Boundary: it reads guest memory only through the callables it is given,
-writes nothing, keeps no state, and nothing on the data path imports it.
+writes nothing, keeps no state (the caller carries last_avail_idx and the last signalled
+used index), and nothing on the data path imports it.
 
 The rules (section numbers of virtio 1.2, titles in brackets so they can be grepped;
 "ours" marks a bound of this back end rather than a spec MUST):
@@ -13,7 +16,10 @@ The rules (section numbers of virtio 1.2, titles in brackets so they can be grep
 R1  avail->idx is at most the queue size ahead of last_avail_idx -- 2.7.13 [Supplying Buffers
     to The Device: the ring cannot wrap] -- else AVAIL_IDX, and the whole queue is broken.
 R2  a head read from avail->ring[last_avail_idx % num] is < num -- 2.7.6 [The Virtqueue
-    Available Ring] -- else HEAD. The avail slot is consumed either way.
+    Available Ring] -- else HEAD, and the whole queue is broken, as with R1 (the ring is
+    garbage, and there is no valid id to return the slot with; Linux vhost and
+    libvhost-user stop the queue too). The slot still counts as taken: last_avail_idx
+    moves past it. A chain refused by any later rule only loses its own slot (U2).
 R3  at most n descriptors are read from a table of n entries; needing one more means the
     chain loops -- 2.7.5.2 [Descriptor Table, driver: loops are forbidden] -- else LOOP.
 R4  INDIRECT only if VIRTIO_F_INDIRECT_DESC was negotiated -- 2.7.5.3.1 -- INDIRECT_FEATURE.
@@ -51,13 +57,37 @@ worth knowing: a loop in an indirect table behind a direct prefix can end in
 CHAIN_TOO_LONG (R11) before R3 fires; a revisited descriptor is checked again each time,
 so DIRECTION, ADDR or TOO_MANY_IOV can win over LOOP.
 
+After the walk (one pass of ``vu_vq_process``: every chain available at its start):
+
+U1  an accepted chain goes to the used ring as (head, bytes the device wrote) -- 2.7.8
+    [The Virtqueue Used Ring].
+U2  a chain refused by R3..R17 goes back as (head, 0), so the driver gets its buffers
+    back; the queue goes on -- ours.
+U3  a bad head (R2) ends the pass: what was done before it is still published, nothing
+    after it is taken -- ours. A bad avail index (R1) ends it before anything is taken.
+U4  used->idx is published once per pass that took at least one slot, after its entries
+    -- 2.7.13 [Receiving Used Buffers From The Device]; then the device decides E1/E2.
+E1  without VIRTIO_F_EVENT_IDX: signal unless avail->flags has VRING_AVAIL_F_NO_INTERRUPT
+    -- 2.7.7 [Used Buffer Notification Suppression].
+E2  with it: signal when used->idx moved from old to new across the driver's used_event,
+    i.e. used_event is in [old, new) modulo 2**16 (vring_need_event) -- 2.7.7; old is the
+    used index at the previous signal decision, and the first decision after set-up
+    always signals (ours, as Linux vhost's signalled_used_valid). Every decision moves
+    old to new, whether it signalled or not.
+E3  with VIRTIO_F_EVENT_IDX, asking for a kick writes avail_event (after used->ring[num])
+    -- 2.7.10 [Available Buffer Notification Suppression]: ``vu_vq_enable_notification``
+    writes last_avail_idx and then counts what is available again (R1 applies);
+    ``vu_vq_request_kick_at`` writes the index it is given. Without the feature
+    avail_event is never written. used->flags is never written (ours: event idx or
+    nothing).
+
 ``detail`` in a :class:`RingError` is the offending value: the avail index (AVAIL_IDX), the
 head (HEAD), the bad next index (NEXT), the descriptor index about to be read again
 (LOOP), the buffer or table address (ADDR, TOO_MANY_IOV, INDIRECT_ADDR), the table length
-in bytes (INDIRECT_LEN, and CHAIN_TOO_LONG by R8), and the index of the descriptor at fault
-in its table (DIRECTION, CHAIN_TOO_LONG by R11, INDIRECT_FEATURE/NESTED/NEXT). ring.c
-records the same, except for those last four, where its detail keeps an earlier value (0
-or a table length); the differential test compares detail only where both set it.
+in bytes (INDIRECT_LEN, and CHAIN_TOO_LONG by R8), the index of the descriptor at fault
+in its table (DIRECTION, INDIRECT_FEATURE/NESTED/NEXT), and the buffer count that broke
+the limit, num + 1 (CHAIN_TOO_LONG by R11). ring.c records the same, and the differential
+test compares every one.
 """
 
 from __future__ import annotations
@@ -72,6 +102,7 @@ __all__ = [
     "DESC_SIZE",
     "MAX_CHAIN_IOV",
     "MAX_QUEUE_SIZE",
+    "VRING_AVAIL_F_NO_INTERRUPT",
     "VRING_DESC_F_INDIRECT",
     "VRING_DESC_F_NEXT",
     "VRING_DESC_F_WRITE",
@@ -83,14 +114,19 @@ __all__ = [
     "RingView",
     "Split",
     "avail_count",
+    "breaks_queue",
+    "need_event",
     "pop",
     "region_splitter",
+    "returned_entry",
+    "should_signal",
     "walk",
 ]
 
 VRING_DESC_F_NEXT = 1
 VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
 DESC_SIZE = 16
 MAX_QUEUE_SIZE = 1024  # VU_MAX_QUEUE_SIZE
 MAX_CHAIN_IOV = 2048  # VU_MAX_CHAIN_IOV
@@ -253,13 +289,14 @@ def pop(
 ) -> Chain | RingError:
     """Take the chain in avail slot ``last_avail_idx % num`` (the caller checked with
     :func:`avail_count` that there is one). Whatever the result, the next slot to take is
-    ``last_avail_idx + 1``: a bad chain still consumes its slot, so it cannot wedge the queue."""
+    ``last_avail_idx + 1``: a bad chain still consumes its slot, so it cannot wedge the
+    queue; but after HEAD (R2) there is no next slot to take, the queue is broken."""
     slot = last_avail_idx % ring.num
     raw = read_mem(ring.avail_gpa + 4 + 2 * slot, 2)
     if raw is None:
         raise ValueError(f"avail ring at {ring.avail_gpa:#x} is not in guest memory")
     head = int.from_bytes(raw, "little")
-    if head >= ring.num:  # R2
+    if head >= ring.num:  # R2: and the queue is broken
         return RingError(ErrorCode.HEAD, head, head)
     return walk(read_mem, ring, head, split=split)
 
@@ -317,7 +354,7 @@ def walk(
 
         buffers += 1
         if buffers > ring.num:
-            return fail(ErrorCode.CHAIN_TOO_LONG, index)  # R11
+            return fail(ErrorCode.CHAIN_TOO_LONG, buffers)  # R11
         if d.writable:
             seen_writable = True
         elif seen_writable:
@@ -337,3 +374,39 @@ def walk(
         index = d.next
         if index >= entries:
             return fail(ErrorCode.NEXT, index)  # R16
+
+
+def breaks_queue(result: Chain | RingError | int) -> bool:
+    """Whether a result of :func:`avail_count` or :func:`pop` leaves the queue broken (R1, R2)."""
+    return isinstance(result, RingError) and result.code in (ErrorCode.AVAIL_IDX, ErrorCode.HEAD)
+
+
+def returned_entry(result: Chain | RingError, written: int) -> tuple[int, int] | None:
+    """The used ring entry (id, len) for a popped chain the device wrote ``written`` bytes
+    into (U1, U2), or None for a bad head, which cannot be returned (U3)."""
+    if isinstance(result, Chain):
+        return result.head, written
+    if result.code == ErrorCode.HEAD:
+        return None
+    return result.head, 0
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """E2: did the index move from ``old_idx`` to ``new_idx`` across ``event_idx``? That is,
+    is event_idx one of old, old+1, ..., new-1 (mod 2**16)? Written as that interval test,
+    not as the spec's vring_need_event expression, so the two can check each other."""
+    return (event_idx - old_idx) & _U16 < (new_idx - old_idx) & _U16
+
+
+def should_signal(
+    *, event_idx: bool, avail_flags: int, used_event: int, new_used_idx: int,
+    signalled_used: int | None,
+) -> bool:
+    """E1/E2: whether to signal the driver after publishing used->idx = ``new_used_idx``.
+    ``signalled_used`` is the used index at the previous decision (None: none since set-up);
+    the caller sets it to ``new_used_idx`` afterwards, whatever this returns."""
+    if not event_idx:
+        return not avail_flags & VRING_AVAIL_F_NO_INTERRUPT
+    if signalled_used is None:
+        return True
+    return need_event(used_event, new_used_idx, signalled_used)
