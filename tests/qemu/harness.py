@@ -199,7 +199,10 @@ def _probe(d: BlkDaemon, deadline: float) -> None:
         finally:
             s.close()
         break
-    d.wait_disconnect(1, max(0.5, deadline - time.monotonic()))
+    # The first accepted connection means the loop (and its signal handlers) is up. It
+    # is usually the probe, but a QEMU reconnecting to a restarted daemon can win the
+    # race; the probe then waits in the backlog, and waiting for its teardown would hang.
+    d.wait_log(f"{d.name}#1: front end connected", 1, max(0.5, deadline - time.monotonic()))
 
 
 def boot_guest(
