@@ -445,6 +445,9 @@ static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
     int done = 0;
     while (vq->resubmit_pos < vq->resubmit_n) {
+        /* a stop leaves the rest marked: the next start finds them again */
+        if (__atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE))
+            break;
         uint16_t head = vq->resubmit[vq->resubmit_pos++];
         uint64_t detail = 0;
         struct vu_chain *c = &vq->chain;
@@ -471,7 +474,7 @@ int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
     int n = vu_vq_avail_count(vq);
     int ret = n;
     for (int i = 0; i < n; i++) {
-        if (i && __atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE)) {
             /* A stop waits for one request, not a ring of them; the rest stay in
              * the avail ring (last_avail_idx counts only what was taken). */
             n = ret = i;

@@ -135,7 +135,7 @@ ROWS: dict[str, list[str]] = {
         "test_net_cli_refuses_one_engine_pair_more",
         f"{SOCKET_TESTS}::test_switch_serves_max_engine_pairs",
     ],
-    "MAC table (switch)": ["test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest"],
+    "MAC table NET_MAC_BUCKETS x NET_MAC_WAYS": ["test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest"],
     "NET_RX_BUDGET": ["test_rx_budget_frames_per_pass"],
     # not a row: the paragraph under the table
     "a stop waits for at most one request": [
@@ -167,11 +167,6 @@ def test_every_row_of_the_table_has_tests() -> None:
             assert callable(getattr(where, func, None) if module else where.get(func)), name
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vhost/limits.py: the table lists NET_RX_BUDGET and the switch's MAC table (1024 x 4) "
-    "but the module defines no constant for either (c_ext/net.h has NET_RX_BUDGET, "
-    "NET_MAC_BUCKETS, NET_MAC_WAYS; c_ext/build.py does not export them), so they are not "
-    "named in vhost.limits like every other bound"))
 def test_every_bound_in_the_table_is_a_constant_of_vhost_limits() -> None:
     missing = []
     for bound, _value, _where in table_rows():
@@ -686,12 +681,6 @@ def test_a_stop_waits_for_one_request(make: Callable[..., Ring], stop_at: int) -
     assert lib.vu_vq_avail_count(ring.vq) == len(heads) - stop_at
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "c_ext/ring.c, resubmit() (called first by vu_vq_process): the loop over requests left "
-    "in flight by a crashed back end never checks vq->stop, and vu_vq_process then takes "
-    "one new chain (its `if (i && stop)` skips the check for i == 0); so a GET_VRING_BASE "
-    "or memory change right after a reconnect waits for every resubmitted request (up to "
-    "the queue size, each up to MAX_REQUEST_BYTES) plus one, not for one"))
 def test_a_stop_waits_for_one_request_while_resubmitting(make: Callable[..., Ring]) -> None:
     """The same bound when the queue starts by running again what the inflight region
     says was in flight: a stop requested during the first of them ends the pass there."""
