@@ -334,8 +334,15 @@ int vu_vq_set_inflight(struct vu_vq *vq, void *region, uint64_t size)
     }
     uint16_t batch = (uint16_t)(used - inf->used_idx);
     if (batch > num) {
-        vu_vq_record_error(vq, VU_ERR_INFLIGHT, batch, inf->used_idx);
-        return VU_ERR_INFLIGHT;
+        /* Not a flush we died in. With nothing in flight the rings were simply set
+         * up afresh (a guest driver reset): start the record over. */
+        for (uint32_t i = 0; i < num; i++) {
+            if (inf->desc[i].inflight) {
+                vu_vq_record_error(vq, VU_ERR_INFLIGHT, batch, inf->used_idx);
+                return VU_ERR_INFLIGHT;
+            }
+        }
+        batch = 0;
     }
     uint16_t h = inf->last_batch_head;
     for (uint16_t i = 0; i < batch; i++) {

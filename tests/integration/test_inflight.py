@@ -295,6 +295,7 @@ def test_unusable_region_is_logged_and_io_goes_on(daemon: Daemon, vm: Vm, damage
     elif damage == "batch-too-big":
         _used_idx(vm, 0)
         vm.region.set_header(1, QSIZE, 0, 0xFF00)
+        vm.region.set_desc(5, 1, 0, 3)  # with something in flight it cannot be a reset
     else:
         vm.region.set_header(1, QSIZE, 0xFFFF, 0xFFFF)  # used idx 0 is one ahead
     vm.connect(daemon)
@@ -302,6 +303,21 @@ def test_unusable_region_is_logged_and_io_goes_on(daemon: Daemon, vm: Vm, damage
     r = vm.blk.submit_write(7, pattern(3, 1024))
     assert vm.blk.kick_and_wait([r])[0].ok
     assert disk_read(daemon, 7 * SECTOR, 1024) == pattern(3, 1024)
+
+
+def test_rings_set_up_afresh_restart_the_record(daemon: Daemon, vm: Vm) -> None:
+    """A guest driver reset re-creates the rings (used idx 0) while the region still
+    holds the old used index: with nothing in flight, tracking just starts over."""
+    vm.connect(daemon)
+    assert vm.region is not None
+    vm.fe.close()  # type: ignore[union-attr]
+    vm.fe = None
+    vm.region.set_header(1, QSIZE, 17, 0x8000)
+    vm.connect(daemon)
+    r = vm.blk.submit_write(9, pattern(8, 1024))
+    assert vm.blk.kick_and_wait([r])[0].ok
+    assert vm.region.header()[3:] == (r.head, vm.queue.used_idx())
+    assert "inflight region unusable" not in daemon.log_text()
 
 
 @pytest.mark.parametrize("nq,qs", [(0, 128), (2, 128), (1, 0), (1, 96), (1, 2048)])
