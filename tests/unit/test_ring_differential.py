@@ -457,7 +457,7 @@ def _to_a_table(
     gpa, entries = draw(tables)
     length = draw(table_len(num, len(entries)))
     if draw(chance(10)):
-        gpa += draw(SHIFT)
+        gpa = min(gpa + draw(SHIFT), U64 - 1)  # R3 ends at 2**64
     return gpa, length
 
 
