@@ -89,9 +89,10 @@ def _setup_logging(prog: str, verbose: bool) -> None:
         format=f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
-async def _serve(servers: list[tuple[Server, str | None]]) -> None:
+async def _serve(servers: list[tuple[Server, str | None]]) -> int:
     """Run every server until SIGINT/SIGTERM; then flush and close each device and
-    remove each socket file."""
+    remove each socket file. Returns the exit status: 1 if a device could not be
+    flushed (its data may not be durable), else 0."""
     loop = asyncio.get_running_loop()
 
     def stop_all() -> None:
@@ -100,12 +101,18 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> None:
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop_all)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    status = 0
     try:
         await asyncio.gather(*(server.serve_forever() for server, _ in servers))
     finally:
         for server, socket_path in servers:
             # Queues are stopped by now (their batches finished); make the data durable.
-            await loop.run_in_executor(None, server.device.flush)
+            try:
+                await loop.run_in_executor(None, server.device.flush)
+            except OSError as e:
+                status = 1
+                log.error("%s: flushing at exit failed: %s; writes since the guest's last "
+                          "flush may not be durable", server.name, e.strerror)
             server.device.close()
             server.listener.close()
             if socket_path:
@@ -114,6 +121,7 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> None:
                 except FileNotFoundError:
                     pass
         log.info("stopped")
+    return status
 
 
 def _check_blk_disks(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -197,8 +205,7 @@ def blk_main(argv: list[str] | None = None) -> int:
             [os.path.abspath(path) for path in args.socket_path], args.num_queues))
     import uvloop
 
-    uvloop.run(_serve(servers))
-    return 0
+    return uvloop.run(_serve(servers))
 
 
 def _net_parser() -> argparse.ArgumentParser:
@@ -272,8 +279,7 @@ def net_main(argv: list[str] | None = None) -> int:
                  args.tap or args.switch)
     import uvloop
 
-    uvloop.run(_serve(servers))
-    return 0
+    return uvloop.run(_serve(servers))
 
 
 def net_entry() -> None:

@@ -422,10 +422,6 @@ def test_failed_flush_is_ioerr_and_io_goes_on(
     assert "Traceback" not in d.log_text()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vhost/cli.py _serve: device.flush() at exit is not guarded; a failing fdatasync "
-    "escapes as a traceback, the socket file stays and later disks are neither flushed "
-    "nor closed"))
 def test_failed_flush_at_exit_is_one_log_line(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path,
         loose_daemons: list[Daemon]) -> None:
