@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 
 #include "vu.h"
 
@@ -35,6 +36,13 @@ int vu_mem_add(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva,
             return VU_ERR_REGION_OVERLAP;
     if (mmap_offset + size > (uint64_t)SIZE_MAX)
         return VU_ERR_REGION_BAD;
+    /* Touching a mapping past the end of its file is SIGBUS: refuse such a region
+     * (memfd, /dev/shm and hugetlbfs files are regular files with a size). */
+    struct stat st;
+    if (fstat(fd, &st) < 0)
+        return VU_ERR_MMAP;
+    if (S_ISREG(st.st_mode) && (uint64_t)st.st_size < mmap_offset + size)
+        return VU_ERR_REGION_FILE;
 
     /* Map from file offset 0 so the offset needs no page (or huge page)
      * alignment; the part before mmap_offset is address space only. */

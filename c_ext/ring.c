@@ -562,7 +562,12 @@ int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
             return VU_RUN_STOPPED;
         if (fds[0].revents & POLLIN) {
             uint64_t v;
-            if (read(vq->kick_fd, &v, sizeof(v)) < 0 && errno != EAGAIN && errno != EINTR) {
+            ssize_t got = read(vq->kick_fd, &v, sizeof(v));
+            if (got == 0) { /* end of file: readable forever, it would spin */
+                vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, 0);
+                return VU_RUN_FD_ERROR;
+            }
+            if (got < 0 && errno != EAGAIN && errno != EINTR) {
                 vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)errno);
                 return VU_RUN_FD_ERROR;
             }

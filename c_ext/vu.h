@@ -74,6 +74,7 @@ enum vu_error_code {
     VU_ERR_REGION_BAD = -18,      /* zero size or wrapping range */
     VU_ERR_REGION_NOT_FOUND = -19,
     VU_ERR_MMAP = -20,            /* mmap failed; errno in detail */
+    VU_ERR_REGION_FILE = -22,     /* region runs past the end of its file */
     VU_ERR_INFLIGHT = -21,        /* inflight region unusable (size, version, desc_num, batch) */
     /* device-level request errors (the request fails, the queue goes on) */
     VU_ERR_DEV_NO_STATUS = -30,   /* no device-writable byte for the status */

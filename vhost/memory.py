@@ -27,6 +27,7 @@ _REGION_ERRORS = {
     -17: f"no free slot (at most {MAX_REGIONS} regions)",
     -18: "has zero size or wraps around the address space",
     -19: "does not match any mapped region",
+    -22: "runs past the end of its file (mmap_offset + size > file size)",
 }
 
 

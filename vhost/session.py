@@ -189,8 +189,9 @@ class Session:
     def _change_memory(self, change: object, fds: Iterable[int | None]) -> None:
         """Queue workers read the map without locks: stop them around any change."""
         running = [q for q in self.queues if q.running]
-        for q in running:
-            self.device.stop_queue(q)
+        for q in self.queues:
+            if q.running or q.active:  # a worker that gave up still points into memory
+                self.device.stop_queue(q)
         try:
             change()  # type: ignore[operator]
         finally:
@@ -291,6 +292,8 @@ class Session:
     def _set_queue_fd(self, index: int, fd: int | None,
                       setter: Callable[[Virtqueue, int | None], None]) -> None:
         try:
+            if fd is not None:
+                _check_notifier(fd)
             q = self._queue(index)
             if fd is None and setter is Virtqueue.set_kick:
                 # Without INBAND_NOTIFICATIONS/polling support a ring without a kick fd
@@ -352,6 +355,19 @@ class Session:
 
     def stats(self) -> list[dict[str, int]]:
         return [{**q.stats(), **self.device.queue_stats(q.index)} for q in self.queues]
+
+
+def _check_notifier(fd: int) -> None:
+    """Kick, call and err fds must be eventfds (or pipes, as on hosts without eventfd):
+    a regular file or /dev/null is readable forever (a worker would spin on it), and
+    writing signals into a file would grow it without bound."""
+    try:
+        st = os.fstat(fd)
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise SessionError(f"notifier fd: {e.strerror}") from None
+    if not (stat.S_ISFIFO(st.st_mode) or kind == "anon_inode:[eventfd]"):
+        raise SessionError(f"notifier fd is not an eventfd or a pipe ({kind})")
 
 
 def _region(r: p.MemoryRegion) -> Region:

@@ -634,9 +634,6 @@ def test_protocol_state_machine(blk_device: BlkDevice, fuzz_minutes: float, tmp_
 # --- findings -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a kick fd that is always readable (a regular file, "
-                   "/dev/null) makes the queue worker spin at 100% CPU: vu_vq_run polls it, "
-                   "read() returns 0 and the loop goes round again")
 def test_kick_fd_that_is_always_readable_does_not_spin(blk_device: BlkDevice,
                                                        tmp_path: Path) -> None:
     plain = tmp_path / "plain"

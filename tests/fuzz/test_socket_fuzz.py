@@ -526,9 +526,6 @@ def test_socket_fuzz(two_disks: tuple[Daemon, Daemon], fuzz_minutes: float,
 # --- findings -----------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="SET_MEM_TABLE maps a region larger than its memfd "
-                   "(vu_mem_add checks no file size); the first ring access past the end of "
-                   "the file raises SIGBUS and the daemon dies")
 def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> None:
     d = spawn_daemon(tmp_path, "sigbus", image_size=4 * MiB)
     small = os.memfd_create("small-ram", os.MFD_CLOEXEC)
@@ -560,10 +557,6 @@ def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> N
 
 
 
-@pytest.mark.xfail(strict=True, reason="a queue whose worker ended on its own (broken ring) "
-                   "stays active with ring pointers into guest memory; REM_MEM_REG (or "
-                   "SET_MEM_TABLE) unmaps that memory without deactivating it, and the next "
-                   "stop (GET_VRING_BASE, reset, restart) reads the unmapped ring: SIGSEGV")
 def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: Path) -> None:
     d = spawn_daemon(tmp_path, "segv", image_size=4 * MiB)
     ram = GuestRam(4 * MiB, 1)
