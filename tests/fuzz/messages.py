@@ -11,16 +11,10 @@ What a generator knows of the back end is a :class:`Target`: the front end's gue
 so that a good share of messages are *valid* and get the back end into deep states
 (memory mapped, rings started), where mutated messages then do the most damage.
 
-Two limits keep the fuzzers on findings they have not made yet (each finding has a
-strict xfail reproducer; lift the limit when the fix lands):
-
-* every fd carried as guest memory is the front end's RAM memfd, truncated to
-  :data:`MEMFD_SIZE` so that any region the back end can map lies inside the file (a
-  region past the end of its file kills the back end with SIGBUS:
-  test_socket_fuzz.py::test_region_past_end_of_its_fd_does_not_kill_the_daemon);
-* a kick fd is an eventfd, a pipe or a socket, never a regular file (a kick fd that is
-  always readable makes the queue's worker spin:
-  test_protocol_state_machine.py::test_kick_fd_that_is_always_readable_does_not_spin).
+Fds: eventfds, pipes and sockets (the front end keeps the other end), the RAM memfd,
+a memfd of one page (regions over it reach past the end of the file), a regular file
+and /dev/null (readable forever: refused as notifiers). The RAM memfd is truncated to
+:data:`MEMFD_SIZE`, so regions of any size that fit the address space map over it.
 """
 
 from __future__ import annotations
@@ -42,8 +36,8 @@ from vhost import protocol as p
 
 T = TypeVar("T")
 
-#: Size of the RAM memfd: the process address space (47 bits) cannot map more, so no
-#: region that maps can reach past the end of the file.
+#: Size of the RAM memfd (sparse): as much as the address space (47 bits) can map, so
+#: that huge regions over it are accepted and mapped, not refused for the file size.
 MEMFD_SIZE: Final = 1 << 47
 RING_SIZE: Final = 256  # ring areas are laid out for this many entries
 HEADER: Final = struct.Struct("<III")
@@ -148,9 +142,12 @@ class Target:
 
 # --- fds ------------------------------------------------------------------------------------
 
-#: fds a message may carry: the RAM memfd, and fds that are safe as a kick fd.
-FD_KINDS: Final = ("eventfd", "eventfd", "pipe", "socket", "memfd")
-KICK_KINDS: Final = ("eventfd", "eventfd", "eventfd", "pipe", "socket")
+#: fds a message may carry, and the mix for notifiers (kick, call, err) and memory.
+FD_KINDS: Final = ("eventfd", "eventfd", "pipe", "socket", "memfd", "small_memfd", "file",
+                   "devnull")
+KICK_KINDS: Final = ("eventfd", "eventfd", "eventfd", "eventfd", "pipe", "socket", "file",
+                     "devnull")
+MEM_KINDS: Final = ("eventfd", "pipe", "small_memfd", "small_memfd", "file", "devnull")
 
 
 class FdFactory:
@@ -168,6 +165,16 @@ class FdFactory:
         self.made += 1
         if kind == "memfd":
             return os.dup(self.memfd)
+        if kind == "small_memfd":
+            fd = os.memfd_create("fuzz-small", os.MFD_CLOEXEC)
+            os.ftruncate(fd, 4096)
+            return fd
+        if kind == "file":  # a regular file (read-write: it could be mapped)
+            fd = os.memfd_create("fuzz-file", os.MFD_CLOEXEC)
+            os.write(fd, b"not an eventfd")
+            return fd
+        if kind == "devnull":
+            return os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
         if kind == "eventfd":
             mine = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
             theirs = os.dup(mine)
@@ -260,7 +267,7 @@ def region(src: Source, t: Target) -> p.MemoryRegion:
 
 
 def mem_fd_kind(src: Source) -> str:
-    return "memfd" if src.chance(90) else src.pick(("eventfd", "pipe", "socket"))
+    return "memfd" if src.chance(85) else src.pick(MEM_KINDS)
 
 
 def ring_addresses(src: Source, t: Target, index: int) -> tuple[int, int, int]:
@@ -333,7 +340,8 @@ def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
     if kind == "SET_PROTOCOL_FEATURES":
         return p.SetProtocolFeatures(protocol_features(src, t), need), ()
     if kind == "SET_MEM_TABLE":
-        n = src.pick((len(t.regions()), len(t.regions()), 1, src.between(1, p.MEM_TABLE_MAX_REGIONS)))
+        every = len(t.regions())
+        n = src.pick((every, every, 1, src.between(1, p.MEM_TABLE_MAX_REGIONS)))
         regions = tuple(region(src, t) for _ in range(n))
         kinds = tuple(mem_fd_kind(src) for _ in range(n))
         return p.SetMemTable(regions, tuple(range(n)), need), kinds
@@ -384,7 +392,7 @@ def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
         fits = inflight_size(num_queues, queue_size)
         size = src.pick((fits, fits, fits + 4096, max(0, fits - 1), 0, 4096, u64(src)))
         offset = src.pick((0, 0, 4096, 1 << 20, 1, u64(src)))
-        kind_ = "memfd" if src.chance(85) else src.pick(("eventfd", "pipe", "socket"))
+        kind_ = mem_fd_kind(src)
         return p.SetInflightFd(size, offset, num_queues, queue_size, 0, need), (kind_,)
     assert kind == "UNKNOWN"
     code = src.pick(UNKNOWN_CODES) if src.chance(80) else u32(src)

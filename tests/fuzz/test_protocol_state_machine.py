@@ -143,7 +143,6 @@ class Stats:
     replies: int = 0
     reconnects: int = 0
     io_checks: int = 0
-    sidestepped: int = 0  # queues left with stale rings by a known bug (see _sidestep...)
     failed_acks: Counter[str] = field(default_factory=Counter)
     protocol_errors: Counter[str] = field(default_factory=Counter)
     frame_kinds: Counter[str] = field(default_factory=Counter)
@@ -156,8 +155,7 @@ class Stats:
                 f"({self.running_steps} with a queue running), "
                 f"{self.frames} frames ({self.bytes} bytes, {self.fds} fds), {self.messages} "
                 f"messages handled, {self.replies} replies, {self.reconnects} reconnects, "
-                f"{self.io_checks} verified fresh-session I/O checks, {self.sidestepped} "
-                f"stale rings sidestepped; "
+                f"{self.io_checks} verified fresh-session I/O checks; "
                 f"{sum(self.protocol_errors.values())} ProtocolError "
                 f"({len(self.protocol_errors)} kinds; top: {top}); session refusals "
                 f"{sum(self.failed_acks.values())} ({acks}); log {dict(self.log_levels)}")
@@ -350,22 +348,10 @@ class ProtocolMachine(RuleBasedStateMachine):
                 return True
             self.stats.messages += 1
             reply = self.session.handle(msg)  # must not raise
-            if isinstance(msg, (p.SetMemTable, p.RemMemReg)):
-                self._sidestep_stale_rings()
             if reply is not None:
                 self.stats.replies += 1
             if check_reply(msg, reply):
                 self.stats.failed_acks[p.request_name(request_code(msg)).split("(")[0]] += 1
-
-    def _sidestep_stale_rings(self) -> None:
-        """Known bug, reproduced by test_memory_removed_under_a_broken_queue_does_not_kill
-        _the_daemon (test_socket_fuzz.py): a queue whose worker gave up stays active, and
-        once its memory is unmapped the next stop reads the unmapped ring (SIGSEGV).
-        Until that is fixed, forget such a queue's ring here so this process survives."""
-        for q in self.session.queues:
-            if q.active and not q.running:
-                q.active = False  # white box: what deactivate() does, without the read
-                self.stats.sidestepped += 1
 
     def _protocol_error(self, e: p.ProtocolError) -> None:
         self.stats.protocol_errors[error_kind(e)] += 1

@@ -16,6 +16,14 @@ one leaves too; SIGTERM still stops it cleanly.
 
 CI: exactly CI_MESSAGES (10,000) messages; ``--fuzz-minutes N`` runs for N minutes.
 ``VHOST_FUZZ_SEED`` replays a run (the seed is in the summary line).
+
+Known finding, not fixed here (vhost/server.py under uvloop): about once per million
+messages a live connection's fd drops out of the event loop's epoll set (strace shows a
+lone EPOLL_CTL_DEL of it from inside the loop); the daemon then never reads it again nor
+notices the hang-up, and since a socket serves one front end at a time, that disk takes
+no other front end until restart. Never seen with asyncio's own loop (8.6 million
+messages). The fuzz recognises exactly that state (lost_from_epoll) and reports it as an
+xfail with the figures; any other stall is a failure.
 """
 
 from __future__ import annotations
@@ -75,7 +83,6 @@ class FuzzStats:
     replies: int = 0
     reply_fds: int = 0
     scribbles: int = 0
-    skipped: int = 0  # memory changes after a kick, left out (a known bug)
     bad_replies: list[str] = field(default_factory=list)
     frame_kinds: Counter[str] = field(default_factory=Counter)
     disconnects: Counter[str] = field(default_factory=Counter)
@@ -86,8 +93,8 @@ class FuzzStats:
                 f"({self.bytes} bytes, {self.fds} fds) in {self.connections} connections, "
                 f"{self.replies} replies ({self.reply_fds} with an fd), {len(self.bad_replies)} "
                 f"malformed, {self.pings} pings answered, {self.finished} hung up and read to "
-                f"the end, {self.dropped_by_daemon} dropped by the daemon, {self.scribbles} ring scribbles, "
-                f"{self.skipped} memory changes after a kick left out; "
+                f"the end, {self.dropped_by_daemon} dropped by the daemon, {self.scribbles} "
+                f"ring scribbles; "
                 f"daemon disconnect reasons: {len(self.disconnects)} kinds, top: {why}; "
                 f"good front end: {io.verified} verified I/Os ({io.bytes} bytes), longest "
                 f"wait {io.longest_gap:.2f}s")
@@ -139,6 +146,37 @@ class GoodFrontEnd(threading.Thread):
 
 
 # --- the fuzzing front end ---------------------------------------------------------------
+
+
+class DaemonStalled(AssertionError):
+    """The daemon neither answered nor dropped a connection in time."""
+
+
+def lost_from_epoll(pid: int, socket_path: Path) -> list[int]:
+    """The daemon's accepted connections on `socket_path` that are in none of its epoll
+    interest lists: it will never read them again (the known uvloop finding, see
+    test_socket_fuzz)."""
+    sockets: dict[int, int] = {}  # inode -> fd
+    watched: set[int] = set()
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            sockets[int(target[8:-1])] = int(name)
+        elif target == "anon_inode:[eventpoll]":
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                watched |= {int(line.split()[1]) for line in f if line.startswith("tfd:")}
+    lost = []
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()  # ... St Inode Path; St 03: connected
+            if len(fields) >= 8 and fields[7] == str(socket_path) and fields[5] == "03":
+                fd = sockets.get(int(fields[6]))
+                if fd is not None and fd not in watched:
+                    lost.append(fd)
+    return lost
 
 
 class Connection:
@@ -239,8 +277,9 @@ class Connection:
                 self.stats.pings += 1
                 return
             left = deadline - time.monotonic()
-            assert left > 0, (f"no answer to a GET_CONFIG ping within {PING_TIMEOUT}s; "
-                              f"sent (header, bytes, fds): {list(self.sent)}")
+            if left <= 0:
+                raise DaemonStalled(f"no answer to a GET_CONFIG ping within {PING_TIMEOUT}s; "
+                                    f"last sent (header, bytes, fds): {list(self.sent)}")
             self.drain(block=left)
 
     def finish(self) -> None:
@@ -257,7 +296,9 @@ class Connection:
         deadline = time.monotonic() + PING_TIMEOUT
         while self.open:
             left = deadline - time.monotonic()
-            assert left > 0, f"the daemon kept the connection {PING_TIMEOUT}s after our EOF"
+            if left <= 0:
+                raise DaemonStalled(f"the daemon kept the connection {PING_TIMEOUT}s after our "
+                                    f"EOF; last sent (header, bytes, fds): {list(self.sent)}")
             self.drain(block=left)
         self.stats.finished += 1
 
@@ -358,20 +399,6 @@ class Fuzzer:
 
     def _one_connection(self, conn: Connection, room: Callable[[], int]) -> None:
         frames = self.script()
-        # Known bug (test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon):
-        # once a queue may have run (a kick fd was sent), its worker may have given up on
-        # a garbage ring, and memory removed after that kills the daemon. Until the fix,
-        # no SET_MEM_TABLE or REM_MEM_REG follows a SET_VRING_KICK on one connection.
-        kicked = False
-        kept = []
-        for f in frames:
-            code = int.from_bytes(f.data[:4].ljust(4, b"\0"), "little")
-            if kicked and code in (p.Request.SET_MEM_TABLE, p.Request.REM_MEM_REG):
-                self.stats.skipped += 1
-                continue
-            kicked |= code == p.Request.SET_VRING_KICK
-            kept.append(f)
-        frames = kept
         k = 0
         while k < len(frames) and (left := room()) > 0:
             # Frames without fds go out together (as QEMU's writes may); one with fds
@@ -485,10 +512,21 @@ def test_socket_fuzz(two_disks: tuple[Daemon, Daemon], fuzz_minutes: float,
     log = LogScan(fuzz_disk)
     t0 = time.monotonic()
     try:
-        if fuzz_minutes:
-            fuzzer.run(messages=None, seconds=fuzz_minutes * 60)
-        else:
-            fuzzer.run(messages=CI_MESSAGES, seconds=None)
+        try:
+            if fuzz_minutes:
+                fuzzer.run(messages=None, seconds=fuzz_minutes * 60)
+            else:
+                fuzzer.run(messages=CI_MESSAGES, seconds=None)
+        except DaemonStalled as e:
+            lost = lost_from_epoll(fuzz_disk.pid, fuzz_disk.socket_path)
+            log.update()
+            fuzzer.stats.disconnects = log.disconnects.get(fuzz_disk.socket_path.name,
+                                                           Counter())
+            if lost:
+                pytest.xfail(f"known finding after {fuzzer.stats.messages} messages: the "
+                             f"daemon's connection fd {lost} dropped out of uvloop's epoll set "
+                             f"mid-connection, so it is never read again ({str(e)[:300]})")
+            raise
         elapsed = time.monotonic() - t0
         # Every fuzz connection, the probes' included, has been torn down.
         log.wait_disconnects(fuzz_disk.socket_path.name, fuzzer.stats.connections + 2, 30)
