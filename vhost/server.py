@@ -13,6 +13,7 @@ import array
 import asyncio
 import logging
 import os
+import select
 import socket
 import stat
 from typing import Any
@@ -79,6 +80,12 @@ def socket_from_fd(fd: int) -> socket.socket:
     return sock
 
 
+#: recvmsg calls per readable callback (each stops at an fd boundary)
+MAX_READS_PER_WAKEUP = 4096
+#: seconds between the connection watcher's own looks at the socket
+WATCH_INTERVAL = 0.5
+
+
 def _recv(conn: socket.socket) -> tuple[bytes, list[int]]:
     data, anc, flags, _ = conn.recvmsg(RECV_SIZE, _ANC_SIZE, socket.MSG_CMSG_CLOEXEC)
     fds: list[int] = []
@@ -139,23 +146,32 @@ class Server:
                 done.set_result(why)
 
         def on_readable() -> None:
-            if done.done():
-                return
+            # Read until the socket is empty: one recvmsg stops at each fd boundary, and
+            # after an error event (a front end that died with replies unread resets the
+            # connection) uvloop may not call us again for what is left, the reset included.
+            # Bounded (a socket buffer's worth of small messages) so that a front end that
+            # keeps writing cannot hold the loop; a live socket is polled again anyway.
+            for _ in range(MAX_READS_PER_WAKEUP):
+                if done.done() or not read_once():
+                    return
+
+        def read_once() -> bool:
+            """Take one recvmsg's worth; False when there is nothing more to read now."""
             try:
                 data, fds = _recv(conn)
             except (BlockingIOError, InterruptedError):
-                return
+                return False
             except p.ProtocolError as e:
                 finish(f"malformed message: {e}")
-                return
+                return False
             except OSError as e:
                 finish(f"socket error: {e.strerror}")
-                return
+                return False
             if not data:
                 for fd in fds:
                     os.close(fd)
                 finish("front end closed the connection")
-                return
+                return False
             log.debug("%s: recv %d bytes, %d fds", name, len(data), len(fds))
             try:
                 reader.feed(data, fds)
@@ -174,12 +190,27 @@ class Server:
             except Exception as e:  # a bug must cost this connection, not the daemon
                 log.exception("%s: internal error", name)
                 finish(f"internal error: {e!r}")
+            return True
+
+        async def watch() -> None:
+            """Safety net: on an error event (a front end that died with replies unread
+            resets the connection) uvloop stops polling the fd without calling the
+            reader, and the dead connection would hold the socket forever. Look at the
+            socket ourselves now and then; the reader drains whatever is there."""
+            poller = select.poll()
+            poller.register(conn.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+            while not done.done():
+                await asyncio.sleep(WATCH_INTERVAL)
+                if poller.poll(0):
+                    on_readable()
 
         loop.add_reader(conn.fileno(), on_readable)
+        watcher = asyncio.ensure_future(watch())
         try:
             await asyncio.wait([done, stop_wait], return_when=asyncio.FIRST_COMPLETED)
             why = done.result() if done.done() else "daemon stopping"
         finally:
+            watcher.cancel()
             loop.remove_reader(conn.fileno())
             reader.close()
             session.close()

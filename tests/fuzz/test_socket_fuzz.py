@@ -17,15 +17,14 @@ one leaves too; SIGTERM still stops it cleanly.
 CI: exactly CI_MESSAGES (10,000) messages; ``--fuzz-minutes N`` runs for N minutes.
 ``VHOST_FUZZ_SEED`` replays a run (the seed is in the summary line).
 
-Known finding, not fixed here (vhost/server.py under uvloop), reproduced by
-test_front_end_reset_with_replies_unread_is_noticed: a front end that hangs up with
-replies unread resets the connection (EPOLLERR); uvloop then runs the reader once and
-drops the fd from its epoll set. The server's reader read what it could (up to an fd
-boundary) and returned, so the rest and the reset are never seen: the daemon keeps the
-dead connection forever and, serving one front end per socket, takes no other on that
-socket until restart. Until it is fixed the fuzzer does not hang up abruptly
-(ABRUPT_HANG_UPS); should that state still show up, it is recognised (lost_from_epoll)
-and reported as an xfail with the figures. Any other stall is a failure.
+Found by this fuzzer and fixed in vhost/server.py (reproducer:
+test_front_end_reset_with_replies_unread_is_noticed): a front end that hung up with
+replies unread reset the connection; uvloop ran the reader once and stopped polling the
+fd, and the reader had taken one recvmsg (which stops at an fd boundary), so the rest
+and the reset were never seen and the socket took no other front end. The reader now
+drains the socket on each wake-up. Should a stalled connection still show up, it is
+recognised (lost_from_epoll) and reported as an xfail with the figures; any other stall
+is a failure.
 """
 
 from __future__ import annotations
@@ -69,10 +68,10 @@ FUZZ_RAM = 8 * MiB
 SEND_TIMEOUT = 10.0  # the daemon must take our bytes (or drop us) within this
 PING_TIMEOUT = 10.0  # ... and answer a GET_FEATURES within this
 PING_OFFSET = 0x5EED_0000  # GET_CONFIG offsets the generators (practically) never use
-MAX_IO_GAP = 5.0
-#: Hang up with replies unread (a front end that crashes). Off until the server notices
-#: such a reset: see test_front_end_reset_with_replies_unread_is_noticed.
-ABRUPT_HANG_UPS = False  # the good front end may wait this long for one I/O at most
+MAX_IO_GAP = 5.0  # the good front end may wait this long for one I/O at most
+#: Sometimes hang up with replies unread (a front end that crashes): see
+#: test_front_end_reset_with_replies_unread_is_noticed.
+ABRUPT_HANG_UPS = True
 _ANC = socket.CMSG_SPACE(p.MAX_FDS_PER_MESSAGE * 4)
 
 
@@ -637,11 +636,6 @@ def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: 
             d.proc.wait()
 
 
-@pytest.mark.xfail(strict=True, reason="vhost/server.py on uvloop: a front end that hangs up "
-                   "with replies unread resets the connection; uvloop calls the reader once "
-                   "and stops polling the fd, the reader returns after one recvmsg (which "
-                   "stops at an fd boundary), so the rest and the reset are never read: the "
-                   "connection is never torn down and the socket takes no other front end")
 def test_front_end_reset_with_replies_unread_is_noticed(tmp_path: Path) -> None:
     d = spawn_daemon(tmp_path, "reset", image_size=4 * MiB)
     call = os.eventfd(0, os.EFD_CLOEXEC)
