@@ -118,9 +118,9 @@ class Engine:
     def set_queue(self, port: Any, pair: int, is_tx: bool, q: Virtqueue | None,
                   tap_fd: int = -1) -> None:
         key = (int(port.id), pair)
-        if q is not None and key not in self._pairs and len(self._pairs) >= lib.NET_MAX_PAIRS:
+        if q is not None and key not in self._pairs and len(self._pairs) >= MAX_ENGINE_PAIRS:
             raise ValueError(f"{self.name} is full: one engine serves at most "
-                             f"{lib.NET_MAX_PAIRS} queue pairs")
+                             f"{MAX_ENGINE_PAIRS} queue pairs")
         self.stop()
         entry = self._pairs.setdefault((int(port.id), pair), [port, None, None, tap_fd])
         entry[2 if is_tx else 1] = q

@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from vhost import limits
 from vhost._native import ffi, lib
 
-MAX_REGIONS: int = lib.VU_MAX_REGIONS
+MAX_REGIONS: int = limits.MAX_MEM_SLOTS
 
 
 class GuestMemoryError(Exception):
