@@ -25,7 +25,7 @@ import struct
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Final, NoReturn, TypeAlias, assert_never
+from typing import Any, ClassVar, Final, NoReturn, TypeAlias, assert_never
 
 from vhost import limits
 
@@ -156,27 +156,32 @@ class MemoryRegion:
 
 @dataclass(frozen=True)
 class GetFeatures:
+    request: ClassVar[Request] = Request.GET_FEATURES
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class SetFeatures:
+    request: ClassVar[Request] = Request.SET_FEATURES
     features: int
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class SetOwner:
+    request: ClassVar[Request] = Request.SET_OWNER
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class ResetOwner:
+    request: ClassVar[Request] = Request.RESET_OWNER
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class SetMemTable:
+    request: ClassVar[Request] = Request.SET_MEM_TABLE
     regions: tuple[MemoryRegion, ...]
     fds: tuple[int, ...]  # fds[i] backs regions[i]
     need_reply: bool = False
@@ -184,6 +189,7 @@ class SetMemTable:
 
 @dataclass(frozen=True)
 class SetVringNum:
+    request: ClassVar[Request] = Request.SET_VRING_NUM
     index: int
     num: int
     need_reply: bool = False
@@ -191,6 +197,7 @@ class SetVringNum:
 
 @dataclass(frozen=True)
 class SetVringBase:
+    request: ClassVar[Request] = Request.SET_VRING_BASE
     index: int
     num: int
     need_reply: bool = False
@@ -198,12 +205,14 @@ class SetVringBase:
 
 @dataclass(frozen=True)
 class GetVringBase:
+    request: ClassVar[Request] = Request.GET_VRING_BASE
     index: int
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class SetVringEnable:
+    request: ClassVar[Request] = Request.SET_VRING_ENABLE
     index: int
     enable: bool
     need_reply: bool = False
@@ -211,6 +220,7 @@ class SetVringEnable:
 
 @dataclass(frozen=True)
 class SetVringAddr:
+    request: ClassVar[Request] = Request.SET_VRING_ADDR
     index: int
     flags: int
     desc_user_addr: int
@@ -222,6 +232,7 @@ class SetVringAddr:
 
 @dataclass(frozen=True)
 class SetVringKick:
+    request: ClassVar[Request] = Request.SET_VRING_KICK
     index: int
     fd: int | None  # None: NOFD bit set, the back end should poll
     need_reply: bool = False
@@ -229,6 +240,7 @@ class SetVringKick:
 
 @dataclass(frozen=True)
 class SetVringCall:
+    request: ClassVar[Request] = Request.SET_VRING_CALL
     index: int
     fd: int | None
     need_reply: bool = False
@@ -236,6 +248,7 @@ class SetVringCall:
 
 @dataclass(frozen=True)
 class SetVringErr:
+    request: ClassVar[Request] = Request.SET_VRING_ERR
     index: int
     fd: int | None
     need_reply: bool = False
@@ -243,32 +256,38 @@ class SetVringErr:
 
 @dataclass(frozen=True)
 class GetProtocolFeatures:
+    request: ClassVar[Request] = Request.GET_PROTOCOL_FEATURES
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class SetProtocolFeatures:
+    request: ClassVar[Request] = Request.SET_PROTOCOL_FEATURES
     features: int
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class GetQueueNum:
+    request: ClassVar[Request] = Request.GET_QUEUE_NUM
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class GetMaxMemSlots:
+    request: ClassVar[Request] = Request.GET_MAX_MEM_SLOTS
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class ResetDevice:
+    request: ClassVar[Request] = Request.RESET_DEVICE
     need_reply: bool = False
 
 
 @dataclass(frozen=True)
 class GetConfig:
+    request: ClassVar[Request] = Request.GET_CONFIG
     offset: int
     size: int
     flags: int
@@ -278,6 +297,7 @@ class GetConfig:
 
 @dataclass(frozen=True)
 class SetConfig:
+    request: ClassVar[Request] = Request.SET_CONFIG
     offset: int
     size: int
     flags: int
@@ -287,6 +307,7 @@ class SetConfig:
 
 @dataclass(frozen=True)
 class AddMemReg:
+    request: ClassVar[Request] = Request.ADD_MEM_REG
     region: MemoryRegion
     fd: int
     need_reply: bool = False
@@ -294,6 +315,7 @@ class AddMemReg:
 
 @dataclass(frozen=True)
 class RemMemReg:
+    request: ClassVar[Request] = Request.REM_MEM_REG
     region: MemoryRegion
     fd: int | None  # the spec says none, but some front ends attach one; close it unused
     need_reply: bool = False
@@ -304,6 +326,7 @@ class GetInflightFd:
     """The front end asks for a region to track inflight I/O (it sends zeros for the
     mmap fields; only the queue count and size matter)."""
 
+    request: ClassVar[Request] = Request.GET_INFLIGHT_FD
     num_queues: int
     queue_size: int
     need_reply: bool = False
@@ -314,6 +337,7 @@ class SetInflightFd:
     """The front end hands a region back (the one GET_INFLIGHT_FD gave it, kept across
     back-end restarts)."""
 
+    request: ClassVar[Request] = Request.SET_INFLIGHT_FD
     mmap_size: int
     mmap_offset: int
     num_queues: int
@@ -463,14 +487,17 @@ def _check_header(header: _Header, *, is_reply: bool) -> None:
 _Fds: TypeAlias = tuple[int, ...]
 _PayloadCheck: TypeAlias = Callable[[str, bytes], None]  # (request name, payload)
 _FdRule: TypeAlias = Callable[[bytes], range]  # payload (already checked) -> allowed fd counts
-_Build: TypeAlias = Callable[[bytes, _Fds, bool], Message]  # (payload, fds, need_reply)
+# (message class, payload, fds, need_reply) -> the message
+_Build: TypeAlias = Callable[[Any, bytes, _Fds, bool], "Message"]
 
 
 @dataclass(frozen=True)
 class _Rule:
     """Decoding runs check (sizes, field ranges), then the fd rule, then build; build may
-    therefore assume a well-sized payload and the right number of fds."""
+    therefore assume a well-sized payload and the right number of fds. The message
+    class's request code is the rule's key."""
 
+    message: Any  # the message class built
     check: _PayloadCheck
     fds: _FdRule
     build: _Build
@@ -566,43 +593,30 @@ def _describe(allowed: range) -> str:
     return " or ".join(counts)
 
 
-def _empty(make: Callable[[bool], Message]) -> _Build:
-    def build(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-        return make(need_reply)
-
-    return build
+def _empty(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    return make(need_reply)  # type: ignore[no-any-return]
 
 
-def _u64(make: Callable[[int, bool], Message]) -> _Build:
-    def build(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-        (value,) = _U64.unpack(payload)
-        return make(value, need_reply)
-
-    return build
+def _u64(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    (value,) = _U64.unpack(payload)
+    return make(value, need_reply)  # type: ignore[no-any-return]
 
 
-def _vring_state(make: Callable[[int, int, bool], Message]) -> _Build:
-    def build(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-        index, num = _VRING_STATE.unpack(payload)
-        return make(index, num, need_reply)
-
-    return build
+def _vring_state(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    index, num = _VRING_STATE.unpack(payload)
+    return make(index, num, need_reply)  # type: ignore[no-any-return]
 
 
-def _vring_fd(make: Callable[[int, int | None, bool], Message]) -> _Build:
-    def build(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-        (value,) = _U64.unpack(payload)
-        return make(value & VRING_INDEX_MASK, fds[0] if fds else None, need_reply)
-
-    return build
+def _vring_fd(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    (value,) = _U64.unpack(payload)
+    return make(value & VRING_INDEX_MASK, fds[0] if fds else None,  # type: ignore[no-any-return]
+                need_reply)
 
 
-def _config(make: Callable[[int, int, int, bytes, bool], Message]) -> _Build:
-    def build(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-        offset, size, flags = _CONFIG_HEAD.unpack_from(payload)
-        return make(offset, size, flags, payload[_CONFIG_HEAD.size :], need_reply)
-
-    return build
+def _config(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    offset, size, flags = _CONFIG_HEAD.unpack_from(payload)
+    return make(offset, size, flags, payload[_CONFIG_HEAD.size :],  # type: ignore[no-any-return]
+                need_reply)
 
 
 def _read_region(name: str, payload: bytes, offset: int) -> MemoryRegion:
@@ -611,23 +625,23 @@ def _read_region(name: str, payload: bytes, offset: int) -> MemoryRegion:
     return region
 
 
-def _build_get_vring_base(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_get_vring_base(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     # num is meaningless in the request (QEMU sends 0); only the index matters.
     index, _num = _VRING_STATE.unpack(payload)
     return GetVringBase(index, need_reply)
 
 
-def _build_vring_enable(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_vring_enable(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     index, num = _VRING_STATE.unpack(payload)
     return SetVringEnable(index, bool(num), need_reply)
 
 
-def _build_vring_addr(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_vring_addr(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     index, flags, desc, used, avail, log = _VRING_ADDR.unpack(payload)
     return SetVringAddr(index, flags, desc, used, avail, log, need_reply)
 
 
-def _build_mem_table(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_mem_table(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     name = request_name(Request.SET_MEM_TABLE)
     regions = tuple(
         _read_region(name, payload, _MEM_TABLE_HEAD.size + i * _REGION.size)
@@ -636,22 +650,22 @@ def _build_mem_table(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     return SetMemTable(regions, fds, need_reply)
 
 
-def _build_add_mem_reg(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_add_mem_reg(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     region = _read_region(request_name(Request.ADD_MEM_REG), payload, _SINGLE_REGION_PAD.size)
     return AddMemReg(region, fds[0], need_reply)
 
 
-def _build_get_inflight(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_get_inflight(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     _size, _offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
     return GetInflightFd(num_queues, queue_size, need_reply)
 
 
-def _build_set_inflight(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_set_inflight(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     size, offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
     return SetInflightFd(size, offset, num_queues, queue_size, fds[0], need_reply)
 
 
-def _build_rem_mem_reg(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_rem_mem_reg(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     region = _read_region(request_name(Request.REM_MEM_REG), payload, _SINGLE_REGION_PAD.size)
     return RemMemReg(region, fds[0] if fds else None, need_reply)
 
@@ -659,32 +673,32 @@ def _build_rem_mem_reg(payload: bytes, fds: _Fds, need_reply: bool) -> Message:
 _SINGLE_REGION_SIZE: Final = _SINGLE_REGION_PAD.size + _REGION.size
 
 # Requests not listed here decode to Unknown.
-_RULES: Final[dict[int, _Rule]] = {
-    Request.GET_FEATURES: _Rule(_fixed(0), _no_fds, _empty(GetFeatures)),
-    Request.SET_FEATURES: _Rule(_fixed(_U64.size), _no_fds, _u64(SetFeatures)),
-    Request.SET_OWNER: _Rule(_fixed(0), _no_fds, _empty(SetOwner)),
-    Request.RESET_OWNER: _Rule(_fixed(0), _no_fds, _empty(ResetOwner)),
-    Request.SET_MEM_TABLE: _Rule(_check_mem_table, _fd_per_region, _build_mem_table),
-    Request.SET_VRING_NUM: _Rule(_fixed(_VRING_STATE.size), _no_fds, _vring_state(SetVringNum)),
-    Request.SET_VRING_ADDR: _Rule(_fixed(_VRING_ADDR.size), _no_fds, _build_vring_addr),
-    Request.SET_VRING_BASE: _Rule(_fixed(_VRING_STATE.size), _no_fds, _vring_state(SetVringBase)),
-    Request.GET_VRING_BASE: _Rule(_fixed(_VRING_STATE.size), _no_fds, _build_get_vring_base),
-    Request.SET_VRING_KICK: _Rule(_check_vring_fd, _fd_unless_nofd, _vring_fd(SetVringKick)),
-    Request.SET_VRING_CALL: _Rule(_check_vring_fd, _fd_unless_nofd, _vring_fd(SetVringCall)),
-    Request.SET_VRING_ERR: _Rule(_check_vring_fd, _fd_unless_nofd, _vring_fd(SetVringErr)),
-    Request.GET_PROTOCOL_FEATURES: _Rule(_fixed(0), _no_fds, _empty(GetProtocolFeatures)),
-    Request.SET_PROTOCOL_FEATURES: _Rule(_fixed(_U64.size), _no_fds, _u64(SetProtocolFeatures)),
-    Request.GET_QUEUE_NUM: _Rule(_fixed(0), _no_fds, _empty(GetQueueNum)),
-    Request.SET_VRING_ENABLE: _Rule(_check_vring_enable, _no_fds, _build_vring_enable),
-    Request.GET_CONFIG: _Rule(_check_config, _no_fds, _config(GetConfig)),
-    Request.SET_CONFIG: _Rule(_check_config, _no_fds, _config(SetConfig)),
-    Request.RESET_DEVICE: _Rule(_fixed(0), _no_fds, _empty(ResetDevice)),
-    Request.GET_MAX_MEM_SLOTS: _Rule(_fixed(0), _no_fds, _empty(GetMaxMemSlots)),
-    Request.ADD_MEM_REG: _Rule(_fixed(_SINGLE_REGION_SIZE), _one_fd, _build_add_mem_reg),
-    Request.REM_MEM_REG: _Rule(_fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
-    Request.GET_INFLIGHT_FD: _Rule(_fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
-    Request.SET_INFLIGHT_FD: _Rule(_fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
-}
+_RULES: Final[dict[int, _Rule]] = {rule.message.request: rule for rule in (
+    _Rule(GetFeatures, _fixed(0), _no_fds, _empty),
+    _Rule(SetFeatures, _fixed(_U64.size), _no_fds, _u64),
+    _Rule(SetOwner, _fixed(0), _no_fds, _empty),
+    _Rule(ResetOwner, _fixed(0), _no_fds, _empty),
+    _Rule(SetMemTable, _check_mem_table, _fd_per_region, _build_mem_table),
+    _Rule(SetVringNum, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
+    _Rule(SetVringAddr, _fixed(_VRING_ADDR.size), _no_fds, _build_vring_addr),
+    _Rule(SetVringBase, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
+    _Rule(GetVringBase, _fixed(_VRING_STATE.size), _no_fds, _build_get_vring_base),
+    _Rule(SetVringKick, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+    _Rule(SetVringCall, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+    _Rule(SetVringErr, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+    _Rule(GetProtocolFeatures, _fixed(0), _no_fds, _empty),
+    _Rule(SetProtocolFeatures, _fixed(_U64.size), _no_fds, _u64),
+    _Rule(GetQueueNum, _fixed(0), _no_fds, _empty),
+    _Rule(SetVringEnable, _check_vring_enable, _no_fds, _build_vring_enable),
+    _Rule(GetConfig, _check_config, _no_fds, _config),
+    _Rule(SetConfig, _check_config, _no_fds, _config),
+    _Rule(ResetDevice, _fixed(0), _no_fds, _empty),
+    _Rule(GetMaxMemSlots, _fixed(0), _no_fds, _empty),
+    _Rule(AddMemReg, _fixed(_SINGLE_REGION_SIZE), _one_fd, _build_add_mem_reg),
+    _Rule(RemMemReg, _fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
+    _Rule(GetInflightFd, _fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
+    _Rule(SetInflightFd, _fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
+)}
 
 
 def _decode_message(header: _Header, payload: bytes, fds: _Fds) -> Message:
@@ -700,7 +714,7 @@ def _decode_message(header: _Header, payload: bytes, fds: _Fds) -> Message:
     allowed = rule.fds(payload)
     if len(fds) not in allowed:
         raise ProtocolError(f"{name}: {len(fds)} fds attached, expected {_describe(allowed)}")
-    return rule.build(payload, fds, need_reply)
+    return rule.build(rule.message, payload, fds, need_reply)
 
 
 # --- reply decoding ----------------------------------------------------------------------
@@ -756,24 +770,24 @@ def _encode_body(msg: Message) -> tuple[int, bytes, _Fds]:
     """(request code, payload, fds) for msg; no validation beyond field widths."""
     match msg:
         case GetFeatures():
-            return Request.GET_FEATURES, b"", ()
+            return msg.request, b"", ()
         case SetFeatures(features=features):
-            return Request.SET_FEATURES, _pack(_U64, features), ()
+            return msg.request, _pack(_U64, features), ()
         case SetOwner():
-            return Request.SET_OWNER, b"", ()
+            return msg.request, b"", ()
         case ResetOwner():
-            return Request.RESET_OWNER, b"", ()
+            return msg.request, b"", ()
         case SetMemTable(regions=regions, fds=fds):
             head = _pack(_MEM_TABLE_HEAD, len(regions), 0)
-            return Request.SET_MEM_TABLE, head + b"".join(map(_pack_region, regions)), fds
+            return msg.request, head + b"".join(map(_pack_region, regions)), fds
         case SetVringNum(index=index, num=num):
-            return Request.SET_VRING_NUM, _pack(_VRING_STATE, index, num), ()
+            return msg.request, _pack(_VRING_STATE, index, num), ()
         case SetVringBase(index=index, num=num):
-            return Request.SET_VRING_BASE, _pack(_VRING_STATE, index, num), ()
+            return msg.request, _pack(_VRING_STATE, index, num), ()
         case GetVringBase(index=index):
-            return Request.GET_VRING_BASE, _pack(_VRING_STATE, index, 0), ()
+            return msg.request, _pack(_VRING_STATE, index, 0), ()
         case SetVringEnable(index=index, enable=enable):
-            return Request.SET_VRING_ENABLE, _pack(_VRING_STATE, index, int(enable)), ()
+            return msg.request, _pack(_VRING_STATE, index, int(enable)), ()
         case SetVringAddr():
             payload = _pack(
                 _VRING_ADDR,
@@ -784,38 +798,37 @@ def _encode_body(msg: Message) -> tuple[int, bytes, _Fds]:
                 msg.avail_user_addr,
                 msg.log_guest_addr,
             )
-            return Request.SET_VRING_ADDR, payload, ()
+            return msg.request, payload, ()
         case SetVringKick(index=index, fd=fd):
-            return (Request.SET_VRING_KICK, *_vring_fd_payload(index, fd))
+            return (msg.request, *_vring_fd_payload(index, fd))
         case SetVringCall(index=index, fd=fd):
-            return (Request.SET_VRING_CALL, *_vring_fd_payload(index, fd))
+            return (msg.request, *_vring_fd_payload(index, fd))
         case SetVringErr(index=index, fd=fd):
-            return (Request.SET_VRING_ERR, *_vring_fd_payload(index, fd))
+            return (msg.request, *_vring_fd_payload(index, fd))
         case GetProtocolFeatures():
-            return Request.GET_PROTOCOL_FEATURES, b"", ()
+            return msg.request, b"", ()
         case SetProtocolFeatures(features=features):
-            return Request.SET_PROTOCOL_FEATURES, _pack(_U64, features), ()
+            return msg.request, _pack(_U64, features), ()
         case GetQueueNum():
-            return Request.GET_QUEUE_NUM, b"", ()
+            return msg.request, b"", ()
         case GetMaxMemSlots():
-            return Request.GET_MAX_MEM_SLOTS, b"", ()
+            return msg.request, b"", ()
         case ResetDevice():
-            return Request.RESET_DEVICE, b"", ()
+            return msg.request, b"", ()
         case GetConfig() | SetConfig():
-            code = Request.GET_CONFIG if isinstance(msg, GetConfig) else Request.SET_CONFIG
             head = _pack(_CONFIG_HEAD, msg.offset, msg.size, msg.flags)
-            return code, head + bytes(msg.data), ()
+            return msg.request, head + bytes(msg.data), ()
         case AddMemReg(region=region, fd=fd):
             pad = _pack(_SINGLE_REGION_PAD, 0)
-            return Request.ADD_MEM_REG, pad + _pack_region(region), (fd,)
+            return msg.request, pad + _pack_region(region), (fd,)
         case RemMemReg(region=region, fd=fd):
             pad = _pack(_SINGLE_REGION_PAD, 0)
-            return Request.REM_MEM_REG, pad + _pack_region(region), (() if fd is None else (fd,))
+            return msg.request, pad + _pack_region(region), (() if fd is None else (fd,))
         case GetInflightFd(num_queues=nq, queue_size=qs):
-            return Request.GET_INFLIGHT_FD, _pack(_INFLIGHT, 0, 0, nq, qs), ()
+            return msg.request, _pack(_INFLIGHT, 0, 0, nq, qs), ()
         case SetInflightFd(mmap_size=size, mmap_offset=offset, num_queues=nq, queue_size=qs,
                            fd=fd):
-            return Request.SET_INFLIGHT_FD, _pack(_INFLIGHT, size, offset, nq, qs), (fd,)
+            return msg.request, _pack(_INFLIGHT, size, offset, nq, qs), (fd,)
         case Unknown(request=request, payload=payload, fds=fds):
             return request, bytes(payload), tuple(fds)
         case _:

@@ -66,7 +66,7 @@ class Session:
     # --- entry point ---
     def handle(self, msg: p.Message) -> p.Reply | None:
         """Apply one message; return the reply to send, if any."""
-        request = _request_of(msg)
+        request = msg.request
         log.debug("%s: <- %r", self.name, msg)
         try:
             reply = self._dispatch(msg)
@@ -372,26 +372,3 @@ def _check_notifier(fd: int) -> None:
 
 def _region(r: p.MemoryRegion) -> Region:
     return Region(r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-
-
-def _request_of(msg: p.Message) -> int:
-    if isinstance(msg, p.Unknown):
-        return msg.request
-    return _REQUEST_BY_TYPE[type(msg)]
-
-
-_REQUEST_BY_TYPE: dict[type, int] = {
-    p.GetFeatures: p.Request.GET_FEATURES, p.SetFeatures: p.Request.SET_FEATURES,
-    p.SetOwner: p.Request.SET_OWNER, p.ResetOwner: p.Request.RESET_OWNER,
-    p.SetMemTable: p.Request.SET_MEM_TABLE, p.SetVringNum: p.Request.SET_VRING_NUM,
-    p.SetVringAddr: p.Request.SET_VRING_ADDR, p.SetVringBase: p.Request.SET_VRING_BASE,
-    p.GetVringBase: p.Request.GET_VRING_BASE, p.SetVringKick: p.Request.SET_VRING_KICK,
-    p.SetVringCall: p.Request.SET_VRING_CALL, p.SetVringErr: p.Request.SET_VRING_ERR,
-    p.GetProtocolFeatures: p.Request.GET_PROTOCOL_FEATURES,
-    p.SetProtocolFeatures: p.Request.SET_PROTOCOL_FEATURES,
-    p.GetQueueNum: p.Request.GET_QUEUE_NUM, p.SetVringEnable: p.Request.SET_VRING_ENABLE,
-    p.GetConfig: p.Request.GET_CONFIG, p.SetConfig: p.Request.SET_CONFIG,
-    p.GetMaxMemSlots: p.Request.GET_MAX_MEM_SLOTS, p.AddMemReg: p.Request.ADD_MEM_REG,
-    p.RemMemReg: p.Request.REM_MEM_REG, p.ResetDevice: p.Request.RESET_DEVICE,
-    p.GetInflightFd: p.Request.GET_INFLIGHT_FD, p.SetInflightFd: p.Request.SET_INFLIGHT_FD,
-}
