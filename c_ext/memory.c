@@ -86,6 +86,40 @@ int vu_mem_remove(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva)
     return VU_ERR_REGION_NOT_FOUND;
 }
 
+/*
+ * Remove a region like vu_mem_remove, but instead of unmapping it replace its pages with
+ * private zero pages (MAP_FIXED over the same range) and hand the range to the caller,
+ * who unmaps it later (vu_unmap). For memory that Python views may still point into:
+ * they then read zeros and write nowhere, and the address range cannot be reused by a
+ * new mapping of guest memory while they live.
+ */
+int vu_mem_retire(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva,
+                  void **base, uint64_t *map_size)
+{
+    for (uint32_t i = 0; i < mem->nregions; i++) {
+        struct vu_region *r = &mem->regions[i];
+        if (r->gpa == gpa && r->size == size && r->uva == uva) {
+            void *p = mmap(r->map_base, (size_t)r->map_size, PROT_READ | PROT_WRITE,
+                           MAP_FIXED | MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+            if (p == MAP_FAILED)
+                return VU_ERR_MMAP;
+            *base = r->map_base;
+            *map_size = r->map_size;
+            memset(r, 0, sizeof(*r)); /* forgotten, not unmapped */
+            mem->regions[i] = mem->regions[mem->nregions - 1];
+            memset(&mem->regions[mem->nregions - 1], 0, sizeof(*r));
+            mem->nregions--;
+            return 0;
+        }
+    }
+    return VU_ERR_REGION_NOT_FOUND;
+}
+
+void vu_unmap(void *base, uint64_t size)
+{
+    munmap(base, (size_t)size);
+}
+
 void vu_mem_clear(struct vu_mem *mem)
 {
     for (uint32_t i = 0; i < mem->nregions; i++)

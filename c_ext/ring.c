@@ -445,9 +445,9 @@ void vu_vq_ring_state(struct vu_vq *vq, uint16_t *out)
     out[3] = load16(avail_event_ptr(vq));
 }
 
-/* One pass: every chain available now, handled, published, one signal. */
-/* Requests that were in flight when the previous process died, oldest first
- * (their inflight marks and counters stay as they were until they are used). */
+/* Run the requests that were in flight when the previous process died, oldest first
+ * (their inflight marks and counters stay as they were until they are used). Returns
+ * how many ran; a stop leaves the rest for the next start. */
 static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
     int done = 0;
@@ -473,6 +473,7 @@ static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
     return done;
 }
 
+/* One pass: every chain available now, handled, published, one signal. */
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
     int again = resubmit(vq, handler, ctx);
@@ -518,6 +519,45 @@ static void notify_error_fd(struct vu_vq *vq)
     }
 }
 
+/* Sleep until the kick fd fires, a stop is requested or timeout_ms pass (-1: no
+ * timeout). A failing kick fd is recorded as an error and returned as its code. */
+static int wait_for_kick(struct vu_vq *vq, int timeout_ms)
+{
+    for (;;) {
+        struct pollfd fds[2] = {
+            {.fd = vq->kick_fd, .events = POLLIN},
+            {.fd = vq->stop_fd, .events = POLLIN},
+        };
+        int r = poll(fds, 2, timeout_ms);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            vu_vq_record_error(vq, VU_ERR_KICK_FD, 0, (uint64_t)errno);
+            return VU_ERR_KICK_FD;
+        }
+        if (fds[1].revents || __atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE))
+            return VU_WAIT_STOP;
+        if (r == 0)
+            return VU_WAIT_IDLE;
+        if (fds[0].revents & POLLIN) {
+            uint64_t v;
+            ssize_t got = read(vq->kick_fd, &v, sizeof(v));
+            if (got == 0) { /* end of file: readable forever, it would spin */
+                vu_vq_record_error(vq, VU_ERR_KICK_HUP, 0, 0);
+                return VU_ERR_KICK_HUP;
+            }
+            if (got < 0 && errno != EAGAIN && errno != EINTR) {
+                vu_vq_record_error(vq, VU_ERR_KICK_FD, 0, (uint64_t)errno);
+                return VU_ERR_KICK_FD;
+            }
+            vq->stats.kicks++;
+            return VU_WAIT_WORK;
+        }
+        vu_vq_record_error(vq, VU_ERR_KICK_HUP, 0, (uint64_t)fds[0].revents);
+        return VU_ERR_KICK_HUP;
+    }
+}
+
 /*
  * Serve the queue until asked to stop: process, then sleep on the kick fd.
  * Returns to the caller (a worker thread, GIL released) only to stop, or
@@ -548,35 +588,126 @@ int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
         if (n > 0)
             continue;
 
-        struct pollfd fds[2] = {
-            {.fd = vq->kick_fd, .events = POLLIN},
-            {.fd = vq->stop_fd, .events = POLLIN},
-        };
-        if (poll(fds, 2, -1) < 0) {
-            if (errno == EINTR)
-                continue;
-            vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)errno);
-            return VU_RUN_FD_ERROR;
-        }
-        if (fds[1].revents)
+        int w = wait_for_kick(vq, -1);
+        if (w == VU_WAIT_STOP)
             return VU_RUN_STOPPED;
-        if (fds[0].revents & POLLIN) {
-            uint64_t v;
-            ssize_t got = read(vq->kick_fd, &v, sizeof(v));
-            if (got == 0) { /* end of file: readable forever, it would spin */
-                vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, 0);
-                return VU_RUN_FD_ERROR;
-            }
-            if (got < 0 && errno != EAGAIN && errno != EINTR) {
-                vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)errno);
-                return VU_RUN_FD_ERROR;
-            }
-            vq->stats.kicks++;
-        } else if (fds[0].revents) {
-            vu_vq_record_error(vq, VU_ERR_DEV_IO, 0, (uint64_t)fds[0].revents);
+        if (w < 0)
             return VU_RUN_FD_ERROR;
+    }
+}
+
+/*
+ * Give back the last n chains taken, as if they had not been (Linux's
+ * vhost_discard_vq_desc, libvhost-user's vu_queue_rewind): the driver's buffers stay
+ * where they are and the next pop takes them again. The caller guarantees that those
+ * n chains are still outstanding (none was pushed), so their slots may be read again.
+ * With inflight tracking their marks are cleared: they never started.
+ */
+void vu_vq_discard(struct vu_vq *vq, uint32_t n)
+{
+    if (n > vq->num)
+        n = vq->num;
+    vq->stats.chains -= n;
+    if (!vq->inflight) {
+        vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - n);
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        vq->last_avail_idx--;
+        uint16_t head = load16(&vq->avail->ring[vq->last_avail_idx & (uint16_t)(vq->num - 1)]);
+        if (head < vq->num) { /* it was < num when taken; the driver may have rewritten it */
+            vq->inflight->desc[head].inflight = 0;
+            store_order();
         }
     }
+}
+
+/*
+ * The chain API for devices written in Python: take up to max_chains valid chains at
+ * once, their iovecs packed into iov[] (max_iov entries, at least VU_MAX_CHAIN_IOV so
+ * that any chain fits). A chain that fails validation never reaches the caller: it is
+ * recorded and returned to the driver with nothing written, as in vu_vq_process. A
+ * chain that does not fit in what is left of iov[] is given back for the next call.
+ * Returns the number of chains in out[] (those taken before a bad head are still
+ * handed out; the call after returns VU_ERR_BROKEN), or a negative code when the ring
+ * is broken (the error is recorded; the queue's worker should stop).
+ * Queues with inflight tracking are served by vu_vq_process (it resubmits); this
+ * batch API leaves resubmission alone.
+ */
+int vu_vq_pop_batch(struct vu_vq *vq, struct vu_chain_ref *out, uint32_t max_chains,
+                    struct iovec *iov, uint32_t max_iov)
+{
+    if (vq->broken)
+        return VU_ERR_BROKEN;
+    int avail = vu_vq_avail_count(vq);
+    if (avail < 0)
+        return avail;
+    uint32_t n = 0, used_iov = 0, bad = 0;
+    struct vu_chain *c = &vq->chain;
+    while (n < max_chains && (int)(n + bad) < avail) {
+        if (__atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE))
+            break;
+        uint16_t slot = vq->last_avail_idx;
+        uint64_t detail = 0;
+        int r = pop_chain(vq, c, &detail);
+        if (r < 0) {
+            vq->stats.bad_chains++;
+            vu_vq_record_error(vq, r, c->head, detail);
+            if (vq->broken)
+                break;
+            vu_vq_push(vq, c->head, 0);
+            bad++;
+            continue;
+        }
+        uint32_t niov = c->n_out + c->n_in;
+        if (used_iov + niov > max_iov) {
+            vu_vq_discard(vq, 1);
+            break;
+        }
+        memcpy(&iov[used_iov], c->iov, niov * sizeof(struct iovec));
+        out[n] = (struct vu_chain_ref){
+            .head = c->head, .slot = slot, .iov_start = used_iov, .n_out = c->n_out,
+            .n_in = c->n_in, .out_bytes = c->out_bytes, .in_bytes = c->in_bytes,
+        };
+        used_iov += niov;
+        n++;
+    }
+    if (bad) {
+        /* the refused chains go back to the driver now, whatever the caller does next */
+        vu_vq_flush_used(vq);
+        vu_vq_signal_if_needed(vq);
+    }
+    if (vq->broken && n == 0)
+        return VU_ERR_BROKEN;
+    return (int)n;
+}
+
+/* Publish n used entries (head, bytes written) at once, then decide about one signal. */
+int vu_vq_push_batch(struct vu_vq *vq, const uint32_t *heads, const uint32_t *lens, uint32_t n)
+{
+    if (n == 0)
+        return 0;
+    for (uint32_t i = 0; i < n; i++)
+        vu_vq_push(vq, heads[i], lens[i]);
+    vu_vq_flush_used(vq);
+    vq->stats.batches++;
+    return vu_vq_signal_if_needed(vq);
+}
+
+/*
+ * For a Python worker thread (called with the GIL released): ask the driver for a
+ * kick, and unless chains are already waiting, sleep until one comes, a stop is
+ * requested or timeout_ms pass (-1: no timeout). Returns VU_WAIT_WORK, VU_WAIT_IDLE
+ * (timed out), VU_WAIT_STOP, or a negative code (broken ring, failing kick fd).
+ */
+int vu_vq_wait(struct vu_vq *vq, int timeout_ms)
+{
+    if (__atomic_load_n(&vq->stop, __ATOMIC_ACQUIRE))
+        return VU_WAIT_STOP;
+    int n = vu_vq_enable_notification(vq);
+    if (n != 0)
+        return n > 0 ? VU_WAIT_WORK : n;
+    return wait_for_kick(vq, timeout_ms);
 }
 
 void vu_vq_request_stop(struct vu_vq *vq)

@@ -4,7 +4,9 @@
  *
  * Boundary: nothing here parses vhost-user messages or knows a device. Python
  * (vhost/memory.py, vhost/virtqueue.py) owns these structs and fills them from
- * the session; devices (blk.c, ...) plug a per-chain handler into vu_vq_run().
+ * the session. A device in C (devices/blk, devices/net) plugs a per-chain handler
+ * into vu_vq_run(), or drives vu_vq_pop/vu_vq_push itself; a device in Python takes
+ * batches of validated chains through vu_vq_pop_batch/vu_vq_push_batch.
  * Everything the guest wrote is treated as hostile: each descriptor is copied
  * once, then checked before use.
  */
@@ -51,41 +53,61 @@ struct vring_used {
     struct vring_used_elem ring[];
 };
 
-/* Error codes: negative, stable, mapped to exceptions/log text in Python. */
+/*
+ * Error codes: negative and stable. Each row is (name, value, detail kind, text); the
+ * table is the one place they are written: the enum below, the table Python reads
+ * through vu_error_table() (log lines, exceptions, the reference walker's names) and
+ * the cffi declarations (c_ext/build.py reads the rows) all come from it. Codes down to
+ * VU_ERR_DEVICE_BASE + 1 are the core's; a device numbers its own from
+ * VU_ERR_DEVICE_BASE down and exports its table the same way (see devices/blk/blk.h).
+ * Detail kinds: VALUE, an address, index or count (logged in hex); ERRNO, an errno.
+ */
+#define VU_DETAIL_VALUE 0
+#define VU_DETAIL_ERRNO 1
+#define VU_ERR_DEVICE_BASE (-30)
+
+#define VU_ERRORS(X) \
+    X(VU_ERR_AVAIL_IDX, -1, VALUE, "avail index moved further than the queue size") \
+    X(VU_ERR_HEAD, -2, VALUE, "head index outside the descriptor table") \
+    X(VU_ERR_NEXT, -3, VALUE, "next index outside its descriptor table") \
+    X(VU_ERR_ADDR, -4, VALUE, "buffer outside guest memory") \
+    X(VU_ERR_LOOP, -5, VALUE, "descriptor loop") \
+    X(VU_ERR_CHAIN_TOO_LONG, -6, VALUE, "chain longer than the queue size") \
+    X(VU_ERR_INDIRECT_NESTED, -7, VALUE, "nested indirect descriptor") \
+    X(VU_ERR_INDIRECT_LEN, -8, VALUE, "indirect table length not a positive multiple of 16") \
+    X(VU_ERR_INDIRECT_ADDR, -9, VALUE, "indirect table outside guest memory") \
+    X(VU_ERR_DIRECTION, -10, VALUE, "device-readable descriptor after a device-writable one") \
+    X(VU_ERR_TOO_MANY_IOV, -11, VALUE, "chain needs too many iovecs") \
+    X(VU_ERR_INDIRECT_NEXT, -12, VALUE, "indirect descriptor with NEXT set") \
+    X(VU_ERR_INDIRECT_FEATURE, -13, VALUE, "indirect descriptor but INDIRECT_DESC not negotiated") \
+    X(VU_ERR_RING_ADDR, -14, VALUE, "ring address not in guest memory or misaligned") \
+    X(VU_ERR_QUEUE_SIZE, -15, VALUE, "queue size not a power of 2 in 1..1024") \
+    X(VU_ERR_REGION_OVERLAP, -16, VALUE, "overlaps an existing region") \
+    X(VU_ERR_REGION_FULL, -17, VALUE, "no free slot") \
+    X(VU_ERR_REGION_BAD, -18, VALUE, "has zero size or wraps around the address space") \
+    X(VU_ERR_REGION_NOT_FOUND, -19, VALUE, "does not match any mapped region") \
+    X(VU_ERR_MMAP, -20, ERRNO, "cannot map the region") \
+    X(VU_ERR_INFLIGHT, -21, VALUE, \
+      "inflight region unusable (too small, wrong version or queue size, bad last batch)") \
+    X(VU_ERR_REGION_FILE, -22, VALUE, "runs past the end of its file (mmap_offset + size > file size)") \
+    X(VU_ERR_KICK_FD, -23, ERRNO, "kick fd failed") \
+    X(VU_ERR_KICK_HUP, -24, VALUE, "kick fd hung up or at end of file (detail: poll events)") \
+    X(VU_ERR_BROKEN, -25, VALUE, "ring broken by an earlier error")
+
+/* One row of an error table, as Python reads it. */
+struct vu_error_info {
+    int32_t code;
+    int32_t detail_kind; /* VU_DETAIL_* */
+    const char *name;
+    const char *text;
+};
+
+#define VU_ERROR_ENUM(name, value, kind, text) name = value,
+#define VU_ERROR_INFO(name, value, kind, text) {value, VU_DETAIL_##kind, #name, text},
+
 enum vu_error_code {
     VU_OK = 0,
-    VU_ERR_AVAIL_IDX = -1,        /* avail->idx moved further than the queue size */
-    VU_ERR_HEAD = -2,             /* head index >= queue size */
-    VU_ERR_NEXT = -3,             /* next index outside its descriptor table */
-    VU_ERR_ADDR = -4,             /* buffer not inside guest memory */
-    VU_ERR_LOOP = -5,             /* a descriptor was visited twice */
-    VU_ERR_CHAIN_TOO_LONG = -6,   /* more descriptors than the queue size */
-    VU_ERR_INDIRECT_NESTED = -7,  /* indirect descriptor inside an indirect table */
-    VU_ERR_INDIRECT_LEN = -8,     /* indirect table length 0 or not a multiple of 16 */
-    VU_ERR_INDIRECT_ADDR = -9,    /* indirect table not inside one guest region */
-    VU_ERR_DIRECTION = -10,       /* device-readable descriptor after a writable one */
-    VU_ERR_TOO_MANY_IOV = -11,    /* chain needs more than VU_MAX_CHAIN_IOV iovecs */
-    VU_ERR_INDIRECT_NEXT = -12,   /* INDIRECT and NEXT both set */
-    VU_ERR_INDIRECT_FEATURE = -13,/* INDIRECT used but not negotiated */
-    VU_ERR_RING_ADDR = -14,       /* ring address not mapped / misaligned */
-    VU_ERR_QUEUE_SIZE = -15,      /* queue size 0, > max, or not a power of 2 */
-    VU_ERR_REGION_OVERLAP = -16,
-    VU_ERR_REGION_FULL = -17,
-    VU_ERR_REGION_BAD = -18,      /* zero size or wrapping range */
-    VU_ERR_REGION_NOT_FOUND = -19,
-    VU_ERR_MMAP = -20,            /* mmap failed; errno in detail */
-    VU_ERR_REGION_FILE = -22,     /* region runs past the end of its file */
-    VU_ERR_INFLIGHT = -21,        /* inflight region unusable (size, version, desc_num, batch) */
-    /* device-level request errors (the request fails, the queue goes on) */
-    VU_ERR_DEV_NO_STATUS = -30,   /* no device-writable byte for the status */
-    VU_ERR_DEV_HEADER = -31,      /* request header short or misplaced */
-    VU_ERR_DEV_LAYOUT = -32,      /* buffers in the wrong direction or size */
-    VU_ERR_DEV_RANGE = -33,       /* sector range beyond capacity / misaligned */
-    VU_ERR_DEV_IO = -34,          /* host I/O failed; errno in detail */
-    VU_ERR_DEV_UNSUPPORTED = -35, /* unknown request type */
-    VU_ERR_DEV_READ_ONLY = -36,
-    VU_ERR_DEV_SEGMENTS = -37,    /* discard/write-zeroes segment count or flags */
-    VU_ERR_DEV_TOO_BIG = -38,     /* read/write longer than seg_max x size_max */
+    VU_ERRORS(VU_ERROR_ENUM)
 };
 
 /* Last error seen on a queue, for Python to log (rate limited there). */
@@ -184,6 +206,18 @@ struct vu_vq {
     uint16_t resubmit[VU_MAX_QUEUE_SIZE];
 };
 
+/* One validated chain handed to Python by vu_vq_pop_batch: its iovecs are
+ * iov[iov_start .. iov_start + n_out + n_in) of the batch, readable ones first. */
+struct vu_chain_ref {
+    uint32_t head;
+    uint16_t slot;       /* last_avail_idx when it was taken (for vu_vq_discard checks) */
+    uint32_t iov_start;
+    uint32_t n_out;
+    uint32_t n_in;
+    uint64_t out_bytes;
+    uint64_t in_bytes;
+};
+
 /* Returns the used length for the chain (bytes the device wrote). */
 typedef uint32_t (*vu_chain_handler)(void *ctx, struct vu_vq *vq, struct vu_chain *chain);
 
@@ -192,6 +226,9 @@ int vu_mem_add(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva,
                uint64_t mmap_offset, int fd);
 int vu_mem_remove(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva);
 void vu_mem_clear(struct vu_mem *mem);
+int vu_mem_retire(struct vu_mem *mem, uint64_t gpa, uint64_t size, uint64_t uva,
+                  void **base, uint64_t *map_size);
+void vu_unmap(void *base, uint64_t size);
 void *vu_gpa_to_host(const struct vu_mem *mem, uint64_t gpa, uint64_t len);
 void *vu_uva_to_host(const struct vu_mem *mem, uint64_t uva, uint64_t len);
 int vu_gpa_to_iov(const struct vu_mem *mem, uint64_t gpa, uint64_t len,
@@ -217,6 +254,14 @@ int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 void vu_vq_request_stop(struct vu_vq *vq);
 void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t detail);
+void vu_vq_discard(struct vu_vq *vq, uint32_t n);
+int vu_vq_pop_batch(struct vu_vq *vq, struct vu_chain_ref *out, uint32_t max_chains,
+                    struct iovec *iov, uint32_t max_iov);
+int vu_vq_push_batch(struct vu_vq *vq, const uint32_t *heads, const uint32_t *lens, uint32_t n);
+int vu_vq_wait(struct vu_vq *vq, int timeout_ms);
+
+/* errors.c */
+const struct vu_error_info *vu_error_table(uint32_t *n);
 
 /* helpers for devices */
 size_t vu_iov_copy_from(const struct iovec *iov, uint32_t niov, size_t skip, void *dst, size_t len);
@@ -226,6 +271,11 @@ size_t vu_iov_copy_to(const struct iovec *iov, uint32_t niov, size_t skip, const
 #define VU_RUN_STOPPED 0   /* stop requested */
 #define VU_RUN_ERRORS 1    /* errors recorded; call again after logging */
 #define VU_RUN_BROKEN 2    /* ring unusable; the queue stays stopped */
-#define VU_RUN_FD_ERROR 3  /* poll/read on the kick fd failed; errno in err.detail */
+#define VU_RUN_FD_ERROR 3  /* poll/read on the kick fd failed (VU_ERR_KICK_*) */
+
+/* vu_vq_wait return values (or a negative error code) */
+#define VU_WAIT_IDLE 0     /* timed out */
+#define VU_WAIT_WORK 1     /* chains are available (or a kick came) */
+#define VU_WAIT_STOP 2     /* stop requested */
 
 #endif

@@ -1,12 +1,13 @@
 """The C extension built with AddressSanitizer and UBSan, and a Python that loads it.
 
-Job: build ``vhost._native`` from ``c_ext/`` with ``VHOST_SANITIZE=1`` (``c_ext/build.py``
-adds ``-fsanitize=address,undefined``) into a cache directory of its own, next to a copy
-of the ``vhost`` package, and give the environment a child Python needs to run tests
-against it: that copy first on ``PYTHONPATH``, the ASan runtime preloaded (an
+Job: build every compiled module -- ``vhost._native`` from ``c_ext/`` and each device's
+(``devices/*/build.py``) -- with ``VHOST_SANITIZE=1`` (``c_ext/build.py`` adds
+``-fsanitize=address,undefined``) into a cache directory of its own, next to a copy of the
+``vhost`` and ``devices`` packages, and give the environment a child Python needs to run
+tests against them: that copy first on ``PYTHONPATH``, the ASan runtime preloaded (an
 uninstrumented python must load it before anything else), leak checks off (CPython keeps
-memory on purpose) and every report fatal. The project's own ``vhost/_native*.so`` is
-never touched. Boundary: nothing outside tests imports this.
+memory on purpose) and every report fatal. The project's own ``*.so`` are never touched.
+Boundary: nothing outside tests imports this.
 
 The cache is ``$VHOST_SANITIZED_DIR`` or ``/tmp/vhost-py-sanitized``, one subdirectory per
 hash of the C sources, the build script, the compiler and the Python version, so a
@@ -30,7 +31,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 C_EXT = ROOT / "c_ext"
-PACKAGE = ROOT / "vhost"
+PACKAGES = (ROOT / "vhost", ROOT / "devices")
+#: the build scripts, core first: (script, how to get its FFI from the loaded script)
+BUILDS = [C_EXT / "build.py", *sorted((ROOT / "devices").glob("*/build.py"))]
 CACHE = Path(os.environ.get("VHOST_SANITIZED_DIR", "/tmp/vhost-py-sanitized"))
 ASAN_OPTIONS = "detect_leaks=0:halt_on_error=1:abort_on_error=0:allocator_may_return_null=1"
 UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1"
@@ -39,10 +42,11 @@ UBSAN_OPTIONS = "halt_on_error=1:print_stacktrace=1"
 # and cffi compiles inside tmpdir, so both are the build directory.
 _BUILD = """
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("vhost_build", sys.argv[1])
-build = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(build)
-print(build.make_ffi().compile(tmpdir=".", verbose=True))
+for i, script in enumerate(sys.argv[1:]):
+    spec = importlib.util.spec_from_file_location(f"vhost_build_{i}", script)
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    print(build.ffibuilder.compile(tmpdir=".", verbose=True))
 """
 
 
@@ -55,8 +59,9 @@ def _compiler() -> str:
 def source_hash() -> str:
     """What the sanitized build depends on (not the .py files: those are copied each time)."""
     h = hashlib.sha256()
-    for path in sorted(C_EXT.glob("*.[ch]")) + [C_EXT / "build.py"]:
-        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    sources = [*C_EXT.glob("*.[ch]"), *(ROOT / "devices").glob("*/*.[ch]"), *BUILDS]
+    for path in sorted(sources):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
     h.update(_compiler().encode() + sys.version.encode())
     return h.hexdigest()[:16]
 
@@ -76,6 +81,11 @@ def _native_in(directory: Path) -> Path | None:
     return found[0] if found else None
 
 
+def _modules_in(directory: Path) -> list[Path]:
+    """Every compiled module under ``directory`` (relative paths)."""
+    return sorted(p.relative_to(directory) for p in directory.glob("**/_*.so"))
+
+
 def _build(target: Path) -> Path:
     """Compile into a fresh directory beside ``target``, then move it into place whole, so
     a reader never sees half a build and two builders do not collide."""
@@ -84,18 +94,20 @@ def _build(target: Path) -> Path:
     try:
         env = dict(os.environ, VHOST_SANITIZE="1")
         env.pop("LD_PRELOAD", None)
-        done = subprocess.run([sys.executable, "-c", _BUILD, str(C_EXT / "build.py")],
+        done = subprocess.run([sys.executable, "-c", _BUILD, *map(str, BUILDS)],
                               cwd=work, env=env, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"sanitized build failed:\n{done.stdout}\n{done.stderr}")
-        built = _native_in(work)
-        if built is None:
-            raise RuntimeError(f"sanitized build left no vhost/_native*.so:\n{done.stdout}")
-        if b"__asan_init" not in built.read_bytes():
-            raise RuntimeError(f"{built} was built without AddressSanitizer")
-        final = work / "pkg" / "vhost"
-        final.mkdir(parents=True)
-        built.rename(final / built.name)
+        built = _modules_in(work)
+        if _native_in(work) is None or len(built) != len(BUILDS):
+            raise RuntimeError(f"sanitized build made {built}, not {len(BUILDS)} modules:\n"
+                               f"{done.stdout}")
+        for rel in built:
+            if b"__asan_init" not in (work / rel).read_bytes():
+                raise RuntimeError(f"{rel} was built without AddressSanitizer")
+            final = work / "pkg" / rel
+            final.parent.mkdir(parents=True, exist_ok=True)
+            (work / rel).rename(final)
         try:
             (work / "pkg").rename(target)
         except OSError:  # another process won the race; its build is as good
@@ -122,16 +134,21 @@ def _prune(keep: Path, max_age: float = 86400.0) -> None:
 def sanitized_package() -> tuple[Path, Path]:
     """Build (once per source hash) and return (directory for PYTHONPATH, its _native .so).
 
-    The package's .py files are copied in again on every call: they are not part of the
+    The packages' .py files are copied in again on every call: they are not part of the
     hash, and a stale copy would test old Python against new C."""
     target = CACHE / source_hash()
     native = _native_in(target) or _build(target)
     os.utime(target)
     _prune(target)
-    for py in PACKAGE.glob("*.py"):
-        tmp = target / "vhost" / f".{py.name}.{os.getpid()}"
-        shutil.copyfile(py, tmp)
-        os.replace(tmp, target / "vhost" / py.name)
+    for package in PACKAGES:
+        for py in package.glob("**/*.py"):
+            if "tests" in py.relative_to(package).parts:
+                continue  # a device's own tests run from the project tree
+            dest = target / py.relative_to(ROOT)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dest.parent / f".{py.name}.{os.getpid()}"
+            shutil.copyfile(py, tmp)
+            os.replace(tmp, dest)
     return target, native
 
 

@@ -1,7 +1,7 @@
-"""``python -m vhost``: the same program as ``vhost-user-blk``."""
+"""``python -m vhost``: the registered devices; ``python -m vhost DEVICE ...`` runs one."""
 
 import sys
 
-from vhost.cli import blk_main
+from vhost.cli import main
 
-sys.exit(blk_main())
+sys.exit(main())

@@ -1,21 +1,37 @@
-"""The interface a virtio device implements to be served by a session.
+"""The interface a virtio device implements to be served by a session, and the one a
+device *type* implements to be found by the program (vhost.registry, vhost.cli).
 
-A device says which virtio features and vhost-user protocol features it
-offers, how many queues it has, what its config space holds, and gives, per
-queue, the C run function a worker thread calls with the queue handle. It
-never sees protocol messages.
+A :class:`Device` says which virtio features and vhost-user protocol features it offers,
+how many queues it has and what its config space holds, and how each queue is served:
+
+* in C: :meth:`Device.runner` gives the blocking C loop a worker thread runs for the
+  queue (devices/blk);
+* in Python: :meth:`Device.process_queue` takes validated chains from a
+  :class:`~vhost.chains.ChainQueue` on each kick and pushes them back (devices/rng), on
+  the event loop or in a worker thread (:attr:`Device.chain_worker`);
+* any other way: override :meth:`Device.start_queue` and :meth:`Device.stop_queue`
+  (devices/net runs one engine thread over many queues).
+
+It never sees protocol messages. A :class:`DeviceType` is what a plug-in registers under
+the ``vhost.devices`` entry point group: a name, command-line options, and a factory
+that makes one Device per socket.
 """
 
 from __future__ import annotations
 
 import abc
+import argparse
+from collections.abc import Sequence
 from typing import Any
 
+from vhost.chains import ChainQueue
+from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.memory import GuestMemory
 from vhost.virtqueue import (
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
+    ChainWorker,
     Runner,
     Virtqueue,
 )
@@ -24,12 +40,19 @@ from vhost.virtqueue import (
 RING_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
 
 
+class UsageError(ValueError):
+    """Options that do not make a device; the program prints the text and exits 2."""
+
+
 class Device(abc.ABC):
-    #: short name for log lines and --print-capabilities ("block", "net")
-    kind: str = ""
     #: offer INFLIGHT_SHMFD: every request can be run again after a crash (a block
-    #: device's reads and writes can; a NIC's frames are simply lost)
+    #: device's reads and writes can; a NIC's frames are simply lost). Only for queues
+    #: served in C (the chain API does not resubmit).
     supports_inflight: bool = False
+    #: where queues served by process_queue run: the event loop, or a thread each
+    chain_worker: ChainWorker = "loop"
+    #: the texts of the error codes the device's C records (the core's by default)
+    errors: ErrorTable = CORE_ERRORS
 
     @property
     @abc.abstractmethod
@@ -46,18 +69,30 @@ class Device(abc.ABC):
         """What GET_QUEUE_NUM answers (net counts queue pairs)."""
         return self.num_queues
 
-    @abc.abstractmethod
+    def config_space(self) -> bytes:
+        """The device's config space (struct virtio_*_config); none by default."""
+        return b""
+
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of config space from ``offset`` (zero past its end)."""
+        return self.config_space()[offset:offset + size].ljust(size, b"\0")
 
     def set_config(self, offset: int, data: bytes) -> None:
         raise ValueError("config space is read-only")
 
-    def runner(self, queue_index: int) -> Runner:
-        """The blocking C loop serving queue ``queue_index``; called in a worker thread
-        with the queue's C handle, returns a VU_RUN_* code. Devices that serve their
-        queues another way override start_queue/stop_queue instead."""
-        raise NotImplementedError
+    # --- serving queues ---
+    def runner(self, queue_index: int) -> Runner | None:
+        """The blocking C loop serving queue ``queue_index`` in a worker thread (called
+        with the queue's C handle, returns a VU_RUN_* code), or None for a device that
+        serves its queues in Python (process_queue)."""
+        return None
+
+    def process_queue(self, queue: ChainQueue) -> float | None:
+        """A Python device's work on a kick: pop chains, fill them, push them. Return
+        None to wait for the next kick, or a delay in seconds to be called again then
+        (chains it could not serve yet go back with ``queue.discard``)."""
+        raise NotImplementedError(f"{type(self).__name__} gives neither a runner nor "
+                                  "process_queue")
 
     def buffers_wait_for_data(self, queue_index: int) -> bool:
         """True for queues whose buffers normally sit untaken until the device has data
@@ -65,13 +100,19 @@ class Device(abc.ABC):
         return False
 
     def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
-        """Serve a queue that is ready (default: a worker thread of its own)."""
-        q.start(memory, features, self.runner(q.index))
+        """Serve a queue that is ready: its runner in a worker thread of its own, or
+        process_queue on the chain API."""
+        runner = self.runner(q.index)
+        if runner is not None:
+            q.start(memory, features, runner)
+        else:
+            q.serve_chains(memory, features, self.process_queue, self.chain_worker)
 
     def stop_queue(self, q: Virtqueue) -> int:
         """Stop serving it (the batch in progress completes); return last_avail_idx."""
         return q.stop()
 
+    # --- state and lifetime ---
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return {}
 
@@ -87,3 +128,50 @@ class Device(abc.ABC):
 
     def close(self) -> None:
         """Release host resources."""
+
+    def abort(self) -> None:
+        """The program did not start after all (a socket was in use): release what
+        close() releases and remove anything this run created."""
+        self.close()
+
+
+class DeviceType(abc.ABC):
+    """A kind of device the program can serve, as a plug-in registers it (an object
+    under the ``vhost.devices`` entry point group)."""
+
+    #: the name on the command line: ``python -m vhost NAME``
+    name: str
+    #: the program name in usage and error lines, e.g. ``vhost-user-blk``
+    program: str
+    #: one line for the list ``python -m vhost`` prints
+    summary: str
+    #: VHostUserBackendType of QEMU's vhost-user.json, for --print-capabilities
+    backend_type: str
+    #: longer text for --help
+    description: str = ""
+    #: chardev ids in the "attach with" line are this plus a number (default: the name)
+    chardev_prefix: str = ""
+
+    def capabilities(self) -> dict[str, Any]:
+        """What --print-capabilities prints (vhost-user.json's VHostUserBackendCapabilities)."""
+        return {"type": self.backend_type}
+
+    @abc.abstractmethod
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The device's own options (the program adds --socket-path, --fd,
+        --print-capabilities and -v)."""
+
+    @abc.abstractmethod
+    def create(self, args: argparse.Namespace, sockets: Sequence[str | None]) -> list[Device]:
+        """One device per socket (a path, or None for the listening socket of --fd), in
+        order. Raises UsageError (or ValueError) for options that do not make devices,
+        having released whatever it made."""
+
+    def qemu_device_args(self, chardev: str, device: Device) -> list[str]:
+        """The QEMU options (after ``-chardev socket,id=CHARDEV,...``) that attach a
+        guest to ``device``, for the "attach with" log line."""
+        return []
+
+    def describe(self, device: Device, where: str) -> str:
+        """The log line saying what is served where."""
+        return f"{self.program} on {where}"

@@ -6,30 +6,38 @@ without Python; this class owns it, adds and removes regions, and offers the
 same translations to Python for tests and control-plane use. It knows nothing
 of the protocol: callers pass plain numbers and fds. Callers must stop every
 queue that reads this map before changing it (the session does).
+
+Views into guest memory that a Python device kept past its chain (vhost.chains) are
+*pinned* here: a region that one points into is not unmapped when it goes but retired,
+its pages replaced by private zero pages, and unmapped once the last such view is gone.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
 
 from vhost import limits
 from vhost._native import ffi, lib
+from vhost.errors import CORE_ERRORS
 
 MAX_REGIONS: int = limits.MAX_MEM_SLOTS
+
+log = logging.getLogger("vhost.memory")
 
 
 class GuestMemoryError(Exception):
     """A region could not be added/removed, or an address is outside guest memory."""
 
 
-_REGION_ERRORS = {
-    -16: "overlaps an existing region",
-    -17: f"no free slot (at most {MAX_REGIONS} regions)",
-    -18: "has zero size or wraps around the address space",
-    -19: "does not match any mapped region",
-    -22: "runs past the end of its file (mmap_offset + size > file size)",
-}
+def _region_error(rc: int) -> str:
+    text = CORE_ERRORS.text(rc)
+    if rc == lib.VU_ERR_REGION_FULL:
+        text += f" (at most {MAX_REGIONS} regions)"
+    return text
 
 
 @dataclass(frozen=True)
@@ -40,12 +48,34 @@ class Region:
     mmap_offset: int
 
 
+@dataclass
+class _Retired:
+    """A region's address range, zero-filled, kept while views point into it."""
+
+    base: Any
+    size: int
+    pins: list[_Pin] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Pin:
+    ref: weakref.ref[Any]  # the buffer a kept view holds
+    address: int
+    length: int
+
+    @property
+    def alive(self) -> bool:
+        return self.ref() is not None
+
+
 class GuestMemory:
     """The mapped regions of one front end's guest RAM."""
 
     def __init__(self) -> None:
         self._mem = ffi.new("struct vu_mem *")
         self._regions: list[Region] = []
+        self._pins: list[_Pin] = []
+        self._retired: list[_Retired] = []
 
     @property
     def handle(self) -> object:
@@ -60,25 +90,84 @@ class GuestMemory:
         """Map ``fd`` as ``region``. The fd stays the caller's (close it after)."""
         rc = lib.vu_mem_add(self._mem, region.guest_phys_addr, region.memory_size,
                             region.userspace_addr, region.mmap_offset, fd)
-        if rc == -20:
+        if rc == lib.VU_ERR_MMAP:
             err = ffi.errno
             raise GuestMemoryError(f"mmap of region {_describe(region)} failed: {os.strerror(err)}")
         if rc < 0:
-            raise GuestMemoryError(f"region {_describe(region)} {_REGION_ERRORS.get(rc, rc)}")
+            raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
         self._regions.append(region)
 
     def remove(self, region: Region) -> None:
-        rc = lib.vu_mem_remove(self._mem, region.guest_phys_addr, region.memory_size,
-                               region.userspace_addr)
-        if rc < 0:
-            raise GuestMemoryError(f"region {_describe(region)} {_REGION_ERRORS.get(rc, rc)}")
+        self._release_retired()
+        key = (region.guest_phys_addr, region.memory_size, region.userspace_addr)
+        pins = self._pins_in(region)
+        if pins:
+            self._retire(region, pins)
+        else:
+            rc = lib.vu_mem_remove(self._mem, *key)
+            if rc < 0:
+                raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
         self._regions = [r for r in self._regions
-                         if (r.guest_phys_addr, r.memory_size, r.userspace_addr)
-                         != (region.guest_phys_addr, region.memory_size, region.userspace_addr)]
+                         if (r.guest_phys_addr, r.memory_size, r.userspace_addr) != key]
 
     def clear(self) -> None:
+        self._release_retired()
+        for region in list(self._regions):
+            pins = self._pins_in(region)
+            if pins:
+                self._retire(region, pins)
+                self._regions.remove(region)
         lib.vu_mem_clear(self._mem)
         self._regions.clear()
+
+    # --- views kept by Python devices (vhost.chains) ---
+    def pin(self, ref: weakref.ref[Any], address: int, length: int) -> None:
+        """A view of [address, address+length) (our address) outlived its chain; it stays
+        alive as long as ``ref``. Its region will be retired rather than unmapped."""
+        self._pins = [p for p in self._pins if p.alive]
+        self._pins.append(_Pin(ref, address, length))
+        log.warning("a device kept a view of %d bytes of guest memory after its chain was "
+                    "finished; if its region goes, the view will see zero pages", length)
+
+    def _pins_in(self, region: Region) -> list[_Pin]:
+        self._pins = [p for p in self._pins if p.alive]
+        if not self._pins:
+            return []
+        try:
+            start = self.translate_gpa(region.guest_phys_addr, region.memory_size)
+        except GuestMemoryError:
+            return []
+        inside = [p for p in self._pins
+                  if start <= p.address < start + region.memory_size]
+        self._pins = [p for p in self._pins if p not in inside]
+        return inside
+
+    def _retire(self, region: Region, pins: list[_Pin]) -> None:
+        base = ffi.new("void **")
+        size = ffi.new("uint64_t *")
+        rc = lib.vu_mem_retire(self._mem, region.guest_phys_addr, region.memory_size,
+                               region.userspace_addr, base, size)
+        if rc < 0:
+            raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
+        self._retired.append(_Retired(base[0], int(size[0]), pins))
+        log.warning("region %s retired, not unmapped: %d view%s kept by a device still "
+                    "point into it (they now see zero pages)", _describe(region), len(pins),
+                    "" if len(pins) == 1 else "s")
+
+    def _release_retired(self) -> None:
+        keep = []
+        for r in self._retired:
+            if any(p.alive for p in r.pins):
+                keep.append(r)
+            else:
+                lib.vu_unmap(r.base, r.size)
+        self._retired = keep
+
+    @property
+    def retired(self) -> int:
+        """Address ranges kept (zero-filled) for views that outlived their chains."""
+        self._release_retired()
+        return len(self._retired)
 
     def translate_gpa(self, gpa: int, length: int) -> int:
         """Our address of guest-physical [gpa, gpa+length), all inside one region."""

@@ -98,6 +98,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TypeAlias
 
+from vhost._native import lib
+
 __all__ = [
     "DESC_SIZE",
     "MAX_CHAIN_IOV",
@@ -128,8 +130,8 @@ VRING_DESC_F_WRITE = 2
 VRING_DESC_F_INDIRECT = 4
 VRING_AVAIL_F_NO_INTERRUPT = 1
 DESC_SIZE = 16
-MAX_QUEUE_SIZE = 1024  # VU_MAX_QUEUE_SIZE
-MAX_CHAIN_IOV = 2048  # VU_MAX_CHAIN_IOV
+MAX_QUEUE_SIZE: int = lib.VU_MAX_QUEUE_SIZE
+MAX_CHAIN_IOV: int = lib.VU_MAX_CHAIN_IOV
 _U16 = 0xFFFF
 _ADDRESS_SPACE = 1 << 64
 _DESC = struct.Struct("<QIHH")  # addr, len, flags, next (virtio 1.x is little endian)
@@ -142,21 +144,22 @@ Split: TypeAlias = Callable[[int, int], tuple[list[tuple[int, int]], bool]]
 
 
 class ErrorCode(IntEnum):
-    """The walker's error codes; same names and numbers as ``enum vu_error_code`` in vu.h."""
+    """The walker's error codes: the rows of ``VU_ERRORS`` in vu.h, by the same names (less
+    the ``VU_ERR_`` prefix), their numbers read from the compiled module."""
 
-    AVAIL_IDX = -1
-    HEAD = -2
-    NEXT = -3
-    ADDR = -4
-    LOOP = -5
-    CHAIN_TOO_LONG = -6
-    INDIRECT_NESTED = -7
-    INDIRECT_LEN = -8
-    INDIRECT_ADDR = -9
-    DIRECTION = -10
-    TOO_MANY_IOV = -11
-    INDIRECT_NEXT = -12
-    INDIRECT_FEATURE = -13
+    AVAIL_IDX = lib.VU_ERR_AVAIL_IDX
+    HEAD = lib.VU_ERR_HEAD
+    NEXT = lib.VU_ERR_NEXT
+    ADDR = lib.VU_ERR_ADDR
+    LOOP = lib.VU_ERR_LOOP
+    CHAIN_TOO_LONG = lib.VU_ERR_CHAIN_TOO_LONG
+    INDIRECT_NESTED = lib.VU_ERR_INDIRECT_NESTED
+    INDIRECT_LEN = lib.VU_ERR_INDIRECT_LEN
+    INDIRECT_ADDR = lib.VU_ERR_INDIRECT_ADDR
+    DIRECTION = lib.VU_ERR_DIRECTION
+    TOO_MANY_IOV = lib.VU_ERR_TOO_MANY_IOV
+    INDIRECT_NEXT = lib.VU_ERR_INDIRECT_NEXT
+    INDIRECT_FEATURE = lib.VU_ERR_INDIRECT_FEATURE
 
 
 @dataclass(frozen=True)

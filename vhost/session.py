@@ -54,7 +54,8 @@ class Session:
         self.device = device
         self.name = name
         self.memory = GuestMemory()
-        self.queues = [Virtqueue(i, f"{name}/vq{i}") for i in range(device.num_queues)]
+        self.queues = [Virtqueue(i, f"{name}/vq{i}", device.errors)
+                       for i in range(device.num_queues)]
         for q in self.queues:
             q.untaken_is_normal = device.buffers_wait_for_data(q.index)
         self.features = 0

@@ -1,26 +1,35 @@
 """Virtqueues: the state the front end configures for each queue, its C handle,
-and the worker thread that serves it.
+and what serves it once it runs.
 
-A queue is *started* when it has a size, ring addresses, a kick fd, mapped
-memory and is enabled. Starting translates the rings (C checks every address)
-and starts one thread that loops in C (``runner``: the device's run function,
-called with the GIL released) until asked to stop. Python sees the queue again
-only to stop it, or to log errors the C side recorded (rate limited).
+A queue is *started* when it has a size, ring addresses, a kick fd, mapped memory and
+is enabled. Starting translates the rings (C checks every address) and then one of:
 
-Boundary: no protocol here and no device logic; a device supplies ``runner``.
+* a device in C: one worker thread loops in the device's C run function (``Runner``,
+  called with the GIL released) until asked to stop; Python sees the queue again only to
+  stop it, or to log errors the C side recorded (rate limited);
+* a device in Python, on the chain API (vhost.chains): its ``process_queue`` is called
+  with a :class:`~vhost.chains.ChainQueue` on each kick, either on the event loop (the
+  kick fd watched by asyncio) or in a worker thread of its own that sleeps in C.
+
+Boundary: no protocol here and no device logic; a device supplies the run function or
+the chain handler.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from vhost import limits
 from vhost._native import ffi, lib
+from vhost.chains import ChainQueue
+from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.memory import GuestMemory
 
 log = logging.getLogger("vhost.virtqueue")
@@ -32,42 +41,14 @@ VIRTIO_RING_F_INDIRECT_DESC = 1 << 28
 VIRTIO_RING_F_EVENT_IDX = 1 << 29
 VIRTIO_F_VERSION_1 = 1 << 32
 
-# C error codes (c_ext/vu.h) and what they mean, for log lines and exceptions.
-ERROR_TEXT: dict[int, str] = {
-    -1: "avail index moved further than the queue size",
-    -2: "head index outside the descriptor table",
-    -3: "next index outside its descriptor table",
-    -4: "buffer outside guest memory",
-    -5: "descriptor loop",
-    -6: "chain longer than the queue size",
-    -7: "nested indirect descriptor",
-    -8: "indirect table length not a positive multiple of 16",
-    -9: "indirect table outside guest memory",
-    -10: "device-readable descriptor after a device-writable one",
-    -11: "chain needs too many iovecs",
-    -12: "indirect descriptor with NEXT set",
-    -13: "indirect descriptor but INDIRECT_DESC not negotiated",
-    -14: "ring address not in guest memory or misaligned",
-    -15: "queue size not a power of 2 in 1..1024",
-    -21: "inflight region unusable (too small, wrong version or queue size, bad last batch)",
-    -30: "request has no device-writable status byte",
-    -31: "request header shorter than 16 bytes",
-    -32: "request buffers in the wrong direction or size",
-    -33: "sector range beyond capacity or not sector aligned",
-    -34: "host I/O error",
-    -35: "unsupported request type",
-    -36: "write to a read-only device",
-    -37: "bad discard/write-zeroes segments",
-    -38: "read/write longer than seg_max x size_max",
-    -40: "tx chain shorter than the virtio-net header and an Ethernet header",
-    -41: "tx frame longer than the MTU (or the GSO limit)",
-    -42: "tx chain has device-writable buffers",
-    -43: "rx chain has device-readable buffers",
-    -44: "TAP I/O error",
-    -45: "tx frame needs more iovecs than writev takes",
-}
-
+#: a C device's loop for one queue: called in a worker thread with the queue's C handle,
+#: returns a VU_RUN_* code
 Runner = Callable[[Any], int]
+#: a Python device's handler for one queue: called on each kick; returns None (wait for
+#: the next kick) or a delay in seconds after which it wants to be called again, kick or
+#: not (a rate limit: chains it could not serve yet were discarded, they wait in the ring)
+ChainHandler = Callable[[ChainQueue], float | None]
+ChainWorker = Literal["loop", "thread"]
 
 
 class VirtqueueError(Exception):
@@ -124,9 +105,10 @@ def _nonblocking(fd: int | None) -> int | None:
 
 
 class Virtqueue:
-    def __init__(self, index: int, label: str = "") -> None:
+    def __init__(self, index: int, label: str = "", errors: ErrorTable = CORE_ERRORS) -> None:
         self.index = index
         self.label = label or f"vq{index}"
+        self.errors = errors
         self.num = 0
         self.rings: tuple[int, int, int] | None = None  # desc, avail, used (front-end virtual)
         self.base = 0
@@ -138,13 +120,12 @@ class Virtqueue:
         self.errors_reported = 0
         #: this queue's inflight region (pointer, size), set by the session; None: off
         self.inflight: tuple[Any, int] | None = None
-        #: requests resubmitted from the inflight region at the last start
-        self.resubmitted = 0
         #: buffers left untaken at a stop are normal (rx rings): no INFO line for them
         self.untaken_is_normal = False
         self._vq = ffi.new("struct vu_vq *")
         self._vq.kick_fd = self._vq.call_fd = self._vq.err_fd = self._vq.stop_fd = -1
         self._worker: threading.Thread | None = None
+        self._chains: _ChainServer | None = None
         self._errors = RateLimitedLog(log)
 
     # --- configuration (from the session) ---
@@ -177,9 +158,12 @@ class Virtqueue:
     @property
     def running(self) -> bool:
         """Being served: by its own worker (one that gave up on a broken ring is not),
-        or, when it has none, by a device engine since activate()."""
+        by a chain server that has not given up, or, when it has neither, by a device
+        engine since activate()."""
         if self._worker is not None:
             return self._worker.is_alive()
+        if self._chains is not None:
+            return self._chains.serving
         return self.active
 
     def startable(self, memory: GuestMemory) -> bool:
@@ -197,7 +181,7 @@ class Virtqueue:
                              int(bool(features & VIRTIO_RING_F_EVENT_IDX)),
                              int(bool(features & VIRTIO_RING_F_INDIRECT_DESC)))
         if rc < 0:
-            raise VirtqueueError(f"{self.label}: cannot start: {ERROR_TEXT.get(rc, rc)} "
+            raise VirtqueueError(f"{self.label}: cannot start: {self.errors.text(rc)} "
                                  f"(size {self.num}, desc {desc:#x}, avail {avail:#x}, "
                                  f"used {used:#x})")
         if self.inflight is not None:
@@ -218,9 +202,8 @@ class Virtqueue:
             err = vq.err
             # Serving without tracking beats a dead disk; only a crash would lose.
             log.error("%s: %s (detail %#x/%#x, %d bytes); serving without inflight "
-                      "tracking", self.label, ERROR_TEXT.get(rc, rc), err.head, err.detail, size)
+                      "tracking", self.label, self.errors.text(rc), err.head, err.detail, size)
             return
-        self.resubmitted = rc
         if rc or vq.last_avail_idx != base:
             log.info("%s: inflight region: %d request%s in flight before the restart run "
                      "again first; used idx %d, taking new ones from %d (front end said %d)",
@@ -261,13 +244,44 @@ class Virtqueue:
         self._worker.start()
         log.debug("%s: started (size %d, base %d)", self.label, self.num, self.base)
 
+    def serve_chains(self, memory: GuestMemory, features: int, handler: ChainHandler,
+                     worker: ChainWorker = "loop") -> None:
+        """Serve the queue with a Python handler on the chain API: on the running event
+        loop (``"loop"``) or in a worker thread of its own (``"thread"``)."""
+        if self.running:
+            return
+        self.stop()
+        if worker == "loop":
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise VirtqueueError(f"{self.label}: a queue served on the event loop needs "
+                                     "a running loop") from None
+        self.activate(memory, features)
+        self._vq.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        queue = ChainQueue(self._vq, self.label, memory)
+        if worker == "loop":
+            self._chains = _LoopServer(self, queue, handler, loop)
+        else:
+            self._chains = _ThreadServer(self, queue, handler)
+        self._chains.start()
+        log.debug("%s: serving chains on the %s (size %d, base %d)", self.label, worker,
+                  self.num, self.base)
+
     def stop(self) -> int:
-        """Stop its own worker (the batch in progress completes); return last_avail_idx."""
+        """Stop whatever serves the queue (the batch in progress completes); chains a
+        Python device still holds are finished. Returns last_avail_idx."""
         worker = self._worker
         if worker is not None:
             lib.vu_vq_request_stop(self._vq)
             worker.join()
             self._worker = None
+        chains = self._chains
+        if chains is not None:
+            lib.vu_vq_request_stop(self._vq)
+            chains.stop()
+            self._chains = None
+        if worker is not None or chains is not None:
             _close(self._vq.stop_fd)
             self._vq.stop_fd = -1
         self._errors.flush()
@@ -298,10 +312,8 @@ class Virtqueue:
 
     def _report_error(self) -> None:
         err = self._vq.err
-        text = ERROR_TEXT.get(err.code, f"error {err.code}")
-        if err.code == -34:
-            text += f": {os.strerror(err.detail)}" if 0 < err.detail < 4096 else ""
-        self._errors.warning(f"{self.label}: head {err.head}: {text} (detail {err.detail:#x}); "
+        self._errors.warning(f"{self.label}: head {err.head}: "
+                             f"{self.errors.describe(err.code, err.detail)}; "
                              f"{err.count} errors since start")
 
     # --- introspection ---
@@ -326,3 +338,156 @@ class Virtqueue:
         self.base = 0
         self.enabled = False
         self.inflight = None
+
+
+class _ChainServer:
+    """Runs a Python device's handler for one queue; subclasses say where."""
+
+    def __init__(self, q: Virtqueue, queue: ChainQueue, handler: ChainHandler) -> None:
+        self.q = q
+        self.queue = queue
+        self.handler = handler
+        self.serving = True
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def run_handler(self) -> float | None:
+        """One call of the handler. A handler that raises costs its queue, not the
+        daemon: the queue stops (until the front end sets it up again)."""
+        try:
+            delay = self.handler(self.queue)
+        except Exception:
+            log.exception("%s: the device's queue handler failed; queue stopped", self.q.label)
+            self.give_up()
+            return None
+        self.q.report_new_errors()
+        if self.q.handle.broken:
+            log.error("%s: ring broken, queue stopped until the front end sets it up again",
+                      self.q.label)
+            self.give_up()
+            return None
+        return delay
+
+    def give_up(self) -> None:
+        self.serving = False
+
+    def finish_chains(self) -> None:
+        """Chains the device still holds when the queue stops: given back or completed
+        empty, and their views released (before memory can go away)."""
+        held = self.queue.outstanding
+        discarded, completed = self.queue.finish_all()
+        if held:
+            log.log(logging.WARNING if completed else logging.DEBUG,
+                    "%s: stopped with %d chain%s held by the device: %d given back, %d "
+                    "completed with nothing written", self.q.label, held,
+                    "" if held == 1 else "s", discarded, completed)
+
+
+class _LoopServer(_ChainServer):
+    """On the event loop: the kick fd is watched by asyncio; one batch per callback, so a
+    busy queue cannot hold the loop (the next batch is scheduled, not looped over)."""
+
+    def __init__(self, q: Virtqueue, queue: ChainQueue, handler: ChainHandler,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(q, queue, handler)
+        self.loop = loop
+        self.kick_fd = int(q.handle.kick_fd)
+        self._pending: asyncio.Handle | None = None
+        self._waiting = False  # the handler asked for a delay: kicks do not run it early
+
+    def start(self) -> None:
+        self.loop.add_reader(self.kick_fd, self._on_kick)
+        self._schedule()  # chains may already be waiting (a restart, a base in the middle)
+
+    def _on_kick(self) -> None:
+        try:
+            data = os.read(self.kick_fd, 8)
+        except BlockingIOError:
+            return
+        except OSError as e:
+            self._fd_failed(lib.VU_ERR_KICK_FD, e.errno or 0)
+            return
+        if not data:  # end of file: readable forever
+            self._fd_failed(lib.VU_ERR_KICK_HUP, 0)
+            return
+        self.q.handle.stats.kicks += 1
+        if not self._waiting:
+            self._schedule()
+
+    def _fd_failed(self, code: int, detail: int) -> None:
+        log.error("%s: %s; queue stopped", self.q.label, self.q.errors.describe(code, detail))
+        self.give_up()
+
+    def _schedule(self, delay: float | None = None) -> None:
+        if self._pending is not None or not self.serving:
+            return
+        if delay is None:
+            self._pending = self.loop.call_soon(self._run)
+        else:
+            self._waiting = True
+            self._pending = self.loop.call_later(delay, self._run)
+
+    def _run(self) -> None:
+        self._pending = None
+        self._waiting = False
+        delay = self.run_handler()
+        if not self.serving:
+            return
+        if delay is not None:
+            self._schedule(max(0.0, delay))
+            return
+        n = lib.vu_vq_enable_notification(self.q.handle)
+        if n != 0:  # more came while we asked for a kick (or the ring broke: say so)
+            self._schedule()
+
+    def give_up(self) -> None:
+        super().give_up()
+        self.loop.remove_reader(self.kick_fd)
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+
+    def stop(self) -> None:
+        if self.serving:
+            self.give_up()
+        self.finish_chains()
+
+
+class _ThreadServer(_ChainServer):
+    """In a worker thread of its own: it sleeps in C (GIL released) until a kick or a
+    stop, and calls the handler with the GIL."""
+
+    def __init__(self, q: Virtqueue, queue: ChainQueue, handler: ChainHandler) -> None:
+        super().__init__(q, queue, handler)
+        self.thread = threading.Thread(target=self._loop, name=q.label, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _loop(self) -> None:
+        vq = self.q.handle
+        stop_fd = int(vq.stop_fd)
+        while self.serving:
+            w = lib.vu_vq_wait(vq, -1)
+            if w == lib.VU_WAIT_STOP:
+                return
+            if w < 0:
+                self.q.report_new_errors()
+                log.error("%s: %s; queue stopped", self.q.label, self.q.errors.text(w))
+                self.give_up()
+                return
+            delay = self.run_handler()
+            while delay is not None and self.serving:
+                # a rate limit: sleep (a stop wakes us), then call it again, kick or not
+                if select.select([stop_fd], [], [], max(0.0, delay))[0]:
+                    return
+                delay = self.run_handler()
+
+    def stop(self) -> None:
+        self.thread.join()
+        self.serving = False
+        self.finish_chains()

@@ -149,8 +149,8 @@ StartDaemon = Callable[..., Daemon]
 
 
 def daemon_command(module: bool = False) -> list[str]:
-    """How to run the program: the installed script, or ``python -m vhost``."""
-    return [sys.executable, "-m", "vhost"] if module else [str(DAEMON)]
+    """How to run the program: the installed script, or ``python -m vhost blk``."""
+    return [sys.executable, "-m", "vhost", "blk"] if module else [str(DAEMON)]
 
 
 def _probe(d: Daemon, deadline: float) -> None:

@@ -1,5 +1,6 @@
-"""The bounds of vhost/limits.py that need the real daemon: tried at the bound (works) and
-one past it (refused with the documented error, logged, the daemon goes on).
+"""The bounds of vhost/limits.py and of the devices' limits modules that need the real
+daemon: tried at the bound (works) and one past it (refused with the documented error,
+logged, the daemon goes on).
 
 tests/unit/test_limits.py has the rest and the map from each row of the table to its
 tests. Here: message size and fd count over a real socket (the server's ancillary
@@ -44,20 +45,22 @@ from tests.frontend import (
 from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
 from tests.integration.net_helpers import BROADCAST, NetPort, spawn_net_daemon, tagged_frame
 from tests.unit.test_limits import ports_and_queues
-from vhost.limits import (
+from devices.blk.limits import (
     MAX_BLK_QUEUES,
     MAX_DISCARD_SECTORS,
     MAX_DISCARD_SEG,
-    MAX_ENGINE_PAIRS,
-    MAX_FDS_PER_MESSAGE,
-    MAX_PAYLOAD_SIZE,
-    MAX_QUEUE_SIZE,
     MAX_REQUEST_BYTES,
     MAX_WRITE_ZEROES_SECTORS,
     MAX_WRITE_ZEROES_SEG,
-    MEM_TABLE_MAX_REGIONS,
     SEG_MAX,
     SIZE_MAX,
+)
+from devices.net.limits import MAX_ENGINE_PAIRS
+from vhost.limits import (
+    MAX_FDS_PER_MESSAGE,
+    MAX_PAYLOAD_SIZE,
+    MAX_QUEUE_SIZE,
+    MEM_TABLE_MAX_REGIONS,
 )
 from vhost.protocol import VERSION, SetVringNum, U64Reply, Unknown, encode_message
 

@@ -47,9 +47,9 @@ needs_qemu = pytest.mark.skipif(
 
 
 def daemon_command() -> list[str]:
-    """The installed ``vhost-user-blk`` next to this Python, else ``python -m vhost``."""
+    """The installed ``vhost-user-blk`` next to this Python, else ``python -m vhost blk``."""
     script = Path(sys.executable).with_name("vhost-user-blk")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "vhost"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "vhost", "blk"]
 
 
 def guest_binaries() -> list[tuple[str, str]]:

@@ -1,12 +1,14 @@
-"""Every bound in vhost/limits.py, tried at the bound (accepted, works) and one past it
-(refused with the documented error, nothing allocated, the reader/session/queue goes on).
+"""Every bound in vhost/limits.py (the core) and in each device's limits module
+(devices/blk/limits.py, devices/net/limits.py), tried at the bound (accepted, works) and
+one past it (refused with the documented error, nothing allocated, the
+reader/session/queue goes on).
 
-One section per row of the table in vhost/limits.py's docstring; ``ROWS`` below names the
+One section per row of the tables in those modules' docstrings; ``ROWS`` below names the
 tests of each row and :func:`test_every_row_of_the_table_has_tests` keeps the two in step.
-The bounds come from ``vhost.limits`` (never a literal); the two net rows that module does
-not name yet are read from c_ext/net.h, their one definition. What needs the real daemon
-(blk requests, a full ring, the net CLI at the bound, the socket's ancillary buffer) is in
-tests/integration/test_limits_socket.py.
+The bounds come from the limits modules (never a literal); the C ones there are read from
+the compiled modules, so their one definition stays in the headers. What needs the real
+daemon (blk requests, a full ring, the net CLI at the bound, the socket's ancillary
+buffer) is in tests/integration/test_limits_socket.py.
 
 Everything here is in-process: the protocol reader fed bytes, a Session driven with typed
 messages, the C ring walker and the net engine driven directly on GuestRam from
@@ -29,9 +31,16 @@ from typing import Any
 import cffi
 import pytest
 
+import devices.blk
+import devices.net
 import vhost._native
 from devices.blk import BlkDevice, BlkOptions
-from devices.net import MAX_QUEUE_PAIRS
+from devices.blk import limits as blk_limits
+from devices.blk.limits import MAX_BLK_QUEUES
+from devices.net import NetDevice, NetOptions, Switch
+from devices.net import _net as net_c
+from devices.net import limits as net_limits
+from devices.net.limits import MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS
 from tests.frontend import DESC_SIZE, GuestRam, MiB
 from tests.unit.test_protocol import (
     MakeFd,
@@ -55,13 +64,11 @@ from tests.unit.test_ring import (
 from vhost import limits
 from vhost import protocol as p
 from vhost._native import ffi, lib
-from vhost.cli import blk_main, net_main
+from vhost.cli import run
 from vhost.limits import (
-    MAX_BLK_QUEUES,
     MAX_BUFFERED_BYTES,
     MAX_CHAIN_IOV,
     MAX_CONFIG_SIZE,
-    MAX_ENGINE_PAIRS,
     MAX_FDS_PER_MESSAGE,
     MAX_MEM_SLOTS,
     MAX_PAYLOAD_SIZE,
@@ -131,6 +138,7 @@ ROWS: dict[str, list[str]] = {
     "MAX_REQUEST_BYTES (blk data)": [f"{SOCKET_TESTS}::test_request_bytes"],
     "MAX_DISCARD_SEG / _WRITE_ZEROES": [f"{SOCKET_TESTS}::test_segments_per_request"],
     "MAX_DISCARD_SECTORS / _WZ": [f"{SOCKET_TESTS}::test_sectors_per_segment"],
+    "MAX_QUEUE_PAIRS": ["test_net_queue_pairs_in_the_device"],
     "MAX_ENGINE_PAIRS (net)": [
         "test_net_cli_refuses_one_engine_pair_more",
         f"{SOCKET_TESTS}::test_switch_serves_max_engine_pairs",
@@ -145,11 +153,18 @@ ROWS: dict[str, list[str]] = {
 }
 
 
-def table_rows() -> list[tuple[str, str, str]]:
-    """(bound, value, where) for each row of the table in vhost/limits.py's docstring."""
-    doc = limits.__doc__ or ""
+#: the modules whose docstring tables name the bounds, core first
+LIMIT_MODULES = (limits, blk_limits, net_limits)
+
+
+def table_rows(module: Any = None) -> list[tuple[str, str, str]]:
+    """(bound, value, where) for each row of the table in the docstring of ``module``
+    (every limits module, in order, when None)."""
+    if module is None:
+        return [row for m in LIMIT_MODULES for row in table_rows(m)]
+    doc = module.__doc__ or ""
     rules = [i for i, line in enumerate(doc.splitlines()) if re.fullmatch(r"[= ]+", line)]
-    assert len(rules) == 3, "the table in vhost/limits.py lost its shape"
+    assert len(rules) == 3, f"the table in {module.__name__} lost its shape"
     rows = []
     for line in doc.splitlines()[rules[1] + 1 : rules[2]]:
         bound, value, where = re.split(r"\s{2,}", line.strip(), maxsplit=2)
@@ -167,15 +182,22 @@ def test_every_row_of_the_table_has_tests() -> None:
             assert callable(getattr(where, func, None) if module else where.get(func)), name
 
 
-def test_every_bound_in_the_table_is_a_constant_of_vhost_limits() -> None:
+def test_every_bound_in_a_table_is_a_constant_of_its_module() -> None:
     missing = []
-    for bound, _value, _where in table_rows():
-        names = re.findall(r"\b[A-Z][A-Z_]{3,}\b", bound)
-        if names and not all(hasattr(limits, name) for name in names):
-            missing.append(bound)
-        if not names and not _derived(bound):  # a row that names no constant at all
-            missing.append(bound)
+    for module in LIMIT_MODULES:
+        for bound, _value, _where in table_rows(module):
+            names = re.findall(r"\b[A-Z][A-Z_]{3,}\b", bound)
+            if names and not all(hasattr(module, name) for name in names):
+                missing.append(bound)
+            if not names and not _derived(bound):  # a row that names no constant at all
+                missing.append(bound)
     assert missing == []
+
+
+def test_the_core_table_names_no_device() -> None:
+    """Device bounds live with their device (the core knows none)."""
+    for bound, _value, where in table_rows(limits):
+        assert not re.search(r"blk|net|disk|discard|switch|tap", f"{bound} {where}", re.I), bound
 
 
 def _derived(bound: str) -> bool:
@@ -194,22 +216,16 @@ def test_table_values_are_the_constants() -> None:
     assert values["MAX_QUEUE_SIZE"] == str(MAX_QUEUE_SIZE)
     assert values["MAX_CHAIN_IOV"] == str(MAX_CHAIN_IOV)
     assert values["MAX_BLK_QUEUES"] == str(MAX_BLK_QUEUES)
-    assert values["MAX_REQUEST_BYTES"] == f"{limits.MAX_REQUEST_BYTES // MiB} MiB"
-    assert values["MAX_DISCARD_SEG"] == str(limits.MAX_DISCARD_SEG)
-    assert limits.MAX_WRITE_ZEROES_SEG == limits.MAX_DISCARD_SEG
-    assert values["MAX_DISCARD_SECTORS"] == "2^22 - 1" and limits.MAX_DISCARD_SECTORS == 2**22 - 1
-    assert limits.MAX_WRITE_ZEROES_SECTORS == limits.MAX_DISCARD_SECTORS
+    assert values["MAX_REQUEST_BYTES"] == f"{blk_limits.MAX_REQUEST_BYTES // MiB} MiB"
+    assert values["MAX_DISCARD_SEG"] == str(blk_limits.MAX_DISCARD_SEG)
+    assert blk_limits.MAX_WRITE_ZEROES_SEG == blk_limits.MAX_DISCARD_SEG
+    assert values["MAX_DISCARD_SECTORS"] == "2^22 - 1"
+    assert blk_limits.MAX_DISCARD_SECTORS == 2**22 - 1
+    assert blk_limits.MAX_WRITE_ZEROES_SECTORS == blk_limits.MAX_DISCARD_SECTORS
+    assert values["MAX_QUEUE_PAIRS"] == str(MAX_QUEUE_PAIRS)
     assert values["MAX_ENGINE_PAIRS"] == str(MAX_ENGINE_PAIRS)
-    assert values["MAC"] == f"{net_h('NET_MAC_BUCKETS')} x {net_h('NET_MAC_WAYS')}"
-    assert values["NET_RX_BUDGET"] == str(net_h("NET_RX_BUDGET"))
-
-
-def net_h(name: str) -> int:
-    """A bound c_ext/net.h defines that vhost.limits does not name (see the xfail above)."""
-    text = (ROOT / "c_ext" / "net.h").read_text()
-    m = re.search(rf"^#define {name} (\d+)\b", text, re.MULTILINE)
-    assert m, f"{name} is not defined in c_ext/net.h"
-    return int(m.group(1))
+    assert values["MAC"] == f"{net_limits.NET_MAC_BUCKETS} x {net_limits.NET_MAC_WAYS}"
+    assert values["NET_RX_BUDGET"] == str(net_limits.NET_RX_BUDGET)
 
 
 # =========================================================================================
@@ -744,7 +760,7 @@ def test_blk_cli_refuses_one_queue_more(tmp_path: Path, capsys: pytest.CaptureFi
                                         ) -> None:
     sock, image = tmp_path / "blk.sock", tmp_path / "disk.img"
     with pytest.raises(SystemExit) as exc:
-        blk_main(["--socket-path", str(sock), "--blk-file", str(image), "--size", "1M",
+        run(devices.blk.DEVICE, ["--socket-path", str(sock), "--blk-file", str(image), "--size", "1M",
                   "--num-queues", str(MAX_BLK_QUEUES + 1)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -772,12 +788,33 @@ def test_net_cli_refuses_one_engine_pair_more(tmp_path: Path,
     assert ports * queues == MAX_ENGINE_PAIRS + 1
     socks = [a for i in range(ports) for a in ("--socket-path", str(tmp_path / f"p{i}.sock"))]
     with pytest.raises(SystemExit) as exc:
-        net_main([*socks, "--switch", "sw0", "--num-queues", str(queues)])
+        run(devices.net.DEVICE, [*socks, "--switch", "sw0", "--num-queues", str(queues)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"({MAX_ENGINE_PAIRS} queue pairs)" in err[0], err
     assert list(tmp_path.iterdir()) == []
-    assert lib.NET_MAX_PAIRS == MAX_ENGINE_PAIRS
+    assert net_c.lib.NET_MAX_PAIRS == MAX_ENGINE_PAIRS
+
+
+def test_net_queue_pairs_in_the_device() -> None:
+    """A port has at most MAX_QUEUE_PAIRS queue pairs: 2 x that many queues at the bound,
+    one pair more refused when the port is made."""
+    switch = Switch("limits")
+    dev = NetDevice(NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS),
+                    switch=switch)
+    s = Session(dev, "pairs")
+    try:
+        assert s.handle(p.GetQueueNum()) == p.U64Reply(p.Request.GET_QUEUE_NUM, MAX_QUEUE_PAIRS)
+        assert len(s.queues) == 2 * MAX_QUEUE_PAIRS
+        assert ack(s.handle(p.SetVringNum(2 * MAX_QUEUE_PAIRS - 1, 256, need_reply=True))) == 0
+        assert ack(s.handle(p.SetVringNum(2 * MAX_QUEUE_PAIRS, 256, need_reply=True))) == 1
+    finally:
+        s.close()
+        dev.close()
+    with pytest.raises(ValueError, match=f"--num-queues {MAX_QUEUE_PAIRS + 1} is not in "
+                                         f"1..{MAX_QUEUE_PAIRS}"):
+        NetDevice(NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS + 1),
+                  switch=switch)
 
 
 # =========================================================================================
@@ -795,10 +832,10 @@ class EngineRun:
 
     def __init__(self, *, switch_mode: bool, rx: Ring | None = None, tx: Ring | None = None,
                  tap_fd: int = -1) -> None:
-        self.port = ffi.new("struct net_port *")
+        self.port = net_c.ffi.new("struct net_port *")
         self.port.hdr_len = VNET_HDR
         self.port.max_frame = 1500 + 18
-        self.e = ffi.new("struct net_engine *")
+        self.e = net_c.ffi.new("struct net_engine *")
         self.e.npairs = 1
         self.e.switch_mode = int(switch_mode)
         self.e.mac_age = 300
@@ -807,8 +844,8 @@ class EngineRun:
         self.e.stop_fd = self.stop_fd
         pair = self.e.pairs[0]
         pair.port = self.port
-        pair.rx = rx.vq if rx else ffi.NULL
-        pair.tx = tx.vq if tx else ffi.NULL
+        pair.rx = rx.vq if rx else net_c.ffi.NULL
+        pair.tx = tx.vq if tx else net_c.ffi.NULL
         pair.tap_fd = tap_fd
         self.thread: threading.Thread | None = None
         self.rc: int | None = None
@@ -821,14 +858,14 @@ class EngineRun:
             pass
 
         def run() -> None:
-            self.rc = int(lib.net_run(self.e))
+            self.rc = int(net_c.lib.net_run(self.e))
 
         self.thread = threading.Thread(target=run, daemon=True)
         self.thread.start()
 
     def stop(self) -> None:
         assert self.thread is not None
-        lib.net_request_stop(self.e)
+        net_c.lib.net_request_stop(self.e)
         self.thread.join(5)
         assert not self.thread.is_alive(), "net engine did not stop"
         assert self.rc == lib.VU_RUN_STOPPED, self.rc
@@ -848,7 +885,7 @@ def wait_until(cond: Callable[[], bool], what: str, timeout: float = 5.0) -> Non
 
 
 def mac_bucket(mac: bytes, buckets: int) -> int:
-    """c_ext/net.c's mac_bucket (FNV-1a), to pick MACs that share a bucket."""
+    """devices/net/net.c's mac_bucket (FNV-1a), to pick MACs that share a bucket."""
     h = 2166136261
     for b in mac:
         h = ((h ^ b) * 16777619) & 0xFFFF_FFFF
@@ -861,7 +898,7 @@ def test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest(
     """The switch learns a source MAC per frame into a fixed table of buckets x ways:
     a bucket holds NET_MAC_WAYS MACs; one more replaces the one learnt longest ago
     (and nothing in any other bucket)."""
-    buckets, ways = net_h("NET_MAC_BUCKETS"), net_h("NET_MAC_WAYS")
+    buckets, ways = net_limits.NET_MAC_BUCKETS, net_limits.NET_MAC_WAYS
     candidates = [bytes([0x02, 0, 0, 0, k >> 8, k & 0xFF]) for k in range(1, 1 << 16)]
     target = mac_bucket(candidates[0], buckets)
     same = [m for m in candidates if mac_bucket(m, buckets) == target][: ways + 1]
@@ -886,7 +923,7 @@ def test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest(
         assert [h for h, _ in ring.q.get_used()] == heads
 
     def learnt() -> list[bool]:
-        return [lib.net_switch_lookup(run.e, m) == 0 for m in same]
+        return [net_c.lib.net_switch_lookup(run.e, m) == 0 for m in same]
 
     try:
         send(same[0])
@@ -897,7 +934,7 @@ def test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest(
         assert learnt() == [True] * ways + [False]  # at the bound: all kept
         send(same[ways])
         assert learnt() == [False] + [True] * ways  # one past: the oldest went
-        assert lib.net_switch_lookup(run.e, other) == 0  # other buckets untouched
+        assert net_c.lib.net_switch_lookup(run.e, other) == 0  # other buckets untouched
         assert ring.vq.err.count == 0
     finally:
         run.close()
@@ -910,7 +947,7 @@ def test_rx_budget_frames_per_pass(make: Callable[..., Ring], extra: int, passes
     NET_RX_BUDGET of them arrive in one pass (one call), one more needs a second pass (two
     calls); none is lost. A SOCK_DGRAM socketpair stands in for the TAP (one frame per
     read, with its virtio-net header, like a TAP with IFF_VNET_HDR)."""
-    frames = net_h("NET_RX_BUDGET") + extra
+    frames = net_limits.NET_RX_BUDGET + extra
     ring = make(num=512)
     assert ring.num > frames
     buf = ring.buf(2048)

@@ -13,7 +13,7 @@
  * several chains; num_buffers in the header says how many. From a TAP we do
  * not know a frame's size before reading it, so enough chains for the largest
  * possible frame are taken, the frame is read into them with one readv, and
- * the chains it did not need are given back (last_avail_idx moves back).
+ * the chains it did not need are given back (vu_vq_discard).
  *
  * When a guest has no rx buffers, TAP frames wait in the TAP (we stop polling
  * it until the guest kicks the rx queue) and switch frames are dropped; both
@@ -121,7 +121,7 @@ static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint
             r = NET_ERR_RX_READABLE;
         }
         if (r == 0 && niov + c->n_in > VU_MAX_CHAIN_IOV) {
-            vq->last_avail_idx--; /* leave it for the next frame */
+            vu_vq_discard(vq, 1); /* leave it for the next frame */
             break;
         }
         if (r < 0) {
@@ -156,7 +156,7 @@ static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair 
         left -= n;
         used++;
     }
-    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (nchains - used));
+    vu_vq_discard(vq, nchains - used);
     uint16_t num_buffers = (uint16_t)used;
     if (p->port->hdr_len >= NUM_BUFFERS_OFFSET + 2 && (nchains != used || set_num_buffers))
         vu_iov_copy_to(e->rx_iov, niov, NUM_BUFFERS_OFFSET, &num_buffers, 2);
@@ -180,7 +180,7 @@ static uint16_t avail_idx(struct vu_vq *vq)
 /* Starved until the guest makes more buffers available than it had. */
 static void starve(struct net_pair *p, struct vu_vq *vq, uint32_t nchains)
 {
-    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - nchains);
+    vu_vq_discard(vq, nchains);
     p->rx_starved = 1;
     p->rx_starved_idx = avail_idx(vq);
     p->port->stats.rx_no_buffers++;
@@ -220,7 +220,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
         if (total < p->port->hdr_len) {
             /* The chains we may merge cannot even hold a header (tiny buffers):
              * take the frame off the TAP and drop it, counted. */
-            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            vu_vq_discard(vq, (uint32_t)nchains);
             if (read(p->tap_fd, e->drop_buf, sizeof(e->drop_buf)) <= 0)
                 return;
             p->port->stats.rx_dropped++;
@@ -236,7 +236,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
         }
         ssize_t r = readv(p->tap_fd, e->rx_iov, (int)(nread > IOV_MAX ? IOV_MAX : nread));
         if (r <= 0) {
-            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            vu_vq_discard(vq, (uint32_t)nchains);
             if (r < 0 && errno != EAGAIN && errno != EINTR) {
                 /* The TAP is gone or broken: stop reading it rather than spin on it. */
                 vu_vq_record_error(vq, NET_ERR_TAP_IO, 0, (uint64_t)errno);
@@ -247,7 +247,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
         if ((uint64_t)r > total || ((uint64_t)r == total && nread == niov && total < need)) {
             /* Longer than the buffers (or, without the spare byte, maybe): the TAP
              * cut it. Drop it whole rather than pass on a stump. */
-            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            vu_vq_discard(vq, (uint32_t)nchains);
             p->port->stats.rx_dropped++;
             continue;
         }
@@ -282,7 +282,7 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_ch
                             &exhausted);
     if (nchains <= 0 || total < need) {
         if (nchains > 0)
-            vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - (uint32_t)nchains);
+            vu_vq_discard(vq, (uint32_t)nchains);
         if (nchains >= 0) {
             port->stats.rx_no_buffers++;
             port->stats.rx_dropped++;
@@ -558,4 +558,12 @@ void net_request_stop(struct net_engine *e)
     if (e->stop_fd >= 0 && write(e->stop_fd, &one, sizeof(one)) < 0) {
         /* the flag alone stops it at the next pass */
     }
+}
+
+static const struct vu_error_info net_errors[] = {NET_ERRORS(VU_ERROR_INFO)};
+
+const struct vu_error_info *net_error_table(uint32_t *n)
+{
+    *n = sizeof(net_errors) / sizeof(net_errors[0]);
+    return net_errors;
 }

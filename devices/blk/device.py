@@ -1,6 +1,6 @@
 """virtio-blk: feature bits, config space and the image back end.
 
-Requests are handled in C (c_ext/blk.c) by one worker thread per queue, with
+Requests are handled in C (devices/blk/blk.c) by one worker thread per queue, with
 preadv/pwritev straight between the image and guest memory. Synchronous I/O
 in per-queue threads was chosen over io_uring for now: with a page-cached
 image a 4 KiB preadv costs about a microsecond, less than an io_uring
@@ -16,9 +16,10 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from vhost import limits
-from vhost._native import ffi, lib
+from devices.blk import limits
+from devices.blk._blk import ffi, lib
 from vhost.device import RING_FEATURES, Device
+from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.virtqueue import Runner
 
 SECTOR = 512
@@ -36,7 +37,7 @@ VIRTIO_BLK_F_WRITE_ZEROES = 1 << 14
 
 CONFIG_SIZE = 60  # struct virtio_blk_config up to write_zeroes_may_unmap + padding
 
-# Limits advertised in config space (vhost/limits.py); the C handler enforces them.
+# Limits advertised in config space (devices/blk/limits.py); the C handler enforces them.
 SIZE_MAX = limits.SIZE_MAX
 SEG_MAX = limits.SEG_MAX
 MAX_REQUEST_BYTES = limits.MAX_REQUEST_BYTES
@@ -46,6 +47,9 @@ MAX_WRITE_ZEROES_SECTORS = limits.MAX_WRITE_ZEROES_SECTORS
 MAX_WRITE_ZEROES_SEG = limits.MAX_WRITE_ZEROES_SEG
 DISCARD_ALIGNMENT_SECTORS = 8  # punching holes works in 4 KiB pages
 MAX_QUEUES = limits.MAX_BLK_QUEUES
+
+#: the request errors blk.c records, then the core's
+BLK_ERRORS = ErrorTable.from_c(ffi, lib.blk_error_table, CORE_ERRORS)
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -82,8 +86,8 @@ def parse_size(text: str) -> int:
 
 
 class BlkDevice(Device):
-    kind = "block"
     supports_inflight = True
+    errors = BLK_ERRORS
 
     def __init__(self, opts: BlkOptions) -> None:
         if not 1 <= opts.num_queues <= MAX_QUEUES:
@@ -141,10 +145,6 @@ class BlkDevice(Device):
             MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1,
         )
 
-    def get_config(self, offset: int, size: int) -> bytes:
-        cfg = self.config_space()
-        return cfg[offset:offset + size].ljust(size, b"\0")
-
     def runner(self, queue_index: int) -> Runner:
         q = self._queues[queue_index]
 
@@ -174,6 +174,13 @@ class BlkDevice(Device):
             os.close(self.fd)
             self.fd = -1
             self._dev.fd = -1
+
+    def abort(self) -> None:
+        """A start that did not happen leaves no trace: the image goes if this run
+        made it."""
+        self.close()
+        if self.created:
+            os.unlink(self.opts.path)
 
 
 def _open_image(opts: BlkOptions) -> tuple[int, bool]:

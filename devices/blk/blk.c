@@ -92,14 +92,14 @@ static uint8_t do_rw(struct vu_vq *vq, struct blk_queue *q, const struct blk_req
 {
     const struct blk_dev *dev = q->dev;
     if (writing && dev->read_only)
-        return fail(vq, q, VU_ERR_DEV_READ_ONLY, h->sector);
+        return fail(vq, q, BLK_ERR_READ_ONLY, h->sector);
     if (len % BLK_SECTOR_SIZE || !range_ok(dev, h->sector, len / BLK_SECTOR_SIZE))
-        return fail(vq, q, VU_ERR_DEV_RANGE, h->sector);
+        return fail(vq, q, BLK_ERR_RANGE, h->sector);
     if (len > dev->max_request_bytes) /* bounds the time one request holds the queue */
-        return fail(vq, q, VU_ERR_DEV_TOO_BIG, len);
+        return fail(vq, q, BLK_ERR_TOO_BIG, len);
     int r = rw_full(dev->fd, iov, niov, h->sector * BLK_SECTOR_SIZE, writing);
     if (r < 0)
-        return fail(vq, q, VU_ERR_DEV_IO, (uint64_t)-r);
+        return fail(vq, q, BLK_ERR_IO, (uint64_t)-r);
     if (writing) {
         q->stats.writes++;
         q->stats.bytes_written += len;
@@ -168,26 +168,26 @@ static uint8_t do_ranges(struct vu_vq *vq, struct blk_queue *q, struct iovec *io
     uint64_t nseg = len / sizeof(struct blk_discard_segment);
 
     if (dev->read_only)
-        return fail(vq, q, VU_ERR_DEV_READ_ONLY, 0);
+        return fail(vq, q, BLK_ERR_READ_ONLY, 0);
     if (len % sizeof(struct blk_discard_segment) || nseg == 0 || nseg > max_seg)
-        return fail(vq, q, VU_ERR_DEV_SEGMENTS, nseg);
+        return fail(vq, q, BLK_ERR_SEGMENTS, nseg);
     for (uint64_t i = 0; i < nseg; i++) {
         struct blk_discard_segment s;
         vu_iov_copy_from(iov, niov, i * sizeof(s), &s, sizeof(s));
         uint32_t allowed = zeroes ? BLK_WZ_FLAG_UNMAP : 0;
         if (s.flags & ~allowed) {
             q->stats.unsupp++;
-            vu_vq_record_error(vq, VU_ERR_DEV_SEGMENTS, vq->chain.head, s.flags);
+            vu_vq_record_error(vq, BLK_ERR_SEGMENTS, vq->chain.head, s.flags);
             return VIRTIO_BLK_S_UNSUPP;
         }
         if (s.num_sectors > max_sectors || !range_ok(dev, s.sector, s.num_sectors))
-            return fail(vq, q, VU_ERR_DEV_RANGE, s.sector);
+            return fail(vq, q, BLK_ERR_RANGE, s.sector);
         uint64_t off = s.sector * BLK_SECTOR_SIZE;
         uint64_t n = (uint64_t)s.num_sectors * BLK_SECTOR_SIZE;
         int r = zeroes ? zero_range(dev, off, n, s.flags & BLK_WZ_FLAG_UNMAP)
                        : discard_range(dev, off, n);
         if (r < 0)
-            return fail(vq, q, VU_ERR_DEV_IO, (uint64_t)-r);
+            return fail(vq, q, BLK_ERR_IO, (uint64_t)-r);
     }
     if (zeroes)
         q->stats.write_zeroes++;
@@ -201,7 +201,7 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
     struct blk_queue *q = ctx;
     if (c->n_in == 0) {
         /* Nowhere to put a status: the request can only be returned unanswered. */
-        vu_vq_record_error(vq, VU_ERR_DEV_NO_STATUS, c->head, 0);
+        vu_vq_record_error(vq, BLK_ERR_NO_STATUS, c->head, 0);
         q->stats.ioerr++;
         return 0;
     }
@@ -218,7 +218,7 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
 
     struct blk_req_header h;
     if (c->out_bytes < sizeof(h)) {
-        *status = fail(vq, q, VU_ERR_DEV_HEADER, c->out_bytes);
+        *status = fail(vq, q, BLK_ERR_HEADER, c->out_bytes);
         return 1;
     }
     vu_iov_copy_from(c->iov, c->n_out, 0, &h, sizeof(h));
@@ -231,7 +231,7 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
     switch (h.type) {
     case VIRTIO_BLK_T_IN:
         if (out_len != 0) {
-            st = fail(vq, q, VU_ERR_DEV_LAYOUT, out_len);
+            st = fail(vq, q, BLK_ERR_LAYOUT, out_len);
             break;
         }
         st = do_rw(vq, q, &h, in_iov, n_in, in_len, 0);
@@ -239,12 +239,12 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
             written = (uint32_t)in_len;
         break;
     case VIRTIO_BLK_T_OUT:
-        st = in_len ? fail(vq, q, VU_ERR_DEV_LAYOUT, in_len)
+        st = in_len ? fail(vq, q, BLK_ERR_LAYOUT, in_len)
                     : do_rw(vq, q, &h, out_iov, n_out, out_len, 1);
         break;
     case VIRTIO_BLK_T_FLUSH:
         if (fdatasync(q->dev->fd) < 0) {
-            st = fail(vq, q, VU_ERR_DEV_IO, (uint64_t)errno);
+            st = fail(vq, q, BLK_ERR_IO, (uint64_t)errno);
         } else {
             q->stats.flushes++;
             st = VIRTIO_BLK_S_OK;
@@ -259,12 +259,12 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
     }
     case VIRTIO_BLK_T_DISCARD:
     case VIRTIO_BLK_T_WRITE_ZEROES:
-        st = in_len ? fail(vq, q, VU_ERR_DEV_LAYOUT, in_len)
+        st = in_len ? fail(vq, q, BLK_ERR_LAYOUT, in_len)
                     : do_ranges(vq, q, out_iov, n_out, out_len, h.type == VIRTIO_BLK_T_WRITE_ZEROES);
         break;
     default:
         q->stats.unsupp++;
-        vu_vq_record_error(vq, VU_ERR_DEV_UNSUPPORTED, c->head, h.type);
+        vu_vq_record_error(vq, BLK_ERR_UNSUPPORTED, c->head, h.type);
         st = VIRTIO_BLK_S_UNSUPP;
         break;
     }
@@ -272,12 +272,15 @@ static uint32_t blk_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c
     return written + 1;
 }
 
-int blk_process_queue(struct vu_vq *vq, struct blk_queue *q)
-{
-    return vu_vq_process(vq, blk_handle_chain, q);
-}
-
 int blk_run_queue(struct vu_vq *vq, struct blk_queue *q)
 {
     return vu_vq_run(vq, blk_handle_chain, q);
+}
+
+static const struct vu_error_info blk_errors[] = {BLK_ERRORS(VU_ERROR_INFO)};
+
+const struct vu_error_info *blk_error_table(uint32_t *n)
+{
+    *n = sizeof(blk_errors) / sizeof(blk_errors[0]);
+    return blk_errors;
 }

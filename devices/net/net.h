@@ -18,14 +18,16 @@
 #define NET_MAC_BUCKETS 1024      /* switch MAC table: buckets x ways entries */
 #define NET_MAC_WAYS 4
 
-enum net_error_code {
-    NET_ERR_SHORT_HDR = -40,     /* tx chain shorter than the virtio-net header */
-    NET_ERR_TOO_LONG = -41,      /* tx frame longer than MTU (or GSO limit) */
-    NET_ERR_TX_WRITABLE = -42,   /* tx chain has device-writable buffers */
-    NET_ERR_RX_READABLE = -43,   /* rx chain has device-readable buffers */
-    NET_ERR_TAP_IO = -44,        /* read/write on the TAP failed; errno in detail */
-    NET_ERR_TOO_MANY_IOV = -45,  /* frame needs more iovecs than writev takes */
-};
+/* Frame errors (the frame is dropped and counted, the port goes on): rows as in vu.h. */
+#define NET_ERRORS(X) \
+    X(NET_ERR_SHORT_HDR, -40, VALUE, "tx chain shorter than the virtio-net header and an Ethernet header") \
+    X(NET_ERR_TOO_LONG, -41, VALUE, "tx frame longer than the MTU (or the GSO limit)") \
+    X(NET_ERR_TX_WRITABLE, -42, VALUE, "tx chain has device-writable buffers") \
+    X(NET_ERR_RX_READABLE, -43, VALUE, "rx chain has device-readable buffers") \
+    X(NET_ERR_TAP_IO, -44, ERRNO, "TAP I/O error") \
+    X(NET_ERR_TOO_MANY_IOV, -45, VALUE, "tx frame needs more iovecs than writev takes")
+
+enum net_error_code { NET_ERRORS(VU_ERROR_ENUM) };
 
 struct net_stats {
     uint64_t tx_packets;
@@ -87,5 +89,6 @@ int net_run(struct net_engine *e);
 void net_request_stop(struct net_engine *e);
 void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+const struct vu_error_info *net_error_table(uint32_t *n);
 
 #endif

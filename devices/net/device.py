@@ -1,7 +1,7 @@
 """virtio-net: feature bits, config space, and the host back ends (TAP, switch).
 
 Frames never pass through Python. Each back end owns an *engine*: one thread
-looping in C (c_ext/net.c) over a set of queue pairs. A TAP port's engine
+looping in C (devices/net/net.c) over a set of queue pairs. A TAP port's engine
 serves that port's pairs, each with its own TAP queue; a switch's engine
 serves the pairs of every port on the switch, so a frame goes from one
 guest's tx ring to another guest's rx ring in one copy. When a queue starts
@@ -24,9 +24,10 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from vhost import limits
-from vhost._native import ffi, lib
+from devices.net import limits
+from devices.net._net import ffi, lib
 from vhost.device import RING_FEATURES, Device
+from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.memory import GuestMemory
 from vhost.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
 
@@ -51,7 +52,7 @@ OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO
 
 DEFAULT_MTU = 1500
 MAX_MTU = 65535 - 18
-MAX_QUEUE_PAIRS = 16
+MAX_QUEUE_PAIRS: int = limits.MAX_QUEUE_PAIRS
 MAX_ENGINE_PAIRS: int = limits.MAX_ENGINE_PAIRS  # queue pairs one engine (a switch) serves
 MAC_AGE_SECONDS = 300
 DEFAULT_BUSY_POLL_US = 50  # poll this long after the last frame before sleeping
@@ -69,6 +70,9 @@ IFF_MULTI_QUEUE = 0x0100
 TUN_F_CSUM = 0x01
 TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
+
+#: the frame errors net.c records, then the core's
+NET_ERRORS = ErrorTable.from_c(ffi, lib.net_error_table, CORE_ERRORS)
 
 
 def parse_mac(text: str) -> bytes:
@@ -235,7 +239,7 @@ class NetOptions:
 
 
 class NetDevice(Device):
-    kind = "net"
+    errors = NET_ERRORS
 
     def __init__(self, opts: NetOptions, tap: TapBackend | None = None,
                  switch: Switch | None = None) -> None:
@@ -274,9 +278,6 @@ class NetDevice(Device):
     def config_space(self) -> bytes:
         return struct.pack("<6sHHH", self.opts.mac, VIRTIO_NET_S_LINK_UP,
                            self.opts.num_queue_pairs, self.opts.mtu)
-
-    def get_config(self, offset: int, size: int) -> bytes:
-        return self.config_space()[offset:offset + size].ljust(size, b"\0")
 
     def buffers_wait_for_data(self, queue_index: int) -> bool:
         return queue_index % 2 == 0  # rx queues: 0, 2, 4, ...
