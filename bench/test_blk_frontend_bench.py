@@ -6,7 +6,8 @@ The front end is Python and is the bottleneck for requests/s; the figure that
 speaks for the back end is its own CPU time per request, read from
 /proc/PID/task/*/schedstat (nanoseconds, all threads) around the measured
 rounds. Run: ``pytest bench -s`` (results also in pytest-benchmark's table and
-extra_info; ``--benchmark-json=FILE`` to keep them).
+extra_info; ``--benchmark-json=FILE`` to keep them); ``--baseline-tree PATH`` adds the
+daemon of another checkout as ``baseline-tree`` (bench/conftest.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.conftest import baseline_command, baseline_tree
 from tests.frontend import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -78,14 +80,19 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _start(kind: str, image: Path, sock: str) -> subprocess.Popen[bytes]:
+def _start(kind: str, image: Path, sock: str, baseline: Path | None) -> subprocess.Popen[bytes]:
+    env = None
     if kind == "ours":
-        cmd = [sys.executable, "-m", "vhost", "--socket-path", sock, "--blk-file", str(image)]
+        cmd = [sys.executable, "-m", "vhost", "blk", "--socket-path", sock, "--blk-file", str(image)]
+    elif kind == "baseline-tree":
+        assert baseline is not None
+        prog, env = baseline_command(baseline, "blk")
+        cmd = [*prog, "--socket-path", sock, "--blk-file", str(image)]
     else:
         cmd = [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
                "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
                f"addr.path={sock},writable=on,num-queues=1")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     _wait_socket(sock, proc)
     return proc
 
@@ -131,14 +138,22 @@ class ReadLoop:
             self.done += batch
 
 
-@pytest.fixture(params=["ours", "qemu-storage-daemon"])
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" in metafunc.fixturenames:
+        kinds = ["ours", "qemu-storage-daemon"]
+        if baseline_tree(metafunc.config) is not None:
+            kinds.insert(1, "baseline-tree")
+        metafunc.parametrize("backend", kinds, indirect=True)
+
+
+@pytest.fixture
 def backend(request: pytest.FixtureRequest, image: Path,
             tmp_path: Path) -> Iterator[tuple[str, int, FrontEnd, GuestRam]]:
     kind = request.param
     if kind != "ours" and QSD is None:
         pytest.skip("qemu-storage-daemon not installed (apt-get install qemu-system-common)")
     sock = str(tmp_path / "bench.sock")
-    proc = _start(kind, image, sock)
+    proc = _start(kind, image, sock, baseline_tree(request.config))
     ram = GuestRam(size=32 << 20)
     fe = FrontEnd(sock, ram).connect()
     fe.negotiate()

@@ -12,6 +12,8 @@ Back ends:
   /work/shared/FACTS.md, noisy: other work on the 2 cores moves it a lot).
 * ``ours`` -- ``vhost-user-net --socket-path a --socket-path b --switch sw0``
   pinned to cpu 0 (:func:`start_our_switch`); skipped until the command exists.
+* ``baseline-tree`` -- the same from another checkout, with ``--baseline-tree PATH``
+  (bench/conftest.py): a change measured against the code before it, in one run.
 
 Run: ``pytest bench/test_switch_dpdk_bench.py -s`` (one line per case, then the
 ratio ours/dpdk per size when both ran; figures also in pytest-benchmark's
@@ -35,6 +37,7 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.conftest import baseline_command, baseline_tree
 from tests import dpdk
 
 SIZES = [64, 1500]
@@ -63,28 +66,39 @@ def our_switch_binary() -> str | None:
 
 @contextlib.contextmanager
 def start_our_switch(
-    a_sock: str, b_sock: str, log_dir: str | os.PathLike[str] | None = None
+    a_sock: str, b_sock: str, log_dir: str | os.PathLike[str] | None = None,
+    tree: Path | None = None,
 ) -> Iterator[object]:
     """Our back end for the loop: ``vhost-user-net --socket-path A --socket-path B
     --switch sw0`` pinned to cpu 0 (taskset), ready when it listens on both
-    sockets, terminated (SIGTERM, then SIGKILL) at exit."""
-    binary = our_switch_binary()
-    if binary is None:
-        pytest.skip("vhost-user-net not installed")
-    argv = [binary, "--socket-path", a_sock, "--socket-path", b_sock, "--switch", "sw0"]
-    log = None if log_dir is None else Path(log_dir) / "backend-ours.log"
-    with dpdk.process_backend(argv, [a_sock, b_sock], cpu=dpdk.BACKEND_CPU, log_path=log) as p:
+    sockets, terminated (SIGTERM, then SIGKILL) at exit. With ``tree``: the one of
+    that checkout."""
+    env = None
+    if tree is not None:
+        prog, env = baseline_command(tree, "net")
+    else:
+        binary = our_switch_binary()
+        if binary is None:
+            pytest.skip("vhost-user-net not installed")
+        prog = [binary]
+    argv = [*prog, "--socket-path", a_sock, "--socket-path", b_sock, "--switch", "sw0"]
+    name = "baseline" if tree is not None else "ours"
+    log = None if log_dir is None else Path(log_dir) / f"backend-{name}.log"
+    with dpdk.process_backend(argv, [a_sock, b_sock], cpu=dpdk.BACKEND_CPU, log_path=log,
+                              env=env) as p:
         yield p
 
 
 # ---------------------------------------------------------------------------
 
 
-def _backend_start(kind: str, log_dir: Path) -> Callable[[str, str], Any]:
+def _backend_start(kind: str, log_dir: Path, tree: Path | None) -> Callable[[str, str], Any]:
     if kind == "dpdk-vhost":
         return lambda a, b: dpdk.dpdk_vhost_switch(a, b, log_dir=log_dir)
     if kind == "ours":
         return lambda a, b: start_our_switch(a, b, log_dir=log_dir)
+    if kind == "baseline-tree":
+        return lambda a, b: start_our_switch(a, b, log_dir=log_dir, tree=tree)
     raise ValueError(kind)
 
 
@@ -102,17 +116,29 @@ def _dpdk_ready() -> Iterator[None]:
         ours, ref = RESULTS.get(("ours", size)), RESULTS.get(("dpdk-vhost", size))
         if ours is not None and ref:
             lines.append(f"  {size:>5} B: ours {ours:.3f} / dpdk {ref:.3f} Mpps = {ours / ref:.2f}")
+        old = RESULTS.get(("baseline-tree", size))
+        if ours is not None and old:
+            lines.append(f"  {size:>5} B: ours {ours:.3f} / baseline-tree {old:.3f} Mpps = "
+                         f"{ours / old:.2f}")
     if lines:
-        print("\nswitch loop, ours/dpdk-vhost:\n" + "\n".join(lines))
+        print("\nswitch loop ratios:\n" + "\n".join(lines))
 
 
-# backend varies fastest: the back ends of one size run next to each other in time
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", SIZES)
-def test_switch_loop(benchmark: Any, backend: str, size: int, tmp_path: Path) -> None:
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # backend varies fastest: the back ends of one size run next to each other in time
+    if "backend" in metafunc.fixturenames:
+        kinds = list(BACKENDS)
+        if baseline_tree(metafunc.config) is not None:
+            kinds.append("baseline-tree")
+        metafunc.parametrize("size", SIZES)
+        metafunc.parametrize("backend", kinds)
+
+
+def test_switch_loop(benchmark: Any, backend: str, size: int, tmp_path: Path,
+                     request: pytest.FixtureRequest) -> None:
     if backend == "ours" and our_switch_binary() is None:
         pytest.skip("vhost-user-net not installed (hook: start_our_switch)")
-    start = _backend_start(backend, tmp_path)
+    start = _backend_start(backend, tmp_path, baseline_tree(request.config))
     results: list[dpdk.LoopResult] = []
 
     def one_round() -> None:

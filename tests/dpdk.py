@@ -538,6 +538,7 @@ def process_backend(
     log_path: str | os.PathLike[str] | None = None,
     start_timeout: float = 15.0,
     stop_timeout: float = 10.0,
+    env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run any (non-DPDK) back end pinned with ``taskset -c CPU``, wait until it
     listens on every socket, and end it (SIGTERM, then SIGKILL) on exit."""
@@ -552,6 +553,7 @@ def process_backend(
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     try:
         try:
