@@ -29,7 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.conftest import baseline_command, baseline_tree
-from tests.frontend import (
+from tests.support.frontend import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
     DriverQueue,

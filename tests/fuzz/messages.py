@@ -31,7 +31,7 @@ from typing import Final, Protocol, TypeVar
 
 from hypothesis import strategies as st
 
-from tests.frontend import GuestRam
+from tests.support.frontend import GuestRam
 from vhost import protocol as p
 
 T = TypeVar("T")

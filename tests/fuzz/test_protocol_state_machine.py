@@ -50,14 +50,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from devices.blk import BlkDevice, BlkOptions
-from tests.frontend import (
-    VIRTIO_RING_F_EVENT_IDX,
-    VIRTIO_RING_F_INDIRECT_DESC,
-    BlkDriver,
-    DriverQueue,
-    GuestRam,
-    MiB,
-)
 from tests.fuzz.messages import (
     MEMFD_SIZE,
     DrawSource,
@@ -71,6 +63,14 @@ from tests.fuzz.messages import (
     request_code,
     setup_frames,
     valid_frame,
+)
+from tests.support.blk import BlkDriver
+from tests.support.frontend import (
+    VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+    DriverQueue,
+    GuestRam,
+    MiB,
 )
 from vhost import protocol as p
 from vhost.session import OFFERED_PROTOCOL_FEATURES, Session

@@ -5,7 +5,7 @@ formed in any order, mutated frames, valid setups followed by garbage, rings set
 memory the fuzzer then scribbles on, fds attached: eventfds, pipes, sockets, memfds),
 one connection after another: a connection ends when the daemon drops it or after a
 ping (GET_FEATURES must still be answered on a connection the daemon kept). Meanwhile a
-well-behaved front end on socket 2 (tests/frontend.py) writes and reads back random data
+well-behaved front end on socket 2 (tests/support/blk.py) writes and reads back random data
 in a thread, the whole time.
 
 Asserted: the daemon is alive and answers; its log has no Traceback; every reply it sent
@@ -45,7 +45,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import VIRTIO_BLK_S_OK, FrontEnd, GuestRam, KiB, MiB
 from tests.fuzz.messages import (
     MEMFD_SIZE,
     FdFactory,
@@ -59,6 +58,8 @@ from tests.fuzz.messages import (
     setup_frames,
 )
 from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
+from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.frontend import FrontEnd, GuestRam, KiB, MiB
 from vhost import protocol as p
 
 CI_MESSAGES = 10_000

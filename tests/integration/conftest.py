@@ -1,5 +1,5 @@
 """Fixtures for the integration tests: the real daemon as a subprocess, and the test
-front end (tests/frontend.py) connected to it over its unix socket.
+front end (tests/support/) connected to it over its unix socket.
 
 * ``start_daemon`` -- a factory: starts ``vhost-user-blk`` on a socket and image in
   ``tmp_path``, waits until the daemon's event loop has accepted (and dropped) a probe
@@ -32,15 +32,8 @@ from typing import Any, Self
 
 import pytest
 
-from tests.frontend import (
-    ALL_FEATURES,
-    BlkDriver,
-    DriverQueue,
-    FrontEnd,
-    GuestRam,
-    MiB,
-    parse_blk_config,
-)
+from tests.support.blk import BlkDriver, parse_blk_config
+from tests.support.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
 
 DAEMON = Path(sys.executable).with_name("vhost-user-blk")
 IMAGE_SIZE = 64 * MiB

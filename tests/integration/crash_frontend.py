@@ -35,15 +35,8 @@ import signal
 import sys
 from typing import NoReturn
 
-from tests.frontend import (
-    ALL_FEATURES,
-    BlkDriver,
-    BlkRequest,
-    DriverQueue,
-    FrontEnd,
-    GuestRam,
-    MiB,
-)
+from tests.support.blk import BlkDriver, BlkRequest
+from tests.support.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
 from vhost.protocol import (
     SetMemTable,
     SetVringAddr,

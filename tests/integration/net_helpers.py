@@ -38,14 +38,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from tests.frontend import (
-    ALL_FEATURES,
-    BufferPool,
-    DriverQueue,
-    FrontEnd,
-    GuestRam,
-    MiB,
-)
+from tests.support.frontend import ALL_FEATURES, BufferPool, DriverQueue, FrontEnd, GuestRam, MiB
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 NET_DAEMON = Path(sys.executable).with_name("vhost-user-net")

@@ -1,4 +1,4 @@
-"""vhost-user-blk over a real socket: the test front end (tests/frontend.py) drives the
+"""vhost-user-blk over a real socket: the test front end (tests/support/) drives the
 real daemon, and every test checks a real effect -- bytes in the image file read from the
 host side, blocks freed in it, statuses and used lengths in guest memory, what the daemon
 logged, and the daemon's fds, mappings and threads in /proc.
@@ -20,10 +20,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import (
-    ALL_FEATURES,
+from tests.integration.conftest import (
+    IMAGE_SIZE,
+    Daemon,
+    Guest,
+    StartDaemon,
+    connect_guest,
+)
+from tests.support.blk import (
     BLK_HDR,
-    DESC_SIZE,
     VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO,
     VIRTIO_BLK_ID_BYTES,
@@ -34,6 +39,13 @@ from tests.frontend import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    BlkDriver,
+    BlkRequest,
+    parse_blk_config,
+)
+from tests.support.frontend import (
+    ALL_FEATURES,
+    DESC_SIZE,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     VRING_DESC_F_INDIRECT,
@@ -41,21 +53,11 @@ from tests.frontend import (
     VRING_DESC_F_WRITE,
     AckError,
     BackEndClosed,
-    BlkDriver,
-    BlkRequest,
     DriverQueue,
     FrontEnd,
     GuestRam,
     KiB,
     MiB,
-    parse_blk_config,
-)
-from tests.integration.conftest import (
-    IMAGE_SIZE,
-    Daemon,
-    Guest,
-    StartDaemon,
-    connect_guest,
 )
 from vhost.protocol import (
     AddMemReg,

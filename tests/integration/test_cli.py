@@ -19,14 +19,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import (
-    VIRTIO_BLK_S_OK,
-    FrontEnd,
-    GiB,
-    GuestRam,
-    KiB,
-    MiB,
-)
 from tests.integration.conftest import (
     IMAGE_SIZE,
     Daemon,
@@ -34,6 +26,8 @@ from tests.integration.conftest import (
     connect_guest,
     daemon_command,
 )
+from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.frontend import FrontEnd, GiB, GuestRam, KiB, MiB
 
 SECTOR = 512
 

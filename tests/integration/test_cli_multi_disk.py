@@ -17,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import VIRTIO_BLK_S_OK, KiB, MiB
 from tests.integration.conftest import Daemon, StartDaemon, connect_guest
 from tests.integration.test_cli import SECTOR, assert_usage_error, run_cli
+from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.frontend import KiB, MiB
 
 
 def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],

@@ -24,15 +24,6 @@ from pathlib import Path
 import pytest
 
 from tests.faults import ShimBuildError, build_eio_shim, shim_env
-from tests.frontend import (
-    VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
-    BlkDriver,
-    BlkRequest,
-    Completion,
-    KiB,
-    MiB,
-)
 from tests.integration.conftest import (
     Daemon,
     Guest,
@@ -40,6 +31,8 @@ from tests.integration.conftest import (
     connect_guest,
     spawn_daemon,
 )
+from tests.support.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest, Completion
+from tests.support.frontend import KiB, MiB
 
 SECTOR = 512
 IMAGE_MIB = 64

@@ -34,15 +34,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import (
-    PF_INFLIGHT_SHMFD,
-    VIRTIO_BLK_S_OK,
-    BlkDriver,
-    BlkRequest,
-    DriverQueue,
-    FrontEnd,
-    GuestRam,
-)
+from tests.support.blk import VIRTIO_BLK_S_OK, BlkDriver, BlkRequest
+from tests.support.frontend import PF_INFLIGHT_SHMFD, DriverQueue, FrontEnd, GuestRam
 from vhost.protocol import GetInflightFd, InflightReply, SetInflightFd
 
 from .conftest import RAM_SIZE, Daemon, spawn_daemon

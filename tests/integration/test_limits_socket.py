@@ -25,26 +25,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.frontend import (
-    BLK_HDR,
-    STATUS_UNTOUCHED,
-    VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_IN,
-    VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
-    AckError,
-    BlkDriver,
-    BlkRequest,
-    Completion,
-    FrontEnd,
-    GuestRam,
-    MiB,
-    parse_blk_config,
-)
-from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
-from tests.integration.net_helpers import BROADCAST, NetPort, spawn_net_daemon, tagged_frame
-from tests.unit.test_limits import ports_and_queues
 from devices.blk.limits import (
     MAX_BLK_QUEUES,
     MAX_DISCARD_SECTORS,
@@ -56,6 +36,23 @@ from devices.blk.limits import (
     SIZE_MAX,
 )
 from devices.net.limits import MAX_ENGINE_PAIRS
+from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
+from tests.integration.net_helpers import BROADCAST, NetPort, spawn_net_daemon, tagged_frame
+from tests.support.blk import (
+    BLK_HDR,
+    STATUS_UNTOUCHED,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    BlkDriver,
+    BlkRequest,
+    Completion,
+    parse_blk_config,
+)
+from tests.support.frontend import AckError, FrontEnd, GuestRam, MiB
+from tests.unit.test_limits import ports_and_queues
 from vhost.limits import (
     MAX_FDS_PER_MESSAGE,
     MAX_PAYLOAD_SIZE,

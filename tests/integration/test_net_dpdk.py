@@ -1,6 +1,6 @@
 """``vhost-user-net --switch`` with DPDK's ``net_virtio_user`` as a second, independent
 front end: the switch must carry frames between testpmd's virtio-user driver and our
-Python driver (tests/frontend.py) exactly as between two guests.
+Python driver (tests/support/frontend.py) exactly as between two guests.
 
 Layout (tests/dpdk.py, 2 cores): the daemon holds a.sock and b.sock, pinned to cpu 0
 (``taskset``); testpmd's lcores share cpu 1; the test process (our guest driver on
@@ -41,7 +41,7 @@ from typing import Self
 import pytest
 
 from tests import dpdk
-from tests.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
+from tests.support.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
 
 NET_DAEMON = Path(sys.executable).with_name("vhost-user-net")
 
@@ -182,7 +182,7 @@ class Received:
 
 
 class GuestNic:
-    """A virtio-net driver on one daemon socket through tests/frontend.py: receiveq0
+    """A virtio-net driver on one daemon socket through tests/support/frontend.py: receiveq0
     (queue 0) and transmitq0 (queue 1), one ``RX_BUF_SIZE`` buffer per rx chain, one
     buffer (header + frame) per tx chain."""
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from tests.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
 from tests.integration.net_helpers import (
     BROADCAST,
     ETH_HLEN,
@@ -64,6 +63,7 @@ from tests.integration.net_helpers import (
     udp_frame,
 )
 from tests.netns import NetNs, list_namespaces, netns_supported
+from tests.support.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
 from vhost.protocol import SetVringCall
 
 StartNet = Callable[..., NetDaemon]

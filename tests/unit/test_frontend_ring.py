@@ -17,12 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.frontend import (
+from tests.support.blk import (
     BLK_CONFIG_SIZE,
-    F_PROTOCOL_FEATURES,
-    FRONTEND_PROTOCOL_FEATURES,
-    PF_MQ,
-    PF_REPLY_ACK,
     VIRTIO_BLK_S_IOERR,
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_S_UNSUPP,
@@ -31,6 +27,15 @@ from tests.frontend import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
     VIRTIO_BLK_T_WRITE_ZEROES,
+    BlkDriver,
+    BlkError,
+    parse_blk_config,
+)
+from tests.support.frontend import (
+    F_PROTOCOL_FEATURES,
+    FRONTEND_PROTOCOL_FEATURES,
+    PF_MQ,
+    PF_REPLY_ACK,
     VIRTIO_F_VERSION_1,
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
@@ -40,8 +45,6 @@ from tests.frontend import (
     VRING_DESC_F_WRITE,
     AckError,
     BackEndClosed,
-    BlkDriver,
-    BlkError,
     DriverQueue,
     FrontEnd,
     FrontEndError,
@@ -49,7 +52,6 @@ from tests.frontend import (
     GuestRam,
     MiB,
     QueueFull,
-    parse_blk_config,
 )
 from vhost.protocol import (
     AddMemReg,

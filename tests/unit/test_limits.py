@@ -12,7 +12,7 @@ buffer) is in tests/integration/test_limits_socket.py.
 
 Everything here is in-process: the protocol reader fed bytes, a Session driven with typed
 messages, the C ring walker and the net engine driven directly on GuestRam from
-tests.frontend.
+tests.support.frontend.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from devices.net import NetDevice, NetOptions, Switch
 from devices.net import _net as net_c
 from devices.net import limits as net_limits
 from devices.net.limits import MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS
-from tests.frontend import DESC_SIZE, GuestRam, MiB
+from tests.support.frontend import DESC_SIZE, GuestRam, MiB
 from tests.unit.test_protocol import (
     MakeFd,
     decode_one,

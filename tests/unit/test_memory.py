@@ -9,7 +9,7 @@ from typing import Any, cast
 
 import pytest
 
-from tests.frontend import GuestRam, RamRegion
+from tests.support.frontend import GuestRam, RamRegion
 from vhost._native import ffi, lib
 from vhost.memory import MAX_REGIONS, GuestMemory, GuestMemoryError, Region
 

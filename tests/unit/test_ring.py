@@ -1,5 +1,5 @@
 """The C split-ring walker (c_ext/ring.c) driven directly, without threads: guest RAM from
-tests.frontend mapped into a GuestMemory, a DriverQueue (or raw descriptors) as the
+tests.support.frontend mapped into a GuestMemory, a DriverQueue (or raw descriptors) as the
 driver, and vu_vq_* calls as the device. Every walker error code in vu.h is reached and
 asserted exactly, with the head and detail it records."""
 
@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.frontend import (
+from tests.support.frontend import (
     DESC_SIZE,
     VRING_DESC_F_INDIRECT,
     VRING_DESC_F_NEXT,
@@ -23,9 +23,9 @@ from tests.frontend import (
     RamRegion,
 )
 from vhost._native import ffi, lib
+from vhost.errors import CORE_ERRORS
 from vhost.memory import GuestMemory, Region
 from vhost.ring_reference import ErrorCode as E
-from vhost.errors import CORE_ERRORS
 
 NEXT = VRING_DESC_F_NEXT
 WRITE = VRING_DESC_F_WRITE

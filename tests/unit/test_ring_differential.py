@@ -38,7 +38,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vhost._native
-from tests.frontend import GuestRam, RamRegion
+from tests.support.frontend import GuestRam, RamRegion
 from vhost._native import ffi, lib
 from vhost.memory import GuestMemory, Region
 from vhost.ring_reference import (
