@@ -37,7 +37,7 @@ from devices.blk.limits import (
 )
 from devices.net.limits import MAX_ENGINE_PAIRS
 from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
-from tests.integration.net_helpers import BROADCAST, NetPort, spawn_net_daemon, tagged_frame
+from tests.integration.net_helpers import spawn_net_daemon
 from tests.support.blk import (
     BLK_HDR,
     STATUS_UNTOUCHED,
@@ -52,6 +52,7 @@ from tests.support.blk import (
     parse_blk_config,
 )
 from tests.support.frontend import AckError, FrontEnd, GuestRam, MiB
+from tests.support.net import BROADCAST, NetPort, tagged_frame
 from tests.unit.test_limits import ports_and_queues
 from vhost.limits import (
     MAX_FDS_PER_MESSAGE,

@@ -1,5 +1,5 @@
-"""vhost-user-net over real sockets: the test front end (tests/integration/net_helpers.py
-on tests/frontend.py) plays the guests' virtio-net drivers against the real daemon, and
+"""vhost-user-net over real sockets: the test front end (tests/support/net.py on
+tests/support/frontend.py) plays the guests' virtio-net drivers against the real daemon, and
 every test checks real frames: bytes and headers in guest rx buffers, used lengths,
 frames captured on a TAP, what the daemon logged, and its CPU time in /proc.
 
@@ -29,11 +29,13 @@ from typing import Any
 
 import pytest
 
-from tests.integration.net_helpers import (
+from tests.integration.net_helpers import NET_DAEMON, DaemonGroup, NetDaemon
+from tests.netns import NetNs, list_namespaces, netns_supported
+from tests.support.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
+from tests.support.net import (
     BROADCAST,
     ETH_HLEN,
     ETH_OVERHEAD,
-    NET_DAEMON,
     NET_OFFLOADS,
     NO_OFFLOADS,
     VIRTIO_F_VERSION_1,
@@ -45,10 +47,7 @@ from tests.integration.net_helpers import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_S_LINK_UP,
     VNET_HDR_LEN,
-    DaemonGroup,
-    NetDaemon,
     NetPort,
-    PacketAgent,
     RxFrame,
     VnetHdr,
     arp_frame,
@@ -62,8 +61,7 @@ from tests.integration.net_helpers import (
     tagged_frame,
     udp_frame,
 )
-from tests.netns import NetNs, list_namespaces, netns_supported
-from tests.support.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
+from tests.support.packet_agent import PacketAgent
 from vhost.protocol import SetVringCall
 
 StartNet = Callable[..., NetDaemon]
