@@ -70,7 +70,7 @@ struct vu_inflight_split { uint64_t features; uint16_t version; uint16_t desc_nu
 struct vu_vq {
     uint32_t num; int event_idx; int indirect;
     uint16_t last_avail_idx; uint16_t used_idx;
-    int broken; int kick_fd; int call_fd; int err_fd; int stop_fd;
+    int broken; int kick_fd; int call_fd; int err_fd; int stop_fd; int stop;
     struct vu_error err; struct vu_stats stats; struct vu_chain chain;
     struct vu_inflight_split *inflight; uint64_t inflight_counter;
     uint32_t resubmit_n; uint32_t resubmit_pos;

@@ -27,6 +27,7 @@ ChainQueue is used from one thread at a time, the one that serves its queue.
 
 from __future__ import annotations
 
+import select
 import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from vhost._native import ffi, lib
 
 if TYPE_CHECKING:
+    from vhost._native import Pointer, iovec, vu_chain_ref, vu_vq
     from vhost.memory import GuestMemory
 
 #: chains one pop takes at most when the device names no number
@@ -53,10 +55,21 @@ class Chain:
     the device filled, the length the used ring will report (``write`` moves it; a device
     that writes through the views sets it itself)."""
 
-    __slots__ = ("head", "slot", "readable_len", "writable_len", "written", "_iov", "_n_out",
-                 "_n_in", "_queue", "_views", "_done")
+    __slots__ = (
+        "_done",
+        "_iov",
+        "_n_in",
+        "_n_out",
+        "_queue",
+        "_views",
+        "head",
+        "readable_len",
+        "slot",
+        "writable_len",
+        "written",
+    )
 
-    def __init__(self, queue: ChainQueue, ref: Any, iov: Any) -> None:
+    def __init__(self, queue: ChainQueue, ref: vu_chain_ref, iov: Pointer[iovec]) -> None:
         self.head = int(ref.head)
         self.slot = int(ref.slot)
         self.readable_len = int(ref.out_bytes)
@@ -152,7 +165,7 @@ _Views = tuple[list[memoryview], tuple[memoryview, ...], tuple[memoryview, ...]]
 class ChainQueue:
     """One running queue as a Python device sees it: pop, push, discard."""
 
-    def __init__(self, vq: Any, label: str, memory: GuestMemory) -> None:
+    def __init__(self, vq: vu_vq, label: str, memory: GuestMemory) -> None:
         self._vq = vq
         self.label = label
         self._memory = memory
@@ -168,6 +181,20 @@ class ChainQueue:
     @property
     def outstanding(self) -> int:
         return len(self._outstanding)
+
+    @property
+    def stopping(self) -> bool:
+        """The queue is being stopped: finish (push or discard) and return."""
+        return bool(self._vq.stop)
+
+    def wait_readable(self, fd: int, timeout: float | None = None) -> bool:
+        """For a handler in a worker thread that reads a slow source: wait until ``fd`` is
+        readable (True), the queue is being stopped or ``timeout`` passes (False). A stop
+        never waits for the source."""
+        if self.stopping:
+            return False
+        ready = select.select([fd, int(self._vq.stop_fd)], [], [], timeout)[0]
+        return fd in ready and not self.stopping
 
     def pop(self, max_chains: int = DEFAULT_BATCH) -> list[Chain]:
         """Take up to ``max_chains`` available chains (validated in C)."""

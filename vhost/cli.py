@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -58,7 +59,7 @@ def qemu_command_line(device_type: DeviceType, paths: Sequence[str],
                       devices: Sequence[Device], mem: str = "512M") -> str:
     """The QEMU options that attach a guest to these devices (one per socket)."""
     parts = []
-    for i, (path, device) in enumerate(zip(paths, devices)):
+    for i, (path, device) in enumerate(zip(paths, devices, strict=True)):
         chardev = f"{device_type.chardev_prefix or device_type.name}{i}"
         parts.append(f"-chardev socket,id={chardev},path={path},reconnect=1")
         parts.extend(device_type.qemu_device_args(chardev, device))
@@ -100,10 +101,8 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
             server.device.close()
             server.listener.close()
             if socket_path:
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(socket_path)
-                except FileNotFoundError:
-                    pass
         log.info("stopped")
     return status
 
@@ -136,7 +135,7 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
                            f"{len(paths)} sockets")
     servers: list[tuple[Server, str | None]] = []
     try:
-        for path, device in zip(paths, devices):
+        for path, device in zip(paths, devices, strict=True):
             listener = listen_unix(path) if path else socket_from_fd(args.fd)
             servers.append((Server(listener, device, name=os.path.basename(path or "fd")),
                             path))
@@ -150,7 +149,7 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
         ap.error(str(e))
 
     _setup_logging(device_type.program, args.verbose)
-    for (server, path), device in zip(servers, devices):
+    for (_server, path), device in zip(servers, devices, strict=True):
         log.info("%s", device_type.describe(device, path or f"fd {args.fd}"))
     if args.socket_path:
         line = qemu_command_line(device_type, [os.path.abspath(p) for p in args.socket_path],

@@ -120,13 +120,14 @@ class Device(abc.ABC):
         """Counters worth a log line when a front end disconnects ("" for none)."""
         return ""
 
-    def flush(self) -> None:
+    # Optional hooks: a device without the state or resource has nothing to do.
+    def flush(self) -> None:  # noqa: B027
         """Make completed writes durable (called off the event loop)."""
 
-    def reset(self) -> None:
+    def reset(self) -> None:  # noqa: B027
         """Forget per-connection device state (queues are already stopped)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027
         """Release host resources."""
 
     def abort(self) -> None:

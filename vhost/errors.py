@@ -13,9 +13,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vhost._native import ffi, lib
+
+if TYPE_CHECKING:
+    from vhost._native import CData, Pointer, vu_error_info
 
 
 @dataclass(frozen=True)
@@ -46,15 +49,15 @@ class ErrorTable:
                 raise ValueError(f"error codes {sorted(clash)} are the core's")
 
     @classmethod
-    def from_c(cls, c_ffi: Any, table: Callable[[Any], Any],
+    def from_c(cls, table: Callable[[CData], Pointer[vu_error_info]],
                fallback: ErrorTable | None = None) -> ErrorTable:
         """Read a module's table: ``table`` is its ``*_error_table(uint32_t *n)``."""
-        count = c_ffi.new("uint32_t *")
+        count = ffi.new("uint32_t *")
         entries = table(count)
         rows = []
         for i in range(count[0]):
             e = entries[i]
-            rows.append(ErrorInfo(int(e.code), _text(c_ffi, e.name), _text(c_ffi, e.text),
+            rows.append(ErrorInfo(int(e.code), _text(e.name), _text(e.text),
                                   int(e.detail_kind) == lib.VU_DETAIL_ERRNO))
         return cls(rows, fallback)
 
@@ -84,10 +87,10 @@ class ErrorTable:
         return row.describe(detail) if row is not None else f"error {code} (detail {detail:#x})"
 
 
-def _text(c_ffi: Any, pointer: Any) -> str:
-    value = c_ffi.string(pointer)
+def _text(pointer: CData) -> str:
+    value = ffi.string(pointer)
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
 #: the core's codes (ring walk, guest memory, inflight region, kick fd)
-CORE_ERRORS = ErrorTable.from_c(ffi, lib.vu_error_table)
+CORE_ERRORS = ErrorTable.from_c(lib.vu_error_table)

@@ -18,11 +18,14 @@ import logging
 import os
 import weakref
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhost import limits
 from vhost._native import ffi, lib
 from vhost.errors import CORE_ERRORS
+
+if TYPE_CHECKING:
+    from vhost._native import CData, vu_mem
 
 MAX_REGIONS: int = limits.MAX_MEM_SLOTS
 
@@ -52,7 +55,7 @@ class Region:
 class _Retired:
     """A region's address range, zero-filled, kept while views point into it."""
 
-    base: Any
+    base: CData
     size: int
     pins: list[_Pin] = field(default_factory=list)
 
@@ -78,7 +81,7 @@ class GuestMemory:
         self._retired: list[_Retired] = []
 
     @property
-    def handle(self) -> object:
+    def handle(self) -> vu_mem:
         """The C map, for vhost.virtqueue; nobody else should need it."""
         return self._mem
 

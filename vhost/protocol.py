@@ -20,7 +20,6 @@ Wire format (little endian): u32 request, u32 flags, u32 size, then `size` paylo
 """
 
 import enum
-import os
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Final, NoReturn, TypeAlias, assert_never
 
 from vhost import limits
+from vhost.fds import close_all
 
 
 class Request(enum.IntEnum):
@@ -895,14 +895,6 @@ def encode_reply(reply: Reply) -> bytes:
 # --- stream readers ----------------------------------------------------------------------
 
 
-def _close_fds(fds: Sequence[int]) -> None:
-    for fd in fds:
-        try:
-            os.close(fd)
-        except OSError:
-            pass  # cleanup path: an fd already gone is no reason to fail harder
-
-
 class _Framer:
     """Byte buffer that cuts a stream into (header, payload) frames. Once it has raised a
     ProtocolError it stays failed: the stream position is lost, nothing after can be
@@ -974,7 +966,7 @@ class MessageReader(_Framer):
         piece that carries fds. The reader owns the fds from here on, even if this call
         raises."""
         if self._error is not None:
-            _close_fds(fds)
+            close_all(fds)
             self._check_alive()
         if fds:
             group = tuple(fds)
@@ -999,7 +991,7 @@ class MessageReader(_Framer):
         try:
             return _decode_message(header, payload, fds)
         except ProtocolError as exc:
-            _close_fds(fds)
+            close_all(fds)
             self._fail(str(exc))
 
     def close(self) -> None:
@@ -1011,7 +1003,7 @@ class MessageReader(_Framer):
     def _release(self) -> None:
         super()._release()
         while self._fd_groups:
-            _close_fds(self._fd_groups.popleft()[1])
+            close_all(self._fd_groups.popleft()[1])
 
     def _pop_fds(self, *, before: int) -> _Fds:
         fds: list[int] = []

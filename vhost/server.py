@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import logging
 import os
 import select
@@ -42,10 +43,8 @@ def listen_unix(path: str) -> socket.socket:
         try:
             probe.connect(path)
         except (ConnectionRefusedError, FileNotFoundError):
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
         else:
             raise SocketInUse(f"{path} is in use: another process is listening on it")
         finally:

@@ -19,14 +19,18 @@ import mmap
 import os
 import stat
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING
 
 from vhost import limits
 from vhost import protocol as p
 from vhost._native import ffi, lib
 from vhost.device import Device
+from vhost.fds import close_all
 from vhost.memory import GuestMemory, GuestMemoryError, Region
 from vhost.virtqueue import MAX_QUEUE_SIZE, Virtqueue, VirtqueueError
+
+if TYPE_CHECKING:
+    from vhost._native import CData
 
 log = logging.getLogger("vhost.session")
 
@@ -38,15 +42,6 @@ MAX_MEM_SLOTS = limits.MAX_MEM_SLOTS
 
 class SessionError(Exception):
     """A message the session cannot apply; answered with a failure, session goes on."""
-
-
-def _close_fds(fds: Iterable[int | None]) -> None:
-    for fd in fds:
-        if fd is not None:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
 
 class Session:
@@ -61,7 +56,7 @@ class Session:
         self.features = 0
         self.protocol_features = 0
         self.closed = False
-        self._inflight: tuple[mmap.mmap, Any] | None = None
+        self._inflight: tuple[mmap.mmap, CData] | None = None
         self._offered_inflight_fd: int | None = None
 
     # --- entry point ---
@@ -145,7 +140,7 @@ class Session:
             case p.SetInflightFd():
                 self._set_inflight_fd(msg)
             case p.Unknown(request=req, fds=fds):
-                _close_fds(fds)
+                close_all(fds)
                 raise SessionError(f"unsupported request {p.request_name(req)}")
             case _:
                 raise SessionError(f"unexpected message {msg!r}")
@@ -183,7 +178,7 @@ class Session:
     def _set_mem_table(self, regions: tuple[p.MemoryRegion, ...], fds: tuple[int, ...]) -> None:
         def replace() -> None:
             self.memory.clear()
-            for region, fd in zip(regions, fds):
+            for region, fd in zip(regions, fds, strict=True):
                 self.memory.add(_region(region), fd)
         self._change_memory(replace, fds)
 
@@ -196,7 +191,7 @@ class Session:
         try:
             change()  # type: ignore[operator]
         finally:
-            _close_fds(fds)  # the mapping keeps the memory; the fd is not needed
+            close_all(fds)  # the mapping keeps the memory; the fd is not needed
             for q in running:
                 self._maybe_start(q)
 
@@ -222,7 +217,7 @@ class Session:
         except OSError:
             os.close(fd)
             raise
-        _close_fds([self._offered_inflight_fd])
+        close_all([self._offered_inflight_fd])
         self._offered_inflight_fd = fd  # ours until the next GET or close; QEMU gets a dup
         log.debug("%s: inflight region of %d bytes for %d x %d", self.name, size, num_queues,
                   queue_size)
@@ -248,7 +243,7 @@ class Session:
         except OSError as e:
             raise SessionError(f"cannot map the inflight region: {e.strerror}") from None
         finally:
-            _close_fds([msg.fd])  # the mapping keeps the memory
+            close_all([msg.fd])  # the mapping keeps the memory
         running = [q for q in self.queues if q.running]
         for q in running:
             self.device.stop_queue(q)
@@ -302,7 +297,7 @@ class Session:
                 raise SessionError(f"queue {index}: no kick fd (polling mode) is not "
                                    "supported")
         except SessionError:
-            _close_fds([fd])
+            close_all([fd])
             raise
         self._reconfigure(q, lambda q: setter(q, fd))
         self._maybe_start(q)
@@ -350,7 +345,7 @@ class Session:
         if line:
             log.info("%s: counters since start: %s", self.name, line)
         self._release_inflight()
-        _close_fds([self._offered_inflight_fd])
+        close_all([self._offered_inflight_fd])
         self._offered_inflight_fd = None
         self.memory.close()
 

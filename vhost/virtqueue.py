@@ -18,19 +18,24 @@ the chain handler.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import select
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from vhost import limits
 from vhost._native import ffi, lib
 from vhost.chains import ChainQueue
 from vhost.errors import CORE_ERRORS, ErrorTable
+from vhost.fds import close_all
 from vhost.memory import GuestMemory
+
+if TYPE_CHECKING:
+    from vhost._native import CData, vu_vq
 
 log = logging.getLogger("vhost.virtqueue")
 
@@ -43,12 +48,17 @@ VIRTIO_F_VERSION_1 = 1 << 32
 
 #: a C device's loop for one queue: called in a worker thread with the queue's C handle,
 #: returns a VU_RUN_* code
-Runner = Callable[[Any], int]
+Runner: TypeAlias = "Callable[[vu_vq], int]"
 #: a Python device's handler for one queue: called on each kick; returns None (wait for
 #: the next kick) or a delay in seconds after which it wants to be called again, kick or
 #: not (a rate limit: chains it could not serve yet were discarded, they wait in the ring)
 ChainHandler = Callable[[ChainQueue], float | None]
 ChainWorker = Literal["loop", "thread"]
+
+# what a C runner returns (c_ext/vu.h)
+RUN_STOPPED: int = lib.VU_RUN_STOPPED
+RUN_ERRORS: int = lib.VU_RUN_ERRORS
+RUN_BROKEN: int = lib.VU_RUN_BROKEN
 
 
 class VirtqueueError(Exception):
@@ -85,22 +95,13 @@ class RateLimitedLog:
             self._suppressed = 0
 
 
-def _close(fd: int | None) -> None:
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
 def _nonblocking(fd: int | None) -> int | None:
     """A worker must never block on a front end's fd (a full eventfd, a pipe): one
     engine may serve many front ends."""
     if fd is not None:
-        try:
+        # not ours to fix if it fails: the C side treats write errors as a lost signal
+        with contextlib.suppress(OSError):
             os.set_blocking(fd, False)
-        except OSError:
-            pass  # not ours to fix: the C side treats write errors as a lost signal
     return fd
 
 
@@ -119,7 +120,7 @@ class Virtqueue:
         self.active = False
         self.errors_reported = 0
         #: this queue's inflight region (pointer, size), set by the session; None: off
-        self.inflight: tuple[Any, int] | None = None
+        self.inflight: tuple[CData, int] | None = None
         #: buffers left untaken at a stop are normal (rx rings): no INFO line for them
         self.untaken_is_normal = False
         self._vq = ffi.new("struct vu_vq *")
@@ -144,15 +145,15 @@ class Virtqueue:
         self.base = base
 
     def set_kick(self, fd: int | None) -> None:
-        _close(self.kick_fd)
+        close_all([self.kick_fd])
         self.kick_fd = _nonblocking(fd)
 
     def set_call(self, fd: int | None) -> None:
-        _close(self.call_fd)
+        close_all([self.call_fd])
         self.call_fd = _nonblocking(fd)
 
     def set_err(self, fd: int | None) -> None:
-        _close(self.err_fd)
+        close_all([self.err_fd])
         self.err_fd = _nonblocking(fd)
 
     @property
@@ -192,7 +193,7 @@ class Virtqueue:
         self.active = True
         self.errors_reported = 0
 
-    def _attach_inflight(self, region: Any, size: int) -> None:
+    def _attach_inflight(self, region: CData, size: int) -> None:
         """Recover from the front end's inflight region (requests a crashed back end
         left in flight are run again first), then track into it."""
         vq = self._vq
@@ -282,7 +283,7 @@ class Virtqueue:
             chains.stop()
             self._chains = None
         if worker is not None or chains is not None:
-            _close(self._vq.stop_fd)
+            close_all([self._vq.stop_fd])
             self._vq.stop_fd = -1
         self._errors.flush()
         return self.deactivate()
@@ -291,13 +292,13 @@ class Virtqueue:
         vq = self._vq
         while True:
             rc = runner(vq)
-            if rc == lib.VU_RUN_ERRORS:
+            if rc == RUN_ERRORS:
                 self._report_error()
                 continue
-            if rc == lib.VU_RUN_STOPPED:
+            if rc == RUN_STOPPED:
                 return
             self._report_error()
-            if rc == lib.VU_RUN_BROKEN:
+            if rc == RUN_BROKEN:
                 log.error("%s: ring broken, queue stopped until the front end sets it up "
                           "again", self.label)
             else:
@@ -318,7 +319,7 @@ class Virtqueue:
 
     # --- introspection ---
     @property
-    def handle(self) -> Any:
+    def handle(self) -> vu_vq:
         return self._vq
 
     def stats(self) -> dict[str, int]:

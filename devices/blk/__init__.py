@@ -54,7 +54,7 @@ class BlkType(DeviceType):
         devices: list[Device] = []
         try:
             size = parse_size(args.size) if args.size is not None else None
-            for blk_file, serial in zip(args.blk_file, serials):
+            for blk_file, serial in zip(args.blk_file, serials, strict=True):
                 devices.append(BlkDevice(BlkOptions(
                     path=blk_file, size=size, read_only=args.read_only,
                     num_queues=args.num_queues, serial=serial)))

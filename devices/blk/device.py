@@ -14,13 +14,16 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.blk import limits
 from devices.blk._blk import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.virtqueue import Runner
+
+if TYPE_CHECKING:
+    from vhost._native import vu_vq
 
 SECTOR = 512
 
@@ -49,7 +52,7 @@ DISCARD_ALIGNMENT_SECTORS = 8  # punching holes works in 4 KiB pages
 MAX_QUEUES = limits.MAX_BLK_QUEUES
 
 #: the request errors blk.c records, then the core's
-BLK_ERRORS = ErrorTable.from_c(ffi, lib.blk_error_table, CORE_ERRORS)
+BLK_ERRORS = ErrorTable.from_c(lib.blk_error_table, CORE_ERRORS)
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -148,7 +151,7 @@ class BlkDevice(Device):
     def runner(self, queue_index: int) -> Runner:
         q = self._queues[queue_index]
 
-        def run(vq: Any) -> int:
+        def run(vq: vu_vq) -> int:
             return int(lib.blk_run_queue(vq, q))
         return run
 
@@ -191,7 +194,8 @@ def _open_image(opts: BlkOptions) -> tuple[int, bool]:
         if opts.size is None:
             raise ImageError(f"{opts.path}: no such file (give --size to create it)") from None
         if opts.read_only:
-            raise ImageError(f"{opts.path}: no such file, and --read-only cannot create it")
+            raise ImageError(f"{opts.path}: no such file, and --read-only cannot create it"
+                             ) from None
         try:
             fd = os.open(opts.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
             os.ftruncate(fd, opts.size)  # sparse: no blocks until written

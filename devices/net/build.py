@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
 
 
-def _core_build():  # type: ignore[no-untyped-def]
+def _core_build() -> ModuleType:
     spec = importlib.util.spec_from_file_location("_vhost_core_build",
                                                   HERE.parents[1] / "c_ext" / "build.py")
     assert spec is not None and spec.loader is not None

@@ -22,14 +22,17 @@ import os
 import struct
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from devices.net import limits
 from devices.net._net import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.memory import GuestMemory
-from vhost.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
+from vhost.virtqueue import RUN_ERRORS, RUN_STOPPED, VIRTIO_F_VERSION_1, Virtqueue
+
+if TYPE_CHECKING:
+    from devices.net._net import net_engine, net_port
 
 log = logging.getLogger("vhost.net")
 
@@ -72,7 +75,7 @@ TUN_F_TSO4 = 0x02
 TUN_F_TSO6 = 0x04
 
 #: the frame errors net.c records, then the core's
-NET_ERRORS = ErrorTable.from_c(ffi, lib.net_error_table, CORE_ERRORS)
+NET_ERRORS = ErrorTable.from_c(lib.net_error_table, CORE_ERRORS)
 
 
 def parse_mac(text: str) -> bytes:
@@ -98,6 +101,17 @@ def format_mac(mac: bytes) -> str:
     return ":".join(f"{b:02x}" for b in mac)
 
 
+@dataclass
+class _Slot:
+    """One queue pair an engine serves: its port, its queues (None while not active) and
+    its TAP queue (-1 on a switch)."""
+
+    port: net_port
+    rx: Virtqueue | None = None
+    tx: Virtqueue | None = None
+    tap_fd: int = -1
+
+
 class Engine:
     """One C loop thread over a set of (port, pair) queue pairs."""
 
@@ -111,26 +125,28 @@ class Engine:
         self._e.switch_mode = int(switch_mode)
         self._e.mac_age = MAC_AGE_SECONDS
         self._e.stop_fd = -1
-        # (port id, pair index) -> [port handle, rx, tx, tap fd]
-        self._pairs: dict[tuple[int, int], list[Any]] = {}
+        self._pairs: dict[tuple[int, int], _Slot] = {}  # by (port id, pair index)
         self._thread: threading.Thread | None = None
 
     @property
-    def handle(self) -> Any:
+    def handle(self) -> net_engine:
         return self._e
 
-    def set_queue(self, port: Any, pair: int, is_tx: bool, q: Virtqueue | None,
+    def set_queue(self, port: net_port, pair: int, is_tx: bool, q: Virtqueue | None,
                   tap_fd: int = -1) -> None:
         key = (int(port.id), pair)
         if q is not None and key not in self._pairs and len(self._pairs) >= MAX_ENGINE_PAIRS:
             raise ValueError(f"{self.name} is full: one engine serves at most "
                              f"{MAX_ENGINE_PAIRS} queue pairs")
         self.stop()
-        entry = self._pairs.setdefault((int(port.id), pair), [port, None, None, tap_fd])
-        entry[2 if is_tx else 1] = q
-        entry[3] = tap_fd
-        if entry[1] is None and entry[2] is None:
-            del self._pairs[(int(port.id), pair)]
+        slot = self._pairs.setdefault(key, _Slot(port))
+        if is_tx:
+            slot.tx = q
+        else:
+            slot.rx = q
+        slot.tap_fd = tap_fd
+        if slot.rx is None and slot.tx is None:
+            del self._pairs[key]
         self.start()
 
     def start(self) -> None:
@@ -140,19 +156,19 @@ class Engine:
         active = [v for _, v in sorted(self._pairs.items())]
         if not active:
             return
-        for i, (port, rx, tx, tap_fd) in enumerate(active):
+        for i, slot in enumerate(active):
             p = e.pairs[i]
-            p.port = port
-            p.rx = rx.handle if rx is not None else ffi.NULL
-            p.tx = tx.handle if tx is not None else ffi.NULL
-            p.tap_fd = tap_fd
+            p.port = slot.port
+            p.rx = slot.rx.handle if slot.rx is not None else ffi.NULL
+            p.tx = slot.tx.handle if slot.tx is not None else ffi.NULL
+            p.tap_fd = slot.tap_fd
             p.rx_starved = 0
             p.rx_touched = 0
         e.npairs = len(active)
         lib.net_clear_macs(e)  # entries name pair slots, which just moved
         e.stop = 0
         e.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        queues = [q for _, rx, tx, _ in active for q in (rx, tx) if q is not None]
+        queues = [q for slot in active for q in (slot.rx, slot.tx) if q is not None]
         self._thread = threading.Thread(target=self._serve, args=(queues,),
                                         name=f"net-{self.name}", daemon=True)
         self._thread.start()
@@ -171,9 +187,9 @@ class Engine:
             rc = lib.net_run(self._e)
             for q in queues:
                 q.report_new_errors()
-            if rc == lib.VU_RUN_ERRORS:
+            if rc == RUN_ERRORS:
                 continue
-            if rc != lib.VU_RUN_STOPPED:
+            if rc != RUN_STOPPED:
                 log.error("net engine %s stopped (code %d)", self.name, rc)
             return
 
