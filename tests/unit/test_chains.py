@@ -1,6 +1,7 @@
 """The chain API (vhost/chains.py) and the servers that run a Python device's handler
-(vhost/virtqueue.py), in-process: guest RAM and a driver queue from tests.support.frontend, the
-C walker under a ChainQueue, a Virtqueue on an asyncio loop or in its own thread.
+(vhost/virtqueue.py), in-process on the ring fixture of tests/support/rings.py: guest RAM
+and a driver queue, the C walker under a ChainQueue, a Virtqueue on an asyncio loop or in
+its own thread.
 
 What is asserted is what reached the guest: used entries and their lengths, bytes in
 guest memory, call-eventfd signals; and what must never happen: a bad chain reaching
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.support.frontend import VIRTIO_RING_F_EVENT_IDX
-from tests.unit.test_ring import Ring, as_region
+from tests.support.rings import Ring, as_region
 from vhost.chains import Chain, ChainError, ChainQueue
 from vhost.memory import GuestMemory
 from vhost.ring_reference import ErrorCode as E

@@ -42,16 +42,7 @@ from devices.net import _net as net_c
 from devices.net import limits as net_limits
 from devices.net.limits import MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS
 from tests.support.frontend import DESC_SIZE, GuestRam, MiB
-from tests.unit.test_protocol import (
-    MakeFd,
-    decode_one,
-    header,
-    is_open,
-    raw,
-    region_bytes,
-    reject,
-)
-from tests.unit.test_ring import (
+from tests.support.rings import (
     ADJ_COUNT,
     ADJ_GPA,
     INDIRECT,
@@ -60,6 +51,15 @@ from tests.unit.test_ring import (
     WRITE,
     Ring,
     adjacent_regions,
+)
+from tests.unit.test_protocol import (
+    MakeFd,
+    decode_one,
+    header,
+    is_open,
+    raw,
+    region_bytes,
+    reject,
 )
 from vhost import limits
 from vhost import protocol as p
@@ -263,20 +263,6 @@ def make_fd() -> Iterator[MakeFd]:
     for fd in opened:
         if is_open(fd):
             os.close(fd)
-
-
-@pytest.fixture
-def make() -> Iterator[Callable[..., Ring]]:
-    """Rings of tests/unit/test_ring.py (GuestRam, GuestMemory, a C vu_vq), closed after."""
-    made: list[Ring] = []
-
-    def new(*args: Any, **kw: Any) -> Ring:
-        made.append(Ring(*args, **kw))
-        return made[-1]
-
-    yield new
-    for r in made:
-        r.close()
 
 
 @pytest.fixture

@@ -1,0 +1,20 @@
+"""Fixtures of the in-process unit tests.
+
+* ``make`` -- ``make(*args, **kw)`` builds a :class:`~tests.support.rings.Ring` (guest
+  RAM, a GuestMemory, a C vu_vq on a DriverQueue); every ring made is closed after the
+  test.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.support.rings import Ring, ring_factory
+
+
+@pytest.fixture
+def make() -> Iterator[Callable[..., Ring]]:
+    with ring_factory() as new:
+        yield new
