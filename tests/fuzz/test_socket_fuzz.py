@@ -57,8 +57,8 @@ from tests.fuzz.messages import (
     frame_of,
     setup_frames,
 )
-from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
-from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import Daemon, spawn_blk
 from tests.support.frontend import FrontEnd, GuestRam, KiB, MiB
 from vhost import protocol as p
 
@@ -496,10 +496,10 @@ def two_disks(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
     good_img, good_sock = tmp_path / "good.img", tmp_path / "good.sock"
     with open(good_img, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    d = spawn_daemon(tmp_path, "fuzz", "--socket-path", str(good_sock), "--blk-file",
+    d = spawn_blk(tmp_path, "fuzz", "--socket-path", str(good_sock), "--blk-file",
                      str(good_img), "--num-queues", str(NUM_QUEUES), image_size=IMAGE_SIZE)
     try:
-        yield d, dataclasses.replace(d, socket_path=good_sock, image_path=good_img)
+        yield d, dataclasses.replace(d, sockets=[good_sock], image=good_img)
     finally:
         if d.proc.poll() is None:
             d.proc.kill()
@@ -573,7 +573,7 @@ def test_socket_fuzz(two_disks: tuple[Daemon, Daemon], fuzz_minutes: float,
 
 
 def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> None:
-    d = spawn_daemon(tmp_path, "sigbus", image_size=4 * MiB)
+    d = spawn_blk(tmp_path, "sigbus", image_size=4 * MiB)
     small = os.memfd_create("small-ram", os.MFD_CLOEXEC)
     os.ftruncate(small, 4 * KiB)  # the region below claims 1 MiB of it
     kick = os.eventfd(0, os.EFD_CLOEXEC)
@@ -604,7 +604,7 @@ def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> N
 
 
 def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: Path) -> None:
-    d = spawn_daemon(tmp_path, "segv", image_size=4 * MiB)
+    d = spawn_blk(tmp_path, "segv", image_size=4 * MiB)
     ram = GuestRam(4 * MiB, 1)
     kick = os.eventfd(0, os.EFD_CLOEXEC)
     try:
@@ -638,7 +638,7 @@ def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: 
 
 
 def test_front_end_reset_with_replies_unread_is_noticed(tmp_path: Path) -> None:
-    d = spawn_daemon(tmp_path, "reset", image_size=4 * MiB)
+    d = spawn_blk(tmp_path, "reset", image_size=4 * MiB)
     call = os.eventfd(0, os.EFD_CLOEXEC)
     try:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)

@@ -20,13 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    IMAGE_SIZE,
-    Daemon,
-    Guest,
-    StartDaemon,
-    connect_guest,
-)
 from tests.support.blk import (
     BLK_HDR,
     VIRTIO_BLK_F_MQ,
@@ -41,8 +34,11 @@ from tests.support.blk import (
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     BlkDriver,
     BlkRequest,
+    Guest,
+    connect_guest,
     parse_blk_config,
 )
+from tests.support.daemon import IMAGE_SIZE, Daemon, StartDaemon
 from tests.support.frontend import (
     ALL_FEATURES,
     DESC_SIZE,

@@ -19,14 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import (
-    IMAGE_SIZE,
-    Daemon,
-    StartDaemon,
-    connect_guest,
-    daemon_command,
-)
-from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import IMAGE_SIZE, Daemon, StartDaemon, device_command
 from tests.support.frontend import FrontEnd, GiB, GuestRam, KiB, MiB
 
 SECTOR = 512
@@ -34,9 +28,9 @@ SECTOR = 512
 
 def run_cli(*args: str, module: bool = False, timeout: float = 20.0,
             pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*daemon_command(module), *args], capture_output=True, text=True,
-                          timeout=timeout, pass_fds=pass_fds, stdin=subprocess.DEVNULL,
-                          check=False)
+    return subprocess.run([*device_command("blk", module=module), *args], capture_output=True,
+                          text=True, timeout=timeout, pass_fds=pass_fds,
+                          stdin=subprocess.DEVNULL, check=False)
 
 
 def assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -87,7 +81,7 @@ def test_python_m_vhost_is_the_same_program(tmp_path: Path, start_daemon: StartD
                  ["--socket-path", str(tmp_path / "s"), "--blk-file", str(tmp_path / "none")]):
         a, b = run_cli(*args), run_cli(*args, module=True)
         assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
-    d = start_daemon("--serial", "via-python-m", module=True)
+    d = start_daemon("--serial", "via-python-m", command=device_command("blk", module=True))
     io_round_trip(d)
     with connect_guest(d) as g:
         assert g.blk.get_id() == b"via-python-m"
@@ -354,7 +348,7 @@ def test_sigterm_as_soon_as_socket_accepts(tmp_path: Path) -> None:
     except BlockingIOError:
         pass
     os.set_blocking(w_end, True)
-    proc = subprocess.Popen([*daemon_command(), "--socket-path", str(path), "--blk-file",
+    proc = subprocess.Popen([*device_command("blk"), "--socket-path", str(path), "--blk-file",
                              str(img)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=w_end)
     os.close(w_end)

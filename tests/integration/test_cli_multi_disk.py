@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import Daemon, StartDaemon, connect_guest
 from tests.integration.test_cli import SECTOR, assert_usage_error, run_cli
-from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import Daemon, StartDaemon
 from tests.support.frontend import KiB, MiB
 
 
@@ -37,7 +37,7 @@ def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],
         if k:
             extra += ["--socket-path", str(sockets[k]), "--blk-file", str(images[k])]
     first = start_daemon(*extra, *args, socket_path=sockets[0], image=images[0])
-    return [dataclasses.replace(first, socket_path=s, image_path=i)
+    return [dataclasses.replace(first, sockets=[s], image=i)
             for s, i in zip(sockets, images)]
 
 

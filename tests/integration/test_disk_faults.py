@@ -24,14 +24,16 @@ from pathlib import Path
 import pytest
 
 from tests.faults import ShimBuildError, build_eio_shim, shim_env
-from tests.integration.conftest import (
-    Daemon,
+from tests.support.blk import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    BlkDriver,
+    BlkRequest,
+    Completion,
     Guest,
-    StartDaemon,
     connect_guest,
-    spawn_daemon,
 )
-from tests.support.blk import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest, Completion
+from tests.support.daemon import Daemon, StartDaemon, spawn_blk
 from tests.support.frontend import KiB, MiB
 
 SECTOR = 512
@@ -399,7 +401,7 @@ def test_failed_flush_is_ioerr_and_io_goes_on(
     with monkeypatch.context() as m:
         for k, v in shim_env(eio_shim, img, fail_sync=True).items():
             m.setenv(k, v)
-        d = spawn_daemon(tmp_path, "sync", image=img)
+        d = spawn_blk(tmp_path, "sync", image=img)
     loose_daemons.append(d)
     with connect_guest(d) as g:
         data = pattern("after", 8 * KiB)
@@ -424,7 +426,7 @@ def test_failed_flush_at_exit_is_one_log_line(
     with monkeypatch.context() as m:
         for k, v in shim_env(eio_shim, img, fail_sync=True).items():
             m.setenv(k, v)
-        d = spawn_daemon(tmp_path, "exit-sync", image=img)
+        d = spawn_blk(tmp_path, "exit-sync", image=img)
     loose_daemons.append(d)
     with connect_guest(d) as g:
         assert g.blk.write(100, pattern("x", 4 * KiB)) == VIRTIO_BLK_S_OK

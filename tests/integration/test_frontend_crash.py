@@ -28,8 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.conftest import Daemon, StartDaemon, connect_guest
-from tests.support.blk import VIRTIO_BLK_S_OK
+from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import Daemon, StartDaemon
 from tests.support.frontend import KiB, MiB
 
 REPO = Path(__file__).resolve().parents[2]

@@ -24,7 +24,6 @@ import itertools
 import mmap
 import os
 import random
-import signal
 import struct
 import threading
 import time
@@ -34,11 +33,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.blk import VIRTIO_BLK_S_OK, BlkDriver, BlkRequest
+from tests.support.blk import RAM_SIZE, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest
+from tests.support.daemon import Daemon, spawn_blk
 from tests.support.frontend import PF_INFLIGHT_SHMFD, DriverQueue, FrontEnd, GuestRam
 from vhost.protocol import GetInflightFd, InflightReply, SetInflightFd
-
-from .conftest import RAM_SIZE, Daemon, spawn_daemon
 
 SECTOR = 512
 QSIZE = 128
@@ -404,7 +402,7 @@ def test_kill_and_restart_loses_nothing(tmp_path: Path, vm: Vm) -> None:
     the last data of every block."""
     rng = random.Random(99)
     sock, img = tmp_path / "blk.sock", tmp_path / "blk.img"
-    d = spawn_daemon(tmp_path, "k0", socket_path=sock, image=img)
+    d = spawn_blk(tmp_path, "k0", socket_path=sock, image=img)
     vm.connect(d)
     writer = Writer(vm)
     writer.start()
@@ -412,10 +410,9 @@ def test_kill_and_restart_loses_nothing(tmp_path: Path, vm: Vm) -> None:
     try:
         for k in range(KILLS):
             time.sleep(rng.uniform(0.05, 0.4))
-            os.kill(d.pid, signal.SIGKILL)
-            d.proc.wait()
+            d.kill9()
             assert sock.exists()  # stale socket left behind, replaced by the next one
-            d = spawn_daemon(tmp_path, f"k{k + 1}", socket_path=sock, image=img)
+            d = d.respawn(tmp_path / f"k{k + 1}.log")
             daemons.append(d)
             vm.connect(d)
             assert not writer.errors, writer.errors

@@ -36,8 +36,6 @@ from devices.blk.limits import (
     SIZE_MAX,
 )
 from devices.net.limits import MAX_ENGINE_PAIRS
-from tests.integration.conftest import Daemon, connect_guest, spawn_daemon
-from tests.integration.net_helpers import spawn_net_daemon
 from tests.support.blk import (
     BLK_HDR,
     STATUS_UNTOUCHED,
@@ -49,8 +47,10 @@ from tests.support.blk import (
     BlkDriver,
     BlkRequest,
     Completion,
+    connect_guest,
     parse_blk_config,
 )
+from tests.support.daemon import Daemon, borrowed, daemons, spawn_blk, spawn_net
 from tests.support.frontend import AckError, FrontEnd, GuestRam, MiB
 from tests.support.net import BROADCAST, NetPort, tagged_frame
 from tests.unit.test_limits import ports_and_queues
@@ -77,20 +77,15 @@ assert IMAGE_SIZE >= MAX_REQUEST_BYTES + 2 * MiB
 
 @pytest.fixture(scope="module")
 def limits_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
-    d = spawn_daemon(tmp_path_factory.mktemp("limits"), "limits",
-                     "--num-queues", str(MAX_BLK_QUEUES), image_size=IMAGE_SIZE)
-    yield d
-    d.check_clean_exit()
+    with daemons(spawn_blk, tmp_path_factory.mktemp("limits"), "limits") as group:
+        yield group.start("--num-queues", str(MAX_BLK_QUEUES), image_size=IMAGE_SIZE)
 
 
 @pytest.fixture
 def blk_daemon(limits_daemon: Daemon) -> Iterator[Daemon]:
     """The module's daemon, with a log starting now; it must still run afterwards."""
-    view = limits_daemon.view()
-    yield view
-    view.wait_disconnects(view.log_count("front end connected"))
-    assert limits_daemon.proc.poll() is None, limits_daemon.log_text()
-    assert "Traceback" not in view.log_text(), view.log_text()
+    with borrowed(limits_daemon) as view:
+        yield view
 
 
 def disk_read(d: Daemon, offset: int, n: int) -> bytes:
@@ -361,8 +356,8 @@ def test_switch_serves_max_engine_pairs(tmp_path: Path) -> None:
     test of the CLI), and the last pair of the last port is served like the first."""
     nports, pairs = ports_and_queues(MAX_ENGINE_PAIRS)
     assert nports * pairs == MAX_ENGINE_PAIRS
-    d = spawn_net_daemon(tmp_path, "pairs", "--switch", "sw0", "--num-queues", str(pairs),
-                         ports=nports)
+    d = spawn_net(tmp_path, "pairs", "--switch", "sw0", "--num-queues", str(pairs),
+                  ports=nports)
     ports: list[NetPort] = []
     try:
         ports = [NetPort(s, pairs=None, queue_size=64) for s in d.sockets]

@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 
-from tests.integration.net_helpers import NET_DAEMON, DaemonGroup, NetDaemon
 from tests.netns import NetNs, list_namespaces, netns_supported
+from tests.support.daemon import Daemon, Ready, daemons, device_command, script, spawn, spawn_net
 from tests.support.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
 from tests.support.net import (
     BROADCAST,
@@ -64,7 +64,7 @@ from tests.support.net import (
 from tests.support.packet_agent import PacketAgent
 from vhost.protocol import SetVringCall
 
-StartNet = Callable[..., NetDaemon]
+StartNet = Callable[..., Daemon]
 MakeAgent = Callable[[str], PacketAgent]
 
 ZERO_HDR = VnetHdr(num_buffers=1)  # what a switch port receives: fresh, no offloads
@@ -89,14 +89,11 @@ needs_netns = pytest.mark.skipif(netns_supported() is not None,
 def start_net(tmp_path: Path) -> Iterator[StartNet]:
     """``start_net(*args, ports=N)``: a daemon with N sockets; stopped cleanly (exit 0,
     no traceback, sockets removed) at teardown."""
-    group = DaemonGroup(tmp_path, prefix="sw")
-    yield group.start
-    errors = group.stop_all()
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    with daemons(spawn_net, tmp_path, "sw") as group:
+        yield group.start
 
 
-def start_switch(start_net: StartNet, ports: int = 2, *args: str) -> NetDaemon:
+def start_switch(start_net: StartNet, ports: int = 2, *args: str) -> Daemon:
     return start_net("--switch", "sw0", *args, ports=ports)
 
 
@@ -112,11 +109,8 @@ def netns() -> Iterator[NetNs]:
 @pytest.fixture
 def start_tap(netns: NetNs, tmp_path: Path) -> Iterator[StartNet]:
     """``start_tap(*args)``: a daemon inside ``netns`` (stopped before it is deleted)."""
-    group = DaemonGroup(tmp_path, netns.exec_args([]), prefix="tap")
-    yield group.start
-    errors = group.stop_all()
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    with daemons(spawn_net, tmp_path, "tap", exec_prefix=netns.exec_args([])) as group:
+        yield group.start
 
 
 @pytest.fixture
@@ -138,7 +132,7 @@ def agent(netns: NetNs) -> Iterator[MakeAgent]:
 # =========================================================================================
 
 
-def ports_on(d: NetDaemon, **kw: Any) -> list[NetPort]:
+def ports_on(d: Daemon, **kw: Any) -> list[NetPort]:
     """A :class:`NetPort` on each of ``d``'s sockets (``kw`` go to each)."""
     return [NetPort(s, **kw) for s in d.sockets]
 
@@ -178,13 +172,13 @@ def tap_ready(netns: NetNs, ifname: str = TAP) -> None:
     netns.wait_carrier(ifname)
 
 
-def idle_cpu(d: NetDaemon, seconds: float = 1.0) -> float:
+def idle_cpu(d: Daemon, seconds: float = 1.0) -> float:
     before = d.cpu_seconds()
     time.sleep(seconds)
     return d.cpu_seconds() - before
 
 
-def disconnect_counters(d: NetDaemon, connection: str) -> dict[str, int]:
+def disconnect_counters(d: Daemon, connection: str) -> dict[str, int]:
     """The port counters the daemon logs when ``connection`` (e.g. ``x.sock#2``) ends."""
     (line,) = d.wait_log(f"{connection}: counters since start: ")
     fields = line.split("counters since start: ", 1)[1].split()
@@ -1142,7 +1136,7 @@ def test_tap_name_longer_than_ifnamsiz(netns: NetNs, tmp_path: Path) -> None:
 
 def run_cli(*args: str, exec_prefix: list[str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(exec_prefix or []), str(NET_DAEMON), *args], capture_output=True,
+    return subprocess.run([*(exec_prefix or []), str(script("net")), *args], capture_output=True,
                           text=True, timeout=20, stdin=subprocess.DEVNULL, check=False,
                           cwd=cwd)
 
@@ -1232,13 +1226,12 @@ def test_inherited_listening_socket(tmp_path: Path) -> None:
     listener.bind(str(path))
     listener.listen(4)
     fd = listener.fileno()
-    log_path = tmp_path / "fd.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([str(NET_DAEMON), "--fd", str(fd), "--switch", "s"],
-                                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                pass_fds=(fd,))
-    listener.close()
-    d = NetDaemon([], proc, log_path, [])
+    try:
+        d = spawn([*device_command("net"), "--fd", str(fd), "--switch", "s"],
+                  tmp_path / "fd.log", [path], owns_sockets=False, pass_fds=(fd,),
+                  ready=Ready.STARTED)
+    finally:
+        listener.close()  # the daemon holds its own copy
     try:
         with NetPort(path) as p:
             assert p.config().status == VIRTIO_NET_S_LINK_UP

@@ -7,6 +7,9 @@ and the config space decoded.
   write, and collects completions by waiting on the call eventfd.
 * :class:`BlkRequest` / :class:`Completion` -- a request in flight and how it ended.
 * :func:`parse_blk_config` -- struct virtio_blk_config.
+* :class:`Guest` / :func:`connect_guest` -- one connection to a running
+  ``vhost-user-blk`` (a :class:`~tests.support.daemon.Daemon`): negotiated, memory
+  described, a :class:`BlkDriver` per queue.
 
 Boundary: no assertions about the device here (only about this driver's own
 bookkeeping); the tests make those. Constants keep the names of
@@ -19,9 +22,20 @@ import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
-from tests.support.frontend import BufferPool, DriverQueue
+from tests.support.daemon import Daemon
+from tests.support.frontend import (
+    ALL_FEATURES,
+    BufferPool,
+    DriverQueue,
+    FrontEnd,
+    GuestRam,
+    MiB,
+)
+
+#: the guest RAM of :func:`connect_guest`
+RAM_SIZE = 64 * MiB
 
 # --- virtio-blk feature bits (virtio 1.x, 5.2.3) ----------------------------------------
 
@@ -350,3 +364,65 @@ def parse_blk_config(data: bytes) -> dict[str, int]:
         if off + struct.calcsize(fmt) <= len(data):
             out[name] = struct.unpack_from(fmt, data, off)[0]
     return out
+
+
+# =========================================================================================
+# A guest's connection to the daemon
+# =========================================================================================
+
+
+@dataclass
+class Guest:
+    """One front-end connection with its guest RAM and a BlkDriver per queue."""
+
+    fe: FrontEnd
+    ram: GuestRam
+    drivers: list[BlkDriver]
+    daemon: Daemon
+
+    @property
+    def blk(self) -> BlkDriver:
+        return self.drivers[0]
+
+    @property
+    def queue(self) -> DriverQueue:
+        return self.drivers[0].queue
+
+    def capacity(self) -> int:
+        return parse_blk_config(self.fe.get_config())["capacity"]
+
+    def close(self) -> None:
+        self.fe.close()
+        self.ram.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect_guest(d: Daemon, *, queues: int | None = 1, queue_size: int = 128,
+                  features: int = ALL_FEATURES, regions: int = 2, ram_size: int = RAM_SIZE,
+                  add_mem_reg: bool = False, start_idx: int = 0,
+                  buf_regions: Sequence[int] = (0,)) -> Guest:
+    """Connect to ``d``, negotiate ``features`` (masked by what is offered), describe
+    the RAM (SET_MEM_TABLE, or one ADD_MEM_REG per region) and set up ``queues``
+    queues (None: as many as GET_QUEUE_NUM says)."""
+    ram = GuestRam(ram_size, regions)
+    fe = FrontEnd(d.socket_path, ram)
+    try:
+        fe.connect()
+        fe.negotiate(features)
+        if add_mem_reg:
+            fe.add_mem_regions()
+        else:
+            fe.set_mem_table()
+        n = fe.queue_num if queues is None else queues
+        drivers = [BlkDriver(fe.setup_queue(i, queue_size, start_idx=start_idx),
+                             buf_regions=buf_regions) for i in range(n)]
+    except BaseException:
+        fe.close()
+        ram.close()
+        raise
+    return Guest(fe, ram, drivers, d)
