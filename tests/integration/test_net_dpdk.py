@@ -27,8 +27,6 @@ import contextlib
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -41,9 +39,8 @@ from typing import Self
 import pytest
 
 from tests import dpdk
+from tests.support.daemon import Daemon, script, spawn_net
 from tests.support.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
-
-NET_DAEMON = Path(sys.executable).with_name("vhost-user-net")
 
 FRAME_SIZE = 64
 VNET_HDR_LEN = 12  # virtio 1.x: struct virtio_net_hdr_mrg_rxbuf
@@ -81,8 +78,8 @@ def _mac_text(mac: bytes) -> str:
 def _dpdk_ready() -> None:
     if not dpdk.testpmd_available():
         pytest.skip("dpdk-testpmd not installed (run scripts/setup-dpdk)")
-    if not NET_DAEMON.exists():
-        pytest.skip(f"{NET_DAEMON} not installed (pip install -e .)")
+    if not script("net").exists():
+        pytest.skip(f"{script('net')} not installed (pip install -e .)")
     if shutil.which("taskset") is None:
         pytest.skip("taskset not installed (util-linux)")
     if not {dpdk.BACKEND_CPU, FRONTEND_CPU} <= os.sched_getaffinity(0):
@@ -110,35 +107,35 @@ class Switch:
 
     a_sock: str
     b_sock: str
-    proc: subprocess.Popen[bytes]
-    log_path: Path
+    daemon: Daemon
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.daemon.log_text()
 
 
 @pytest.fixture
 def switch(tmp_path: Path) -> Iterator[Switch]:
-    """``vhost-user-net --switch sw0`` with two ports, on cpu 0; at teardown it gets
-    SIGTERM and must exit 0 with no traceback (and leave no socket file)."""
-    sock_dir = tempfile.mkdtemp(prefix="vu-dpdk-")  # short: sun_path holds 108 bytes
-    a_sock, b_sock = os.path.join(sock_dir, "a.sock"), os.path.join(sock_dir, "b.sock")
-    log_path = tmp_path / "vhost-user-net.log"
-    argv = [str(NET_DAEMON), "--socket-path", a_sock, "--socket-path", b_sock,
-            "--switch", "sw0", "-v"]
+    """``vhost-user-net --switch sw0`` with two ports, pinned to cpu 0 (``taskset`` as
+    its exec prefix; not dpdk.process_backend, which runs any back end for the
+    benchmarks and checks nothing: see tests/support/daemon.py); at teardown it gets
+    SIGTERM and must exit 0 with no traceback, no warning or error logged, and no
+    socket file left."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="vu-dpdk-"))  # short: sun_path holds 108 bytes
     try:
-        with dpdk.process_backend(argv, [a_sock, b_sock], cpu=dpdk.BACKEND_CPU,
-                                  log_path=log_path) as proc:
-            sw = Switch(a_sock, b_sock, proc, log_path)
-            yield sw
-            assert proc.poll() is None, f"daemon died; log:\n{sw.log_text()}"
-        log = log_path.read_text(errors="replace")
-        assert proc.returncode == 0, f"daemon exited with {proc.returncode}; log:\n{log}"
-        assert "Traceback" not in log, f"traceback in the daemon log:\n{log}"
+        d = spawn_net(sock_dir, "switch", "--switch", "sw0", "-v",
+                      sockets=[sock_dir / "a.sock", sock_dir / "b.sock"],
+                      exec_prefix=["taskset", "-c", str(dpdk.BACKEND_CPU)],
+                      log_path=tmp_path / "vhost-user-net.log", start_new_session=True)
+        try:
+            yield Switch(str(d.sockets[0]), str(d.sockets[1]), d)
+            assert d.alive(), f"daemon died; log:\n{d.log_text()}"
+            d.check_clean_exit()
+        finally:
+            if d.alive():
+                d.kill9()
+        log = d.log_text()
         complaints = [ln for ln in log.splitlines() if " WARNING " in ln or " ERROR " in ln]
         assert not complaints, "the daemon complained:\n" + "\n".join(complaints)
-        left = [p for p in (a_sock, b_sock) if os.path.lexists(p)]
-        assert not left, f"socket files left behind: {left}"
     finally:
         shutil.rmtree(sock_dir, ignore_errors=True)
 

@@ -2,9 +2,9 @@
 
 * ``guest_base`` -- the (cached) minimal guest initramfs: busybox, modules,
   mkfs.ext4 and util-linux blkdiscard; no fio.
-* ``blk_daemon`` -- a factory starting ``vhost-user-blk`` in ``tmp_path``; at teardown
-  every daemon (latest first) gets SIGTERM and must exit 0, log no traceback and
-  remove its socket.
+* ``blk_daemon`` -- a factory starting ``vhost-user-blk`` in ``tmp_path``
+  (:func:`~tests.support.daemon.spawn_blk_for_qemu`); at teardown every daemon (latest
+  first) gets SIGTERM and must exit 0, log no traceback and remove its socket.
 * ``guests`` -- a factory booting QEMU guests; at teardown every QEMU still running is
   SIGKILLed (before the daemons are stopped).
 """
@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from tests.guest import build, qemu
+from tests.support.daemon import daemons, spawn_blk_for_qemu
 
-from .harness import BlkDaemon, BootGuest, StartDaemon, boot_guest, guest_binaries, start_daemon
+from .harness import BootGuest, StartDaemon, boot_guest, guest_binaries
 
 
 @pytest.fixture(scope="session")
@@ -35,36 +36,9 @@ def guest_base() -> Path:
 
 @pytest.fixture
 def blk_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
-    started: list[BlkDaemon] = []
-    counter = iter(range(1000))
-
-    def start(
-        *args: str,
-        image: Path | None = None,
-        image_size: int | None = None,
-        socket_path: Path | None = None,
-    ) -> BlkDaemon:
-        d = start_daemon(
-            tmp_path,
-            f"blk{next(counter)}",
-            args,
-            image=image,
-            image_size=image_size,
-            socket_path=socket_path,
-        )
-        started.append(d)
-        return d
-
-    yield start
-
-    errors: list[str] = []
-    for d in reversed(started):  # a later daemon may serve an earlier one's socket
-        try:
-            d.check_clean_exit()
-        except AssertionError as e:
-            errors.append(str(e))
-    if errors:
-        pytest.fail("\n\n".join(errors), pytrace=False)
+    """``blk_daemon(*args, image=None, image_size=None, socket_path=None)``."""
+    with daemons(spawn_blk_for_qemu, tmp_path, "blk") as group:
+        yield group.start
 
 
 @pytest.fixture

@@ -5,20 +5,18 @@ SIGKILL and of how long the guest's I/O took to resume after it.
 Boundary: this module starts, kills and watches processes and keeps times; the test
 decides what passes.
 
-Why not ``harness.start_daemon``: it proves the daemon is up with a probe connection
-(its connection #1) and waits for that probe's teardown.  Under a live QEMU with
-``reconnect=1`` QEMU may connect first; the daemon serves one front end at a time, so
-the probe then waits behind QEMU and start-up times out.  Here the daemon is started
-bare and QEMU's own connection is the proof that it serves.
+Why the daemons start with ``Ready.STARTED`` (tests/support/daemon.py), no probe at all:
+under a live QEMU with ``reconnect=1`` QEMU may connect first, and a probe connection
+would be the daemon's connection #1 of an incarnation that should see QEMU alone. Here
+the daemon is started bare, :func:`wait_serving` waits for its "serving" line, and
+QEMU's own connection is the proof that it serves.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import time
@@ -27,8 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.guest import qemu
-
-from .harness import BlkDaemon, daemon_command
+from tests.support.daemon import Daemon, Ready, spawn_blk_for_qemu
 
 #: one line of the guest's I/O monitor: guest uptime, completed reads and writes of
 #: /dev/vda, requests in flight (fields 1, 5 and 9 of /sys/block/vda/stat)
@@ -180,7 +177,7 @@ class Incarnation:
     """One run of the daemon on the shared socket; ``n`` counts from 0."""
 
     n: int
-    daemon: BlkDaemon
+    daemon: Daemon
     started: float
     connected: float | None = None
     queue_started: float | None = None
@@ -202,18 +199,9 @@ def start_incarnation(
     """Start ``vhost-user-blk --socket-path S --blk-file I ARGS`` without probing it
     (see the module docstring), with ``env`` added to the environment; its log goes
     to ``<workdir>/crash<n>.daemon.log``."""
-    log_path = workdir / f"crash{n}.daemon.log"
-    argv = [*daemon_command(), "--socket-path", str(socket_path), "--blk-file", str(image), *args]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-            env={**os.environ, **env} if env else None,
-        )
-    return Incarnation(n, BlkDaemon(socket_path, image, proc, log_path, argv), time.monotonic())
+    d = spawn_blk_for_qemu(workdir, f"crash{n}", *args, image=image, socket_path=socket_path,
+                           ready=Ready.STARTED, env=env)
+    return Incarnation(n, d, time.monotonic())
 
 
 # An LD_PRELOAD shim that makes each preadv/pwritev of the daemon sleep first.  With a
@@ -298,12 +286,6 @@ def poll_connection(inc: Incarnation) -> None:
         # logged before "started" when the inflight region held requests
         r = RESUBMITTED_RE.search(text)
         inc.resubmitted = int(r[1]) if r else 0
-
-
-def kill9(inc: Incarnation) -> int:
-    """SIGKILL the daemon and reap it; returns its exit status (-9)."""
-    os.kill(inc.daemon.pid, signal.SIGKILL)
-    return inc.daemon.proc.wait(10)
 
 
 def socket_state(path: Path) -> str:

@@ -230,7 +230,7 @@ class CrashRun:
         old = self.daemon
         rec = ch.KillRecord(index, t_kill - self.t0, c.pass_started, delay)
         self.kills.append(rec)
-        rec.exit_status = ch.kill9(old)
+        rec.exit_status = old.daemon.kill9()
         rec.done_at_kill = last.done if last else None
         rec.socket_after_kill = ch.socket_state(self.sock)
         assert rec.socket_after_kill == "stale", (
@@ -432,7 +432,7 @@ def test_blk_survives_daemon_kill9(
     for inc in run.incarnations:
         assert inc.connected is not None and inc.queue_started is not None, diag()
     last = run.daemon
-    last.daemon.wait_disconnect(1)  # QEMU powered off
+    last.daemon.wait_connection_closed(1)  # QEMU powered off
     errors = [
         ln
         for inc in run.incarnations

@@ -28,7 +28,7 @@ import pytest
 from tests.guest import qemu, workloads
 from tests.guest.workloads import MiB, pattern
 
-from .harness import UL_BLKDISCARD, BootGuest, StartDaemon, needs_qemu
+from .harness import UL_BLKDISCARD, BootGuest, StartDaemon, blk_qemu_args, needs_qemu
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
@@ -209,7 +209,7 @@ def test_vhost_user_blk_guest(
     files = workloads.blk_files(PATTERNS) | {"/data/d0": DISCARD_DATA, "/data/z0": WZ_DATA}
     t0 = time.monotonic()
     with guests(
-        workloads.blk_script("vda", PATTERNS, extra=extra), d.qemu_args(), files=files
+        workloads.blk_script("vda", PATTERNS, extra=extra), blk_qemu_args(d), files=files
     ) as g:
         res, text, boot, work = _run(g, "guest")
     total = time.monotonic() - t0
@@ -233,7 +233,7 @@ def test_vhost_user_blk_guest(
         assert res["wz_max_after"] == res["wz_max"], res
     record_property("write_zeroes_checked", wz)
 
-    d.wait_disconnect(2)
+    d.wait_connection_closed(2)
     workloads.check_image(img, PATTERNS)
     with open(img, "rb") as f:
         f.seek(DISCARD_OFF)
@@ -249,7 +249,7 @@ def test_vhost_user_blk_guest(
     if zero_range:
         assert not _written_extents(img, WZ_OFF, WZ_LEN), "write-zeroes wrote data"
     record_property("write_zeroes_unwritten_checked", zero_range)
-    assert d.log_lines(f"{d.name}#2: front end connected")
+    assert d.log_lines(f"{d.connection(2)}: front end connected")
     problems = _daemon_problems(d.log_text())
     assert not problems, "\n".join(problems)
 
@@ -312,7 +312,7 @@ def test_vhost_user_blk_two_queues(
         "/data/q1": Q_DATA[1],
         "/data/qjob.sh": QJOB,
     }
-    args = [*d.qemu_args(num_queues=2), "-smp", "2"]
+    args = [*blk_qemu_args(d, num_queues=2), "-smp", "2"]
     t0 = time.monotonic()
     with guests(workloads.blk_script("vda", PATTERNS, extra=extra), args, files=files) as g:
         res, text, boot, work = _run(g, "guest")
@@ -327,7 +327,7 @@ def test_vhost_user_blk_two_queues(
     assert int(res["irq_req0"]) > 0, res
     assert int(res["irq_req1"]) > 0, "no completion signalled on the second queue"
 
-    d.wait_disconnect(2)
+    d.wait_connection_closed(2)
     workloads.check_image(d.image_path, PATTERNS)
     with open(d.image_path, "rb") as f:
         for off, data in zip(Q_OFF, Q_DATA, strict=True):
@@ -335,7 +335,7 @@ def test_vhost_user_blk_two_queues(
             assert f.read(len(data)) == data
     # the daemon started a worker for each queue of the QEMU connection
     for q in (0, 1):
-        assert d.log_lines(f"{d.name}#2/vq{q}: started"), d.log_text()
+        assert d.log_lines(f"{d.connection(2)}/vq{q}: started"), d.log_text()
     problems = _daemon_problems(d.log_text())
     assert not problems, "\n".join(problems)
 
@@ -434,7 +434,7 @@ def test_vhost_user_blk_read_only(
         .replace("@FS@", "1" if fs else "0")
     )
     t0 = time.monotonic()
-    with guests(script, d.qemu_args(), files={"/data/w": pattern(31, 4096)}) as g:
+    with guests(script, blk_qemu_args(d), files={"/data/w": pattern(31, 4096)}) as g:
         res, text, boot, work = _run(g, "guest")
     total = time.monotonic() - t0
     print(f"\n[ro] boot {boot:.1f}s workload {work:.1f}s total {total:.1f}s {res}")
@@ -456,7 +456,7 @@ def test_vhost_user_blk_read_only(
         assert res["fs_md5"] == _md5(RO_FILE), res
     record_property("ext4_checked", fs)
 
-    d.wait_disconnect(2)
+    d.wait_connection_closed(2)
     assert _image_sha(img) == before, "the read-only image changed"
     problems = _daemon_problems(d.log_text())
     assert not problems, "\n".join(problems)
@@ -509,7 +509,7 @@ def test_qemu_killed_mid_io_then_new_qemu(
         .replace("@MARKER@", FIRST_MARKER)
     )
     t0 = time.monotonic()
-    with guests(writer, d.qemu_args(), name="writer", files={"/data/first": FIRST}) as g1:
+    with guests(writer, blk_qemu_args(d), name="writer", files={"/data/first": FIRST}) as g1:
         g1.wait_for(FIRST_MARKER, GUEST_TIMEOUT)
         g1.wait_for("LOOP 2\n", 30)  # the write loop is going: I/O is in flight
         g1.kill()
@@ -517,7 +517,7 @@ def test_qemu_killed_mid_io_then_new_qemu(
     t_kill = time.monotonic() - t0
     record_property("loops_before_kill", killed_at)
 
-    why = d.wait_disconnect(2)
+    why = d.wait_connection_closed(2)
     record_property("disconnect_reason", why.split("disconnected:", 1)[1].strip())
     assert d.alive() and d.pid == pid
     with open(d.image_path, "rb") as f:
@@ -530,7 +530,7 @@ def test_qemu_killed_mid_io_then_new_qemu(
         .replace("@SECOND_OFF@", str(SECOND_OFF))
         .replace("@SECOND_LEN@", str(len(SECOND)))
     )
-    with guests(reader, d.qemu_args(), name="reader", files={"/data/second": SECOND}) as g2:
+    with guests(reader, blk_qemu_args(d), name="reader", files={"/data/second": SECOND}) as g2:
         res, text, boot, work = _run(g2, "second guest")
     total = time.monotonic() - t0
     print(
@@ -543,11 +543,11 @@ def test_qemu_killed_mid_io_then_new_qemu(
     assert res["first_md5"] == _md5(FIRST), res
     assert res["second_md5"] == _md5(SECOND), res
 
-    d.wait_disconnect(3)
+    d.wait_connection_closed(3)
     assert d.alive() and d.pid == pid, "the daemon did not survive"
     for conn in (2, 3):
-        assert d.log_lines(f"{d.name}#{conn}: front end connected"), d.log_text()
-        assert d.log_lines(f"{d.name}#{conn}: disconnected:"), d.log_text()
+        assert d.log_lines(f"{d.connection(conn)}: front end connected"), d.log_text()
+        assert d.log_lines(f"{d.connection(conn)}: disconnected:"), d.log_text()
     with open(d.image_path, "rb") as f:
         f.seek(FIRST_OFF)
         assert f.read(len(FIRST)) == FIRST
@@ -597,7 +597,7 @@ def test_daemon_restarted_under_live_guest(
         .replace("@OFF@", str(RESTART_OFF))
         .replace("@LEN@", str(len(RESTART_DATA)))
     )
-    args = d1.qemu_args(chardev_opts=",reconnect=1")
+    args = blk_qemu_args(d1, chardev_opts=",reconnect=1")
     t0 = time.monotonic()
     with guests(script, args, files={"/data/x": RESTART_DATA}) as g:
         g.wait_for("LOOP 3\n", GUEST_TIMEOUT)
@@ -620,7 +620,7 @@ def test_daemon_restarted_under_live_guest(
     assert res["loops"] == str(RESTART_ROUNDS), res
     assert res["bad"] == "0", text[-3000:]
     assert res["ioerr_msgs"] == "0", res
-    assert d1.log_lines(f"{d1.name}#2: disconnected: daemon stopping"), d1.log_text()
-    d2.wait_disconnect(2)  # QEMU reconnected to the new daemon, then powered off
+    assert d1.log_lines(f"{d1.connection(2)}: disconnected: daemon stopping"), d1.log_text()
+    d2.wait_connection_closed(2)  # QEMU reconnected to the new daemon, then powered off
     problems = _daemon_problems(d1.log_text() + d2.log_text())
     assert not problems, "\n".join(problems)

@@ -25,14 +25,8 @@ timings).
 
 from __future__ import annotations
 
-import shutil
-import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -40,12 +34,10 @@ import pytest
 from tests.guest import build, qemu
 from tests.guest import net_workloads as nw
 from tests.guest.workloads import MiB, pattern
-from tests.netns import NetNs, assert_no_leaked_namespaces, list_namespaces, netns_supported
+from tests.netns import NetNs, assert_no_leaked_namespaces, list_namespaces
+from tests.support.daemon import Daemon, installed_command, spawn_net_for_qemu
 
-from .harness import needs_qemu
-
-_why_no_netns = netns_supported()
-needs_netns = pytest.mark.skipif(_why_no_netns is not None, reason=_why_no_netns or "")
+from .harness import needs_netns, needs_qemu
 
 pytestmark = [pytest.mark.qemu, needs_qemu, needs_netns]
 
@@ -117,76 +109,8 @@ def _run(g: qemu.Guest, what: str) -> tuple[dict[str, str], str]:
 # --- the vhost-user-net hook -------------------------------------------------
 
 
-def vhost_user_net_command() -> list[str] | None:
-    """Our ``vhost-user-net`` console script next to this Python (or on PATH),
-    None while it does not exist."""
-    exe = Path(sys.executable).with_name("vhost-user-net")
-    if exe.exists():
-        return [str(exe)]
-    found = shutil.which("vhost-user-net")
-    return [found] if found else None
-
-
-@dataclass
-class NetBackend:
-    """A running ``vhost-user-net`` (inside the test's namespace); log in ``log``."""
-
-    proc: subprocess.Popen[bytes]
-    log: Path
-    sockets: list[Path]
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        """SIGTERM: exit status 0, no traceback, sockets removed."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            rc = self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"vhost-user-net ignored SIGTERM:\n{self.log_text()}") from None
-        log = self.log_text()
-        assert rc == 0 and "Traceback" not in log, f"vhost-user-net exited {rc}:\n{log}"
-        left = [p for p in self.sockets if p.exists()]
-        assert not left, f"vhost-user-net left {left} behind"
-
-
-def start_vhost_user_net(
-    ns: NetNs, workdir: Path, *, tap: str | None = None, switch: str | None = None, ports: int = 1
-) -> NetBackend:
-    """Start ``vhost-user-net --socket-path SOCK... --tap TAP | --switch NAME`` inside
-    ``ns`` (a TAP is opened in the back end's namespace); returns once every socket
-    accepts a connection (the probe connection is closed at once)."""
-    cmd = vhost_user_net_command()
-    assert cmd is not None and (tap is None) != (switch is None)
-    socks = [workdir / f"net{i}.sock" for i in range(ports)]
-    log = workdir / "vhost-user-net.log"
-    argv = [*cmd, *(a for p in socks for a in ("--socket-path", str(p)))]
-    argv += ["--tap", tap] if tap else ["--switch", str(switch)]
-    with open(log, "wb") as f:
-        b = NetBackend(ns.popen(argv, stdout=f, stderr=f), log, socks)
-    deadline = time.monotonic() + 10.0
-    for sock in socks:
-        while True:
-            if b.proc.poll() is not None:
-                raise AssertionError(f"vhost-user-net exited {b.proc.returncode}:\n{b.log_text()}")
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                try:
-                    s.connect(str(sock))
-                    break
-                except (FileNotFoundError, ConnectionRefusedError):
-                    pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{sock} never accepted:\n{b.log_text()}")
-            time.sleep(0.05)
-    return b
-
-
 def needs_backend(kind: str) -> None:
-    if kind.startswith("vhost-user") and vhost_user_net_command() is None:
+    if kind.startswith("vhost-user") and installed_command("net") is None:
         pytest.skip("vhost-user-net back end not installed")
 
 
@@ -207,9 +131,9 @@ def test_guest_to_host(
     t0 = time.monotonic()
     tap = netns.add_tap("tap0", f"{HOST_IP}/24")
     netns.check_isolated()
-    backend: NetBackend | None = None
+    backend: Daemon | None = None
     if nic == "vhost-user-net":
-        backend = start_vhost_user_net(netns, tmp_path, tap=tap)
+        backend = spawn_net_for_qemu(netns, tmp_path, tap=tap)
         nic_args = nw.vhost_user_net_args(backend.sockets[0], mac=nw.mac_addr(1))
     else:
         model = "virtio-net-pci" if nic == "virtio-net" else "e1000"
@@ -250,7 +174,7 @@ def test_guest_to_host(
     assert stats["rx_bytes"] >= len(UP) and stats["tx_bytes"] >= len(DOWN), stats
 
     if backend is not None:
-        backend.stop()
+        backend.check_clean_exit()  # SIGTERM: exit 0, no traceback, sockets removed
 
 
 @pytest.mark.parametrize("segment", ["bridge", "vhost-user-switch"])
@@ -266,7 +190,7 @@ def test_two_guests(
     and each sends the other a file (busybox nc); md5s match crosswise."""
     needs_backend(segment)
     t0 = time.monotonic()
-    backend: NetBackend | None = None
+    backend: Daemon | None = None
     taps: list[str] = []
     if segment == "bridge":
         taps = [netns.add_tap(f"tap{i}") for i in range(2)]
@@ -276,7 +200,7 @@ def test_two_guests(
             for i, t in enumerate(taps)
         ]
     else:
-        backend = start_vhost_user_net(netns, tmp_path, switch="sw0", ports=2)
+        backend = spawn_net_for_qemu(netns, tmp_path, switch="sw0", ports=2)
         nics = [
             nw.vhost_user_net_args(p, mac=nw.mac_addr(10 + i))
             for i, p in enumerate(backend.sockets)
@@ -315,4 +239,4 @@ def test_two_guests(
         assert st["rx_bytes"] >= len(PAIR_DATA[i]), stats
         assert st["tx_bytes"] >= len(PAIR_DATA[1 - i]), stats
     if backend is not None:
-        backend.stop()
+        backend.check_clean_exit()  # SIGTERM: exit 0, no traceback, sockets removed

@@ -54,9 +54,17 @@ from tests.guest import build, qemu
 from tests.guest import net_workloads as nw
 from tests.guest.workloads import pattern
 from tests.netns import NetNs, assert_no_leaked_namespaces, list_namespaces
+from tests.support.daemon import (
+    QEMU_STOP_TIMEOUT,
+    Daemon,
+    Launch,
+    Ready,
+    installed_command,
+    net_argv,
+    this_tree_env,
+)
 
-from .harness import needs_qemu
-from .test_net_harness import NetBackend, needs_netns, vhost_user_net_command
+from .harness import needs_netns, needs_qemu
 
 pytestmark = [pytest.mark.qemu, needs_qemu, needs_netns]
 
@@ -222,76 +230,48 @@ while True:
 
 # --- the daemon, started again and again with the same arguments ----------------
 
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def daemon_env() -> dict[str, str]:
-    """The daemon imports this tree's ``vhost`` and ``devices`` (whatever an editable
-    install points at, which may be another checkout)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    return env
+#: logged once per port after the listen: an incarnation is up (it gets no probe)
+PORT_RE = re.compile(r" INFO \S+: port \S+ \(MAC ")
 
 
 class RestartableNet:
     """``vhost-user-net --socket-path net0.sock [--socket-path net1.sock] (--switch sw0 |
-    --tap TAP)`` inside ``ns``, started again and again with the same command line;
-    every incarnation logs to its own file."""
+    --tap TAP)`` inside ``ns``, started again and again with the same launch (same
+    command line, same sockets); every incarnation logs to its own file."""
 
     def __init__(self, ns: NetNs, workdir: Path, ports: int, backend: list[str]) -> None:
-        cmd = vhost_user_net_command()
+        cmd = installed_command("net")
         assert cmd is not None
-        self.ns, self.workdir = ns, workdir
+        self.workdir = workdir
         self.sockets = [workdir / f"net{i}.sock" for i in range(ports)]
-        self.argv = [*cmd, *(a for p in self.sockets for a in ("--socket-path", str(p)))]
         # -v: the per-queue "stopped:" lines checked below are DEBUG for rx rings
-        self.argv += [*backend, "-v"]
-        self.lives: list[NetBackend] = []
+        argv = net_argv(cmd, self.sockets, *backend, "-v")
+        # No probe connection: the only front end an incarnation sees is QEMU.
+        self.launch = Launch(tuple(argv), tuple(self.sockets), ready=Ready.STARTED,
+                             popen=ns.popen, start_new_session=True, env=this_tree_env(),
+                             stop_timeout=QEMU_STOP_TIMEOUT)
+        self.lives: list[Daemon] = []
 
     @property
-    def current(self) -> NetBackend:
+    def current(self) -> Daemon:
         return self.lives[-1]
 
-    def start(self) -> NetBackend:
+    def start(self) -> Daemon:
         """Start an incarnation; returns once it listens on every socket (its "port"
-        lines are logged after the listen).  No probe connection: the only front end
-        an incarnation sees is QEMU."""
-        log = self.workdir / f"vhost-user-net.{len(self.lives)}.log"
-        with open(log, "wb") as f:
-            proc = self.ns.popen(self.argv, stdout=f, stderr=f, env=daemon_env())
-            b = NetBackend(proc, log, self.sockets)
-        self.lives.append(b)
-        self.wait_log(b, re.compile(r" INFO \S+: port \S+ \(MAC "), len(self.sockets), 15.0)
-        return b
+        lines are logged after the listen)."""
+        d = self.launch.start(self.workdir / f"vhost-user-net.{len(self.lives)}.log")
+        self.lives.append(d)
+        d.wait_log(PORT_RE, len(self.sockets), 15.0)
+        return d
 
     def kill(self) -> None:
-        p = self.current.proc
-        os.kill(p.pid, signal.SIGKILL)
-        p.wait(10)
-        assert p.returncode == -signal.SIGKILL, p.returncode
-
-    def wait_log(
-        self, b: NetBackend, needle: re.Pattern[str], count: int, timeout: float
-    ) -> list[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            lines = [ln for ln in b.log_text().splitlines() if needle.search(ln)]
-            if len(lines) >= count:
-                return lines
-            if b.proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{count} line(s) matching {needle.pattern!r} expected in {b.log.name} "
-                    f"(daemon {'exited ' + str(b.proc.returncode) if b.proc.poll() is not None else 'running'}):"
-                    f"\n{b.log_text()}"
-                )
-            time.sleep(0.05)
+        rc = self.current.kill9()
+        assert rc == -signal.SIGKILL, rc
 
     def cleanup(self) -> None:
-        for b in self.lives:
-            if b.proc.poll() is None:
-                b.proc.kill()
-                b.proc.wait()
+        for d in self.lives:
+            if d.alive():
+                d.kill9()
 
 
 def file_id(path: Path) -> tuple[int, int]:
@@ -409,7 +389,7 @@ def test_daemon_killed_and_restarted(
     same command line each time replaces the stale sockets, QEMU reconnects, pings
     resume without a reboot, a file crosses intact at the end, and neither the
     guests nor the daemon report anything like ring corruption."""
-    if vhost_user_net_command() is None:
+    if installed_command("net") is None:
         pytest.skip("vhost-user-net back end not installed")
     t0 = time.monotonic()
     setup = setup_switch(netns) if segment == "switch" else setup_tap(netns)
@@ -463,8 +443,8 @@ def test_daemon_killed_and_restarted(
             t_listen = time.monotonic() - t_restart
             fresh = [file_id(sock) for sock in daemon.sockets]
             assert all(a != b for a, b in zip(stale, fresh)), "stale socket files not replaced"
-            daemon.wait_log(
-                b, re.compile(r"net\d\.sock#1: front end connected"), len(guests), RESUME_TIMEOUT
+            b.wait_log(
+                re.compile(r"net\d\.sock#1: front end connected"), len(guests), RESUME_TIMEOUT
             )
             t_conn = time.monotonic() - t_restart
             resume = []
@@ -487,9 +467,9 @@ def test_daemon_killed_and_restarted(
     finally:
         for g in guests:
             g.kill()
-    logs = "\n".join(f"--- {b.log.name} ---\n{b.log_text()}" for b in daemon.lives)
+    logs = "\n".join(f"--- {b.log_path.name} ---\n{b.log_text()}" for b in daemon.lives)
     try:
-        daemon.current.stop()  # SIGTERM: exit 0, no traceback, socket files removed
+        daemon.current.check_clean_exit()  # SIGTERM: exit 0, no traceback, sockets removed
     finally:
         daemon.cleanup()
 
