@@ -15,10 +15,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import signal
-import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -29,6 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.conftest import baseline_command, baseline_tree
+from tests.support.daemon import Daemon, Ready, device_command, spawn
 from tests.support.frontend import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -54,22 +52,6 @@ def _cpu_ns(pid: int) -> int:
     return total
 
 
-def _wait_socket(path: str, proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"back end exited with {proc.returncode}")
-        s = socket.socket(socket.AF_UNIX)
-        try:
-            s.connect(path)
-            return  # the probe connection is accepted and closed by the back end
-        except OSError:
-            time.sleep(0.05)
-        finally:
-            s.close()
-    raise TimeoutError(f"{path} never accepted")
-
-
 @pytest.fixture(scope="module")
 def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("bench") / "disk.img"
@@ -80,21 +62,22 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def _start(kind: str, image: Path, sock: str, baseline: Path | None) -> subprocess.Popen[bytes]:
+def _start(kind: str, image: Path, sock: Path, log: Path, baseline: Path | None) -> Daemon:
+    """The back end of ``kind`` on ``sock``, once the socket accepts a connection."""
     env = None
     if kind == "ours":
-        cmd = [sys.executable, "-m", "vhost", "blk", "--socket-path", sock, "--blk-file", str(image)]
+        cmd = [*device_command("blk", module=True), "--socket-path", str(sock), "--blk-file",
+               str(image)]
     elif kind == "baseline-tree":
         assert baseline is not None
         prog, env = baseline_command(baseline, "blk")
-        cmd = [*prog, "--socket-path", sock, "--blk-file", str(image)]
+        cmd = [*prog, "--socket-path", str(sock), "--blk-file", str(image)]
     else:
+        assert QSD is not None
         cmd = [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
                "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
                f"addr.path={sock},writable=on,num-queues=1")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    _wait_socket(sock, proc)
-    return proc
+    return spawn(cmd, log, [sock], ready=Ready.ACCEPTS, env=env)
 
 
 class ReadLoop:
@@ -152,22 +135,18 @@ def backend(request: pytest.FixtureRequest, image: Path,
     kind = request.param
     if kind != "ours" and QSD is None:
         pytest.skip("qemu-storage-daemon not installed (apt-get install qemu-system-common)")
-    sock = str(tmp_path / "bench.sock")
-    proc = _start(kind, image, sock, baseline_tree(request.config))
+    sock = tmp_path / "bench.sock"
+    d = _start(kind, image, sock, tmp_path / "backend.log", baseline_tree(request.config))
     ram = GuestRam(size=32 << 20)
     fe = FrontEnd(sock, ram).connect()
     fe.negotiate()
     fe.set_mem_table()
     try:
-        yield kind, proc.pid, fe, ram
+        yield kind, d.pid, fe, ram
     finally:
         fe.close()
         ram.close()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        d.stop(10)  # a benchmark asserts nothing about how the back end ends
 
 
 @pytest.mark.parametrize("qd", [1, 32])

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.dpdk import wait_for_sockets
-from tests.qemu.harness import start_daemon
+from tests.support.daemon import spawn_blk_for_qemu
 
 from .vm import GuestRun, run_guest
 
@@ -140,7 +140,7 @@ def _qsd(img: Path, sock: Path, log: Path) -> Iterator[int]:
 
 @contextlib.contextmanager
 def _ours(img: Path, workdir: Path, name: str) -> Iterator[int]:
-    d = start_daemon(workdir, name, image=img, socket_path=workdir / f"{name}.sock")
+    d = spawn_blk_for_qemu(workdir, name, image=img, socket_path=workdir / f"{name}.sock")
     try:
         yield d.pid
     finally:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tests.guest import net_workloads as nw
 from tests.netns import NetNs
-from tests.qemu.test_net_harness import start_vhost_user_net, vhost_user_net_command
+from tests.support.daemon import installed_command, spawn_net_for_qemu
 
 from .vm import GuestRun, run_guest
 
@@ -74,7 +74,7 @@ def guest_script(runtime: int) -> str:
 
 
 def available(device: str) -> str | None:
-    if device == "ours" and vhost_user_net_command() is None:
+    if device == "ours" and installed_command("net") is None:
         return "vhost-user-net is not installed"
     return None
 
@@ -106,8 +106,8 @@ def run_one(
         if device == "ours":
             bdir = workdir / f"{tag}-be"
             bdir.mkdir(exist_ok=True)
-            backend = start_vhost_user_net(ns, bdir, tap=tap)
-            backend_pid = backend.proc.pid
+            backend = spawn_net_for_qemu(ns, bdir, tap=tap)
+            backend_pid = backend.pid
             nic = nw.vhost_user_net_args(backend.sockets[0], mac=nw.mac_addr(1))
         elif device in ("e1000", "virtio"):
             model = "e1000" if device == "e1000" else "virtio-net-pci"
@@ -128,7 +128,7 @@ def run_one(
             on_mark=on_mark,
         )
         if backend is not None:
-            backend.stop()
+            backend.check_clean_exit()
     if run.rc != 0:
         raise RuntimeError(f"{tag}: guest workload failed rc={run.rc}:\n{run.text[-2000:]}")
     return parse(run), run
