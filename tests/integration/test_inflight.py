@@ -33,7 +33,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.blk import RAM_SIZE, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest
+from tests.support.blk import RAM_SIZE, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest, disk_read
 from tests.support.daemon import Daemon, spawn_blk
 from tests.support.frontend import PF_INFLIGHT_SHMFD, DriverQueue, FrontEnd, GuestRam
 from vhost.protocol import GetInflightFd, InflightReply, SetInflightFd
@@ -51,12 +51,6 @@ def region_size(queue_size: int) -> int:
 
 def pattern(seed: int, n: int) -> bytes:
     return random.Random(seed).randbytes(n)
-
-
-def disk_read(d: Daemon, offset: int, n: int) -> bytes:
-    with open(d.image_path, "rb") as f:
-        f.seek(offset)
-        return f.read(n)
 
 
 class Region:

@@ -48,6 +48,7 @@ from tests.support.blk import (
     BlkRequest,
     Completion,
     connect_guest,
+    disk_read,
     parse_blk_config,
 )
 from tests.support.daemon import Daemon, borrowed, daemons, spawn_blk, spawn_net
@@ -86,11 +87,6 @@ def blk_daemon(limits_daemon: Daemon) -> Iterator[Daemon]:
     """The module's daemon, with a log starting now; it must still run afterwards."""
     with borrowed(limits_daemon) as view:
         yield view
-
-
-def disk_read(d: Daemon, offset: int, n: int) -> bytes:
-    with open(d.image_path, "rb") as f:
-        return os.pread(f.fileno(), n, offset)
 
 
 def allocated(d: Daemon) -> int:

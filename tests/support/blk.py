@@ -10,14 +10,21 @@ and the config space decoded.
 * :class:`Guest` / :func:`connect_guest` -- one connection to a running
   ``vhost-user-blk`` (a :class:`~tests.support.daemon.Daemon`): negotiated, memory
   described, a :class:`BlkDriver` per queue.
+* Raw chains (:func:`raw_header`, :func:`raw_buffer`, :func:`raw_table`,
+  :func:`raw_chain`): descriptors written by hand, for chains no driver would make.
+* The image seen from the host (:func:`disk_read`, :func:`disk_write`), and the two
+  checks many tests end with: :func:`check_io_works` (a write and a read on a
+  connection reach the image) and :func:`check_new_connection_works`.
 
-Boundary: no assertions about the device here (only about this driver's own
-bookkeeping); the tests make those. Constants keep the names of
-include/uapi/linux/virtio_blk.h.
+Boundary: the driver asserts nothing about the device (only its own bookkeeping); the
+two ``check_*`` functions are the only shared assertions, that the daemon still serves.
+Constants keep the names of include/uapi/linux/virtio_blk.h.
 """
 
 from __future__ import annotations
 
+import os
+import random
 import struct
 import time
 from collections.abc import Sequence
@@ -27,10 +34,12 @@ from typing import Any, Self
 from tests.support.daemon import Daemon
 from tests.support.frontend import (
     ALL_FEATURES,
+    DESC_SIZE,
     BufferPool,
     DriverQueue,
     FrontEnd,
     GuestRam,
+    KiB,
     MiB,
 )
 
@@ -426,3 +435,77 @@ def connect_guest(d: Daemon, *, queues: int | None = 1, queue_size: int = 128,
         ram.close()
         raise
     return Guest(fe, ram, drivers, d)
+
+
+# =========================================================================================
+# Raw chains: descriptors written by hand
+# =========================================================================================
+
+
+def raw_header(ram: GuestRam, rtype: int = VIRTIO_BLK_T_IN, sector: int = 0) -> int:
+    """A request header in fresh guest memory; returns its gpa."""
+    gpa = ram.alloc(16)
+    ram.write(gpa, BLK_HDR.pack(rtype, 0, sector))
+    return gpa
+
+
+def raw_buffer(ram: GuestRam, n: int, fill: int = 0xFF) -> int:
+    """``n`` bytes of fresh guest memory filled with ``fill``; returns their gpa."""
+    gpa = ram.alloc(n)
+    ram.fill(gpa, n, fill)
+    return gpa
+
+
+def raw_table(ram: GuestRam, entries: Sequence[tuple[int, int, int, int]]) -> int:
+    """An indirect table of (addr, len, flags, next) entries; returns its gpa."""
+    gpa = ram.alloc(DESC_SIZE * len(entries), 16)
+    for k, e in enumerate(entries):
+        ram.pack("<QIHH", gpa + DESC_SIZE * k, *e)
+    return gpa
+
+
+def raw_chain(q: DriverQueue, entries: Sequence[tuple[int, int, int, int | None]]) -> list[int]:
+    """Write entries (addr, len, flags, next as an index into ``entries`` or a raw
+    number if >= len) into reserved descriptors; returns the descriptor indices."""
+    idx = q.reserve_descs(len(entries))
+    for k, (addr, n, flags, nxt) in enumerate(entries):
+        raw = 0 if nxt is None else (idx[nxt] if nxt < len(entries) else nxt)
+        q.write_desc(idx[k], addr, n, flags, raw)
+    return idx
+
+
+# =========================================================================================
+# The image from the host side, and the checks that the daemon still serves
+# =========================================================================================
+
+
+def pattern(seed: int | str, n: int) -> bytes:
+    """``n`` bytes that depend on ``seed``."""
+    return random.Random(seed).randbytes(n)
+
+
+def disk_read(d: Daemon, offset: int, n: int) -> bytes:
+    """``n`` bytes of ``d``'s image at byte ``offset``, read by the host."""
+    with open(d.image_path, "rb") as f:
+        return os.pread(f.fileno(), n, offset)
+
+
+def disk_write(d: Daemon, offset: int, data: bytes) -> None:
+    """Write ``data`` into ``d``'s image at byte ``offset``, from the host."""
+    with open(d.image_path, "r+b") as f:
+        os.pwrite(f.fileno(), data, offset)
+
+
+def check_io_works(g: Guest, d: Daemon, sector: int = 777) -> None:
+    """A good write and read on queue 0 of ``g`` land on / come from the image (fresh
+    random data each time, so an earlier call cannot make a dead write look good)."""
+    data = os.urandom(4 * KiB)
+    assert g.blk.write(sector, data) == VIRTIO_BLK_S_OK
+    assert disk_read(d, sector * SECTOR_SIZE, len(data)) == data
+    assert g.blk.read(sector, len(data)) == data
+
+
+def check_new_connection_works(d: Daemon, sector: int = 901) -> None:
+    """:func:`check_io_works` on a connection of its own."""
+    with connect_guest(d) as g:
+        check_io_works(g, d, sector)

@@ -568,6 +568,20 @@ class DriverQueue:
         except BlockingIOError:
             return False
 
+    def drain_stale_calls(self) -> None:
+        """Forget calls for work already collected: the device writes the call eventfd just
+        after publishing used->idx, so a call can trail the completion the driver saw."""
+        time.sleep(0.02)
+        self.drain_call()
+
+    def wait_used_idx(self, idx: int, timeout: float = 5.0) -> None:
+        """Poll (without asking for a call) until used->idx reaches ``idx``."""
+        deadline = time.monotonic() + timeout
+        while self.used_idx() != idx & 0xFFFF:
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"used idx {self.used_idx()}, waiting for {idx}")
+            time.sleep(0.002)
+
     def close(self) -> None:
         for name in ("kick_fd", "call_fd"):
             fd = getattr(self, name)
@@ -584,6 +598,12 @@ Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply | InflightReply
 _REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots,
              GetInflightFd)
 _HDR = struct.Struct("<III")
+
+
+def message_header(request: int, flags: int, size: int) -> bytes:
+    """A vhost-user message header as raw bytes (request code, flags, payload size), for
+    messages no encoder would make."""
+    return _HDR.pack(request, flags, size)
 
 
 class FrontEndError(Exception):
