@@ -413,6 +413,10 @@ class DriverQueue:
             raise QueueFull(f"{n} descriptors wanted, {len(self._free)} free")
         return [self._free.pop() for _ in range(n)]
 
+    def next_head(self) -> int | None:
+        """The head the next :meth:`add_chain` will use (None: no descriptor is free)."""
+        return self._free[-1] if self._free else None
+
     def release_descs(self, idxs: Iterable[int]) -> None:
         self._free.extend(reversed(list(idxs)))
 
