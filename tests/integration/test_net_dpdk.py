@@ -1,6 +1,6 @@
 """``vhost-user-net --switch`` with DPDK's ``net_virtio_user`` as a second, independent
 front end: the switch must carry frames between testpmd's virtio-user driver and our
-Python driver (tests/support/frontend.py) exactly as between two guests.
+Python driver (tests/support/net.py) exactly as between two guests.
 
 Layout (tests/dpdk.py, 2 cores): the daemon holds a.sock and b.sock, pinned to cpu 0
 (``taskset``); testpmd's lcores share cpu 1; the test process (our guest driver on
@@ -33,24 +33,25 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 import pytest
 
 from tests import dpdk
 from tests.support.daemon import Daemon, script, spawn_net
-from tests.support.frontend import ALL_FEATURES, DriverQueue, FrontEnd, GuestRam, MiB
+from tests.support.frontend import ALL_FEATURES, MiB
+from tests.support.net import (
+    BROADCAST,
+    ETH_P_EXPERIMENTAL,
+    ETH_P_IP,
+    VNET_HDR_LEN,
+    NetPort,
+    RxFrame,
+    VnetHdr,
+)
 
 FRAME_SIZE = 64
-VNET_HDR_LEN = 12  # virtio 1.x: struct virtio_net_hdr_mrg_rxbuf
-VNET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_*, num_buffers
-NUM_BUFFERS_OFFSET = 10
 #: what the switch writes in front of every frame: no offloads, one buffer
-SWITCH_HDR = VNET_HDR.pack(0, 0, 0, 0, 0, 0, 1)
-BROADCAST = b"\xff" * 6
-ETH_P_IP = 0x0800
-ETH_P_EXPERIMENTAL = 0x88B5  # IEEE 802 local experimental: nothing on the way reacts to it
+SWITCH_HDR = VnetHdr(num_buffers=1)
 
 TESTPMD_MAC = bytes.fromhex("02aa00000001")  # net_virtio_user0's MAC (the ``mac=`` devarg)
 TESTPMD_MAC_B = bytes.fromhex("02aa00000002")
@@ -165,124 +166,39 @@ def _running(pmd: dpdk.TestPmd) -> Iterator[dpdk.TestPmd]:
 
 
 # =========================================================================================
-# our guest's virtio-net driver (one queue pair, fixed buffers)
+# our guest's virtio-net driver: tests/support/net.py, one queue pair
 # =========================================================================================
 
 
-@dataclass(frozen=True)
-class Received:
-    """One used rx buffer: the used length, the header and the frame after it."""
-
-    used_len: int
-    hdr: bytes
-    frame: bytes
+def our_port(sock: str) -> NetPort:
+    """The driver on one daemon socket: receiveq0 and transmitq0 of QUEUE_SIZE entries,
+    every feature offered taken, its RAM in one region."""
+    return NetPort(Path(sock), features=ALL_FEATURES, queue_size=QUEUE_SIZE, ram_size=16 * MiB,
+                   regions=1)
 
 
-class GuestNic:
-    """A virtio-net driver on one daemon socket through tests/support/frontend.py: receiveq0
-    (queue 0) and transmitq0 (queue 1), one ``RX_BUF_SIZE`` buffer per rx chain, one
-    buffer (header + frame) per tx chain."""
+def post_free_rx(port: NetPort) -> int:
+    """Offer an ``RX_BUF_SIZE`` buffer in every free rx descriptor; returns how many."""
+    n = port.rxq[0].num_free
+    if n:
+        port.post_rx(n, RX_BUF_SIZE)
+    return n
 
-    def __init__(self, socket_path: str, queue_size: int = QUEUE_SIZE) -> None:
-        self.ram = GuestRam(16 * MiB, 1)
-        self.fe = FrontEnd(socket_path, self.ram)
-        try:
-            self.fe.connect()
-            self.fe.negotiate(ALL_FEATURES)
-            self.fe.set_mem_table()
-            self.rxq: DriverQueue = self.fe.setup_queue(0, queue_size)
-            self.txq: DriverQueue = self.fe.setup_queue(1, queue_size)
-        except BaseException:
-            self.close()
-            raise
-        self._rx_free = [self.ram.alloc(RX_BUF_SIZE, 64) for _ in range(queue_size)]
-        self._rx_posted: dict[int, int] = {}  # head -> gpa
-        self._tx_free = [self.ram.alloc(RX_BUF_SIZE, 64) for _ in range(queue_size)]
-        self._tx_posted: dict[int, int] = {}
 
-    # --- rx ------------------------------------------------------------------------------
-    def post_rx(self) -> int:
-        """Make every free rx buffer available (poisoned first), kick if asked to;
-        returns how many were posted."""
-        old = self.rxq.avail_idx
-        n = 0
-        while self._rx_free and self.rxq.num_free:
-            gpa = self._rx_free.pop()
-            self.ram.fill(gpa, VNET_HDR_LEN + FRAME_SIZE, 0xA5)
-            self._rx_posted[self.rxq.add_chain([(gpa, RX_BUF_SIZE, True)])] = gpa
-            n += 1
-        if n:
-            self.rxq.publish()
-            if self.rxq.need_kick(old):
-                self.rxq.kick()
-        return n
-
-    def take_rx(self) -> list[Received]:
-        """The used rx buffers (their bytes), given back to the free list."""
-        out = []
-        for head, length in self.rxq.get_used():
-            gpa = self._rx_posted.pop(head)
-            data = self.ram.read(gpa, min(length, RX_BUF_SIZE))
-            out.append(Received(length, data[:VNET_HDR_LEN], data[VNET_HDR_LEN:]))
-            self._rx_free.append(gpa)
-        return out
-
-    def receive_for(self, seconds: float) -> list[Received]:
-        """Receive for ``seconds``, re-posting buffers as they fill."""
-        got: list[Received] = []
-        self.post_rx()
-        deadline = time.monotonic() + seconds
-        while (left := deadline - time.monotonic()) > 0:
-            got += self.take_rx()
-            self.post_rx()
-            self.rxq.enable_cb()
-            if (self.rxq.used_idx() - self.rxq.last_used_idx) & 0xFFFF == 0:
-                self.rxq.wait_call(min(left, 0.05))
-        got += self.take_rx()
-        return got
-
-    # --- tx ------------------------------------------------------------------------------
-    def _reap_tx(self) -> int:
-        used = self.txq.get_used()
-        for head, _ in used:
-            self._tx_free.append(self._tx_posted.pop(head))
-        return len(used)
-
-    def send(self, frames: list[bytes], timeout: float = 5.0) -> None:
-        """Transmit ``frames`` (each after a zero header) and wait until the device has
-        used every chain."""
-        old = self.txq.avail_idx
-        for frame in frames:
-            gpa = self._tx_free.pop()
-            self.ram.write(gpa, bytes(VNET_HDR_LEN) + frame)
-            self._tx_posted[self.txq.add_chain([(gpa, VNET_HDR_LEN + len(frame), False)])] = gpa
-        self.txq.publish()
-        if self.txq.need_kick(old):
-            self.txq.kick()
-        deadline = time.monotonic() + timeout
-        while self._tx_posted:
-            self._reap_tx()
-            if not self._tx_posted:
-                break
-            self.txq.enable_cb()
-            if (self.txq.used_idx() - self.txq.last_used_idx) & 0xFFFF:
-                continue
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"{len(self._tx_posted)} tx chains not used in {timeout} s")
-            self.txq.wait_call(min(left, 0.05))
-
-    # --- lifetime ------------------------------------------------------------------------
-    def close(self) -> None:
-        self.fe.close()
-        self.ram.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.close()
+def receive_for(port: NetPort, seconds: float) -> list[RxFrame]:
+    """Receive for ``seconds``, offering the buffers again as they fill."""
+    got: list[RxFrame] = []
+    post_free_rx(port)
+    q = port.rxq[0]
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        got += port.drain_rx()
+        post_free_rx(port)
+        q.enable_cb()
+        if (q.used_idx() - q.last_used_idx) & 0xFFFF == 0:
+            q.wait_call(min(left, 0.05))
+    got += port.drain_rx()
+    return got
 
 
 def _experimental_frame(seq: int) -> bytes:
@@ -319,16 +235,16 @@ def test_testpmd_tx_reaches_our_port(switch: Switch, tmp_path: Path) -> None:
     """testpmd txonly on a.sock sends 64-byte broadcast frames; the switch floods them
     to b.sock, where our driver finds each one whole in one rx buffer (re-posted as
     they fill: far more frames arrive than the ring holds)."""
-    with GuestNic(switch.b_sock) as nic:
-        nic.post_rx()
+    with our_port(switch.b_sock) as nic:
+        post_free_rx(nic)
         pmd = _testpmd([switch.a_sock], [TESTPMD_MAC], "txonly", tmp_path / "testpmd.log",
                        extra_args=(f"--eth-peer=0,{_mac_text(BROADCAST)}",))
         with _running(pmd):
             pmd.start()
-            got = nic.receive_for(TX_SECONDS)
+            got = receive_for(nic, TX_SECONDS)
             pmd.stop()
             sent = pmd.port_stats()[0]
-            got += nic.receive_for(0.2)  # what was still on its way
+            got += receive_for(nic, 0.2)  # what was still on its way
             log = pmd.log_tail(60)
 
     print(f"\ntestpmd sent {sent['tx_packets']} frames, our port received {len(got)} "
@@ -340,9 +256,9 @@ def test_testpmd_tx_reaches_our_port(switch: Switch, tmp_path: Path) -> None:
         f"{len(got)} frames reached b.sock; testpmd log:\n{log}\n"
         f"daemon log tail:\n{switch.log_text()[-3000:]}")
     assert len(got) <= sent["tx_packets"]
-    num_buffers = Counter(struct.unpack_from("<H", r.hdr, NUM_BUFFERS_OFFSET)[0] for r in got)
+    num_buffers = Counter(r.hdr.num_buffers for r in got)
     assert num_buffers == {1: len(got)}, num_buffers
-    sizes = Counter(r.used_len for r in got)
+    sizes = Counter(r.used_bytes for r in got)
     assert sizes == {VNET_HDR_LEN + FRAME_SIZE: len(got)}, sizes
     headers = Counter(r.hdr for r in got)
     assert headers == {SWITCH_HDR: len(got)}, headers
@@ -357,7 +273,7 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
     """Our driver on b.sock transmits broadcast frames; testpmd rxonly on a.sock
     counts every one of them, and shows them intact (MACs, ethertype, length)."""
     pmd = _testpmd([switch.a_sock], [TESTPMD_MAC], "rxonly", tmp_path / "testpmd.log")
-    with _running(pmd), GuestNic(switch.b_sock) as nic:
+    with _running(pmd), our_port(switch.b_sock) as nic:
         pmd.start()
 
         def rx_packets() -> int:
@@ -373,7 +289,7 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
             assert time.monotonic() < deadline, (
                 f"{probes} probe frames, none reached testpmd; log:\n{pmd.log_tail()}\n"
                 f"daemon log tail:\n{switch.log_text()[-3000:]}")
-            nic.send([_experimental_frame(0)])
+            nic.send(_experimental_frame(0))
             probes += 1
             _wait_for(rx_packets, 1, timeout=0.2)
         before = _settled_stats(pmd)
@@ -386,7 +302,7 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
         sent = 0
         while sent < FRAMES_TO_TESTPMD:
             batch = min(TX_BATCH, FRAMES_TO_TESTPMD - sent)
-            nic.send([_experimental_frame(sent + 1 + k) for k in range(batch)])
+            nic.send(*(_experimental_frame(sent + 1 + k) for k in range(batch)))
             sent += batch
             counted = _wait_for(rx_packets, before["rx_packets"] + sent) - before["rx_packets"]
             if counted != sent:
@@ -398,7 +314,7 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
         shown = 4
         offset = pmd.log_path.stat().st_size
         pmd.command("set verbose 1")
-        nic.send([_experimental_frame(FRAMES_TO_TESTPMD + 1 + k) for k in range(shown)])
+        nic.send(*(_experimental_frame(FRAMES_TO_TESTPMD + 1 + k) for k in range(shown)))
         _wait_for(rx_packets, after["rx_packets"] + shown)
 
         def dumped() -> str:
