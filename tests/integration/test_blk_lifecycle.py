@@ -28,8 +28,8 @@ from tests.support.blk import (
 from tests.support.daemon import Daemon, StartDaemon
 from tests.support.frontend import (
     KiB,
-    message_header,
 )
+from tests.support.wire import header
 from vhost.protocol import (
     Request,
 )
@@ -140,7 +140,7 @@ def test_second_front_end_waits_for_the_first(daemon: Daemon) -> None:
         check_io_works(g1, daemon)
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(str(daemon.socket_path))
-        s.sendall(message_header(Request.GET_FEATURES, 1, 0))
+        s.sendall(header(Request.GET_FEATURES, 1, 0))
         assert not select.select([s], [], [], 0.3)[0]  # not served yet
         check_io_works(g1, daemon, sector=3000)
     finally:

@@ -26,8 +26,8 @@ from tests.support.frontend import (
     FrontEnd,
     GuestRam,
     MiB,
-    message_header,
 )
+from tests.support.wire import header
 from vhost.protocol import (
     GetFeatures,
     GetQueueNum,
@@ -51,21 +51,21 @@ def _junk_cases() -> dict[str, tuple[bytes, int, str]]:
     """name -> (bytes, number of eventfds to attach, text the log line must have)"""
     sf, kick, gf = Request.SET_FEATURES, Request.SET_VRING_KICK, Request.GET_FEATURES
     return {
-        "version-0": (message_header(gf, 0, 0), 0, "header version 0"),
-        "version-2": (message_header(gf, 2, 0), 0, "header version 2"),
-        "version-3": (message_header(gf, 3, 0), 0, "header version 3"),
-        "reply-flag": (message_header(gf, 1 | 4, 0), 0, "request with the REPLY flag"),
-        "size-over-4096": (message_header(gf, 1, 4097), 0, "exceeds the maximum 4096"),
-        "size-huge": (message_header(sf, 1, 0xFFFFFFFF), 0, "exceeds the maximum 4096"),
-        "short-payload": (message_header(sf, 1, 4) + bytes(4), 0, "payload size 4, expected 8"),
-        "long-payload": (message_header(gf, 1, 8) + bytes(8), 0, "payload size 8, expected 0"),
-        "kick-without-fd": (message_header(kick, 1, 8) + struct.pack("<Q", 0), 0,
+        "version-0": (header(gf, 0, 0), 0, "header version 0"),
+        "version-2": (header(gf, 2, 0), 0, "header version 2"),
+        "version-3": (header(gf, 3, 0), 0, "header version 3"),
+        "reply-flag": (header(gf, 1 | 4, 0), 0, "request with the REPLY flag"),
+        "size-over-4096": (header(gf, 1, 4097), 0, "exceeds the maximum 4096"),
+        "size-huge": (header(sf, 1, 0xFFFFFFFF), 0, "exceeds the maximum 4096"),
+        "short-payload": (header(sf, 1, 4) + bytes(4), 0, "payload size 4, expected 8"),
+        "long-payload": (header(gf, 1, 8) + bytes(8), 0, "payload size 8, expected 0"),
+        "kick-without-fd": (header(kick, 1, 8) + struct.pack("<Q", 0), 0,
                             "0 fds attached, expected 1"),
-        "extra-fds": (message_header(gf, 1, 0), 2, "2 fds attached, expected 0"),
-        "kick-two-fds": (message_header(kick, 1, 8) + struct.pack("<Q", 0), 2,
+        "extra-fds": (header(gf, 1, 0), 2, "2 fds attached, expected 0"),
+        "kick-two-fds": (header(kick, 1, 8) + struct.pack("<Q", 0), 2,
                          "2 fds attached, expected 1"),
-        "too-many-fds": (message_header(gf, 1, 0), 9, "more than 8 fds"),
-        "mem-table-zero-regions": (message_header(Request.SET_MEM_TABLE, 1, 8) + bytes(8), 0,
+        "too-many-fds": (header(gf, 1, 0), 9, "more than 8 fds"),
+        "mem-table-zero-regions": (header(Request.SET_MEM_TABLE, 1, 8) + bytes(8), 0,
                                    "0 regions"),
     }
 
@@ -123,7 +123,7 @@ def test_malformed_message_closes_connection(start_daemon: StartDaemon, case: st
 def test_short_header_then_close(daemon: Daemon) -> None:
     idle = daemon.resources()
     fe = _raw_frontend(daemon)
-    fe.raw_send(message_header(Request.GET_FEATURES, 1, 0)[:6])
+    fe.raw_send(header(Request.GET_FEATURES, 1, 0)[:6])
     _close_raw(fe)
     daemon.wait_disconnects(1)
     assert "front end closed the connection" in daemon.wait_log("disconnected:", 2)[-1]
@@ -131,7 +131,7 @@ def test_short_header_then_close(daemon: Daemon) -> None:
     # half a payload, with an fd, then close
     fe = _raw_frontend(daemon)
     efd = os.eventfd(0, os.EFD_CLOEXEC)
-    fe.raw_send(message_header(Request.SET_FEATURES, 1, 8) + bytes(3), [efd])
+    fe.raw_send(header(Request.SET_FEATURES, 1, 8) + bytes(3), [efd])
     os.close(efd)
     _close_raw(fe)
     daemon.wait_disconnects(2)

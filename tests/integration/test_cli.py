@@ -19,30 +19,28 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
-from tests.support.daemon import IMAGE_SIZE, Daemon, StartDaemon, device_command
+from tests.support.blk import SECTOR_SIZE, VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import (
+    IMAGE_SIZE,
+    Daemon,
+    StartDaemon,
+    check_usage_error,
+    device_command,
+    run_program,
+)
 from tests.support.frontend import FrontEnd, GiB, GuestRam, KiB, MiB
 
-SECTOR = 512
+SECTOR = SECTOR_SIZE
 
 
 def run_cli(*args: str, module: bool = False, timeout: float = 20.0,
             pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*device_command("blk", module=module), *args], capture_output=True,
-                          text=True, timeout=timeout, pass_fds=pass_fds,
-                          stdin=subprocess.DEVNULL, check=False)
+    return run_program("blk", *args, module=module, timeout=timeout, pass_fds=pass_fds)
 
 
 def assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     """Exit 2, one line on stderr naming the problem, nothing on stdout, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("vhost-user-blk: error: "), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert r.stdout == ""
+    check_usage_error(r, "vhost-user-blk", *needles)
 
 
 def io_round_trip(d: Daemon, sector: int = 64, seed: int = 7) -> None:

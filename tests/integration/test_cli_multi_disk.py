@@ -13,14 +13,24 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.integration.test_cli import SECTOR, assert_usage_error, run_cli
-from tests.support.blk import VIRTIO_BLK_S_OK, connect_guest
-from tests.support.daemon import Daemon, StartDaemon
+from tests.support.blk import SECTOR_SIZE, VIRTIO_BLK_S_OK, connect_guest
+from tests.support.daemon import Daemon, StartDaemon, check_usage_error, run_program
 from tests.support.frontend import KiB, MiB
+
+SECTOR = SECTOR_SIZE
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return run_program("blk", *args)
+
+
+def assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
+    check_usage_error(r, "vhost-user-blk", *needles)
 
 
 def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],
@@ -38,7 +48,7 @@ def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],
             extra += ["--socket-path", str(sockets[k]), "--blk-file", str(images[k])]
     first = start_daemon(*extra, *args, socket_path=sockets[0], image=images[0])
     return [dataclasses.replace(first, sockets=[s], image=i)
-            for s, i in zip(sockets, images)]
+            for s, i in zip(sockets, images, strict=True)]
 
 
 def pattern(seed: int, n: int = 8 * KiB) -> bytes:

@@ -35,7 +35,7 @@ from devices.blk.limits import (
     SEG_MAX,
     SIZE_MAX,
 )
-from devices.net.limits import MAX_ENGINE_PAIRS
+from devices.net.limits import MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS
 from tests.support.blk import (
     BLK_HDR,
     STATUS_UNTOUCHED,
@@ -53,8 +53,7 @@ from tests.support.blk import (
 )
 from tests.support.daemon import Daemon, borrowed, daemons, spawn_blk, spawn_net
 from tests.support.frontend import AckError, FrontEnd, GuestRam, MiB
-from tests.support.net import BROADCAST, NetPort, tagged_frame
-from tests.unit.test_limits import ports_and_queues
+from tests.support.net import BROADCAST, NetPort, ports_and_queues, tagged_frame
 from vhost.limits import (
     MAX_FDS_PER_MESSAGE,
     MAX_PAYLOAD_SIZE,
@@ -350,7 +349,7 @@ def test_sectors_per_segment(blk_daemon: Daemon, kind: str) -> None:
 def test_switch_serves_max_engine_pairs(tmp_path: Path) -> None:
     """ports x queue pairs == MAX_ENGINE_PAIRS is accepted (one past it: see the unit
     test of the CLI), and the last pair of the last port is served like the first."""
-    nports, pairs = ports_and_queues(MAX_ENGINE_PAIRS)
+    nports, pairs = ports_and_queues(MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS)
     assert nports * pairs == MAX_ENGINE_PAIRS
     d = spawn_net(tmp_path, "pairs", "--switch", "sw0", "--num-queues", str(pairs),
                   ports=nports)

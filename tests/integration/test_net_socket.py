@@ -30,7 +30,16 @@ from typing import Any
 import pytest
 
 from tests.netns import NetNs, list_namespaces, netns_supported
-from tests.support.daemon import Daemon, Ready, daemons, device_command, script, spawn, spawn_net
+from tests.support.daemon import (
+    Daemon,
+    Ready,
+    check_usage_error,
+    daemons,
+    device_command,
+    run_program,
+    spawn,
+    spawn_net,
+)
 from tests.support.frontend import ALL_FEATURES, VRING_DESC_F_NEXT, MiB
 from tests.support.net import (
     BROADCAST,
@@ -1136,21 +1145,12 @@ def test_tap_name_longer_than_ifnamsiz(netns: NetNs, tmp_path: Path) -> None:
 
 def run_cli(*args: str, exec_prefix: list[str] | None = None,
             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*(exec_prefix or []), str(script("net")), *args], capture_output=True,
-                          text=True, timeout=20, stdin=subprocess.DEVNULL, check=False,
-                          cwd=cwd)
+    return run_program("net", *args, exec_prefix=exec_prefix or (), cwd=cwd)
 
 
 def assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     """Exit 2, one line on stderr naming the problem, nothing on stdout, no traceback."""
-    assert r.returncode == 2, (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1, r.stderr
-    assert lines[0].startswith("vhost-user-net: error: "), lines[0]
-    for n in needles:
-        assert n in lines[0], (n, lines[0])
-    assert r.stdout == ""
+    check_usage_error(r, "vhost-user-net", *needles)
 
 
 def test_print_capabilities() -> None:

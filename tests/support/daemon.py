@@ -16,6 +16,8 @@ stop any device program of this project (``vhost-user-blk``, ``vhost-user-net``,
   :func:`spawn_net_for_qemu` the ones QEMU guests and benchmarks attach to.
 * :class:`DaemonGroup` and :func:`daemons` -- the daemons a test started, stopped and
   checked together: what a conftest fixture yields.
+* :func:`run_program` and :func:`check_usage_error` -- a program run to its end, and
+  the check of how it refuses bad arguments.
 
 Start-up (:class:`Ready`) differs on purpose between callers: most tests connect a probe
 and wait until the daemon logged its teardown (its event loop and signal handlers are
@@ -31,8 +33,9 @@ test_net_dpdk.py tests our daemon and so starts it here, with ``taskset`` as its
 prefix.
 
 Boundary: this module starts, watches and stops processes; the only things it asserts
-are the lifecycle contract above (it starts, and it stops cleanly). What the daemon does
-for a front end is for the tests to check.
+are the lifecycle contract of a backend program (it starts, it stops cleanly, bad
+arguments are one line and exit status 2). What the daemon does for a front end is for
+the tests to check.
 """
 
 from __future__ import annotations
@@ -103,6 +106,31 @@ def installed_command(device: str) -> list[str] | None:
         return [str(script(device))]
     found = shutil.which(f"vhost-user-{device}")
     return [found] if found else None
+
+
+def run_program(device: str, *args: str, module: bool = False, exec_prefix: Sequence[str] = (),
+                cwd: Path | None = None, pass_fds: Sequence[int] = (),
+                timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+    """Run ``DEVICE``'s program with ``args`` to its end (no stdin, output as text): what
+    the tests of its options and of ``--print-capabilities`` do."""
+    return subprocess.run([*exec_prefix, *device_command(device, module=module), *args],
+                          capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                          pass_fds=tuple(pass_fds), stdin=subprocess.DEVNULL, check=False)
+
+
+def check_usage_error(r: subprocess.CompletedProcess[str], program: str,
+                      *needles: str) -> None:
+    """The backend program convention for bad arguments: exit status 2, one line on
+    stderr (``PROGRAM: error: ...``, naming each of ``needles``), nothing on stdout, no
+    traceback."""
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"{program}: error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    assert r.stdout == ""
 
 
 def this_tree_env() -> dict[str, str]:

@@ -604,12 +604,6 @@ _REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetCon
 _HDR = struct.Struct("<III")
 
 
-def message_header(request: int, flags: int, size: int) -> bytes:
-    """A vhost-user message header as raw bytes (request code, flags, payload size), for
-    messages no encoder would make."""
-    return _HDR.pack(request, flags, size)
-
-
 class FrontEndError(Exception):
     pass
 

@@ -189,6 +189,15 @@ class NetConfig:
     mtu: int
 
 
+def ports_and_queues(pairs: int, max_per_port: int) -> tuple[int, int]:
+    """(ports, queue pairs per port) with ports x queues == ``pairs``, as few ports as
+    can be when a port has at most ``max_per_port`` queue pairs."""
+    for queues in range(max_per_port, 0, -1):
+        if pairs % queues == 0:
+            return pairs // queues, queues
+    raise AssertionError("unreachable: one pair per port always divides")
+
+
 def parse_net_config(data: bytes) -> NetConfig:
     mac, status, pairs, mtu = CONFIG.unpack_from(data)
     return NetConfig(mac, status, pairs, mtu)

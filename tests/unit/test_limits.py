@@ -42,6 +42,7 @@ from devices.net import _net as net_c
 from devices.net import limits as net_limits
 from devices.net.limits import MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS
 from tests.support.frontend import DESC_SIZE, GuestRam, MiB
+from tests.support.net import ports_and_queues
 from tests.support.rings import (
     ADJ_COUNT,
     ADJ_GPA,
@@ -52,7 +53,7 @@ from tests.support.rings import (
     Ring,
     adjacent_regions,
 )
-from tests.unit.test_protocol import (
+from tests.support.wire import (
     MakeFd,
     decode_one,
     header,
@@ -248,21 +249,6 @@ def ack(reply: p.Reply | None) -> int:
     """The REPLY_ACK value of a need_reply message (0: success)."""
     assert isinstance(reply, p.U64Reply), reply
     return int(reply.value)
-
-
-@pytest.fixture
-def make_fd() -> Iterator[MakeFd]:
-    """Fresh eventfds; whatever is still open at teardown gets closed."""
-    opened: list[int] = []
-
-    def new() -> int:
-        opened.append(os.eventfd(0, os.EFD_CLOEXEC))
-        return opened[-1]
-
-    yield new
-    for fd in opened:
-        if is_open(fd):
-            os.close(fd)
 
 
 @pytest.fixture
@@ -759,18 +745,9 @@ def test_blk_cli_refuses_one_queue_more(tmp_path: Path, capsys: pytest.CaptureFi
 # =========================================================================================
 
 
-def ports_and_queues(pairs: int) -> tuple[int, int]:
-    """(ports, queue pairs per port) with ports x queues == pairs, as few ports as can
-    be (a port has at most MAX_QUEUE_PAIRS)."""
-    for queues in range(MAX_QUEUE_PAIRS, 0, -1):
-        if pairs % queues == 0:
-            return pairs // queues, queues
-    raise AssertionError("unreachable")
-
-
 def test_net_cli_refuses_one_engine_pair_more(tmp_path: Path,
                                               capsys: pytest.CaptureFixture[str]) -> None:
-    ports, queues = ports_and_queues(MAX_ENGINE_PAIRS + 1)
+    ports, queues = ports_and_queues(MAX_ENGINE_PAIRS + 1, MAX_QUEUE_PAIRS)
     assert ports * queues == MAX_ENGINE_PAIRS + 1
     socks = [a for i in range(ports) for a in ("--socket-path", str(tmp_path / f"p{i}.sock"))]
     with pytest.raises(SystemExit) as exc:

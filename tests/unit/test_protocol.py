@@ -3,11 +3,12 @@ that ownership and closing can be checked with os.fstat)."""
 
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 
 import pytest
 
+from tests.support.wire import MakeFd, decode_one, header, is_open, raw, region_bytes, reject
 from vhost.protocol import (
     FLAG_NEED_REPLY,
     FLAG_REPLY,
@@ -54,69 +55,8 @@ from vhost.protocol import (
     encode_reply,
 )
 
-MakeFd = Callable[[], int]
-
 REGION = MemoryRegion(0x0, 0x4000_0000, 0x7F00_0000_0000, 0)
 REGION2 = MemoryRegion(0x1_0000_0000, 0x1000_0000, 0x7F10_0000_0000, 0x4000_0000)
-
-
-@pytest.fixture
-def make_fd() -> Iterator[MakeFd]:
-    """Fresh eventfds; whatever is still open at teardown gets closed."""
-    opened: list[int] = []
-
-    def make() -> int:
-        fd = os.eventfd(0)
-        opened.append(fd)
-        return fd
-
-    yield make
-    for fd in opened:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
-
-
-def header(request: int, flags: int, size: int) -> bytes:
-    return struct.pack("<III", request, flags, size)
-
-
-def raw(request: int, payload: bytes = b"", flags: int = VERSION) -> bytes:
-    return header(request, flags, len(payload)) + payload
-
-
-def region_bytes(r: MemoryRegion) -> bytes:
-    return struct.pack("<QQQQ", r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
-
-
-def decode_one(data: bytes, fds: list[int] | tuple[int, ...] = ()) -> Message:
-    reader = MessageReader()
-    reader.feed(data, fds)
-    msg = reader.next_message()
-    assert msg is not None
-    assert reader.next_message() is None
-    return msg
-
-
-def reject(data: bytes, fds: list[int] | tuple[int, ...] = (), match: str = "") -> None:
-    """Feeding data+fds must end in a ProtocolError and leave every fd closed."""
-    reader = MessageReader()
-    with pytest.raises(ProtocolError, match=match):
-        reader.feed(data, fds)
-        reader.next_message()
-    for fd in fds:
-        assert not is_open(fd), f"fd {fd} leaked after rejection"
-    with pytest.raises(ProtocolError):  # dead for good
-        reader.next_message()
 
 
 # --- round trips -----------------------------------------------------------------------
