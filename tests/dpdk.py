@@ -541,7 +541,14 @@ def process_backend(
     env: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """Run any (non-DPDK) back end pinned with ``taskset -c CPU``, wait until it
-    listens on every socket, and end it (SIGTERM, then SIGKILL) on exit."""
+    listens on every socket, and end it (SIGTERM, then SIGKILL) on exit.
+
+    For the packet-rate benchmarks, which is why this is not tests/support/daemon.py's
+    Daemon: the back end may be ours, another checkout's or someone else's, so it is
+    never probed (it listens, as /proc/net/unix shows, and testpmd is its first front
+    end) and how it ends is not checked. A test of our daemon pinned to a cpu starts it
+    through the support package with ``taskset`` as its exec prefix
+    (tests/integration/test_net_dpdk.py)."""
     log_file = Path(log_path) if log_path else Path(tempfile.mkdtemp(prefix="backend-")) / "log"
     cmd = ["taskset", "-c", str(cpu), *argv]
     with open(log_file, "ab") as log:
