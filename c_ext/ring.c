@@ -626,8 +626,10 @@ void vu_vq_discard(struct vu_vq *vq, uint32_t n)
  * The chain API for devices written in Python: take up to max_chains valid chains at
  * once, their iovecs packed into iov[] (max_iov entries, at least VU_MAX_CHAIN_IOV so
  * that any chain fits). A chain that fails validation never reaches the caller: it is
- * recorded and returned to the driver with nothing written, as in vu_vq_process. A
- * chain that does not fit in what is left of iov[] is given back for the next call.
+ * recorded and returned to the driver with nothing written, as in vu_vq_process, and
+ * ends the batch (the queue keeps one error, so the caller reports each before the
+ * next is recorded). A chain that does not fit in what is left of iov[] is given back
+ * for the next call.
  * Returns the number of chains in out[] (those taken before a bad head are still
  * handed out; the call after returns VU_ERR_BROKEN), or a negative code when the ring
  * is broken (the error is recorded; the queue's worker should stop).
@@ -657,7 +659,7 @@ int vu_vq_pop_batch(struct vu_vq *vq, struct vu_chain_ref *out, uint32_t max_cha
                 break;
             vu_vq_push(vq, c->head, 0);
             bad++;
-            continue;
+            break; /* a queue records one error: let the caller report it before the next */
         }
         uint32_t niov = c->n_out + c->n_in;
         if (used_iov + niov > max_iov) {

@@ -42,6 +42,8 @@ if TYPE_CHECKING:
 DEFAULT_BATCH = 64
 #: iovecs a batch can hold: any chain fits (a chain has at most MAX_CHAIN_IOV)
 BATCH_IOV = 2 * lib.VU_MAX_CHAIN_IOV
+#: what Chain.read() copies at most without a size (the guest chose the length)
+MAX_READ_BYTES = 1 << 20
 
 
 class ChainError(ValueError):
@@ -97,11 +99,17 @@ class Chain:
 
     # --- copies (one C call each) ---
     def read(self, size: int = -1, offset: int = 0) -> bytes:
-        """Up to ``size`` readable bytes from ``offset`` (all of them with -1)."""
+        """Up to ``size`` readable bytes from ``offset`` (with -1: all of them, if there
+        are at most MAX_READ_BYTES; the lengths are the guest's, and overlapping
+        descriptors can claim far more than its memory, so a larger chain must be read
+        in pieces or through the views)."""
         self._check()
         if not 0 <= offset <= self.readable_len:
             raise ValueError(f"offset {offset} outside the {self.readable_len} readable bytes")
         left = self.readable_len - offset
+        if size < 0 and left > MAX_READ_BYTES:
+            raise ChainError(f"chain {self.head}: {left} readable bytes is more than read() "
+                             f"copies at once ({MAX_READ_BYTES}); give a size")
         n = left if size < 0 else min(size, left)
         out = ffi.new("char[]", n)
         got = lib.vu_iov_copy_from(self._iov, self._n_out, offset, out, n)
