@@ -60,7 +60,7 @@ from tests.support.daemon import (
     Launch,
     Ready,
     installed_command,
-    net_argv,
+    sockets_argv,
     this_tree_env,
 )
 
@@ -245,7 +245,7 @@ class RestartableNet:
         self.workdir = workdir
         self.sockets = [workdir / f"net{i}.sock" for i in range(ports)]
         # -v: the per-queue "stopped:" lines checked below are DEBUG for rx rings
-        argv = net_argv(cmd, self.sockets, *backend, "-v")
+        argv = sockets_argv(cmd, self.sockets, *backend, "-v")
         # No probe connection: the only front end an incarnation sees is QEMU.
         self.launch = Launch(tuple(argv), tuple(self.sockets), ready=Ready.STARTED,
                              popen=ns.popen, start_new_session=True, env=this_tree_env(),

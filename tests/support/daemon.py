@@ -11,8 +11,9 @@ stop any device program of this project (``vhost-user-blk``, ``vhost-user-net``,
   stop it: SIGTERM with a deadline (:meth:`Daemon.terminate`, :meth:`Daemon.stop`),
   SIGKILL (:meth:`Daemon.kill9`), and :meth:`Daemon.check_clean_exit` (exit status 0,
   no traceback logged, its socket files removed).
-* :func:`spawn_blk`, :func:`spawn_net` -- the launches of this project's two daemons
-  with files named after the test; :func:`spawn_blk_for_qemu` and
+* :func:`spawn_blk`, :func:`spawn_net`, :func:`spawn_rng` (any device:
+  :func:`spawn_device`) -- the launches of this project's daemons with files named
+  after the test; :func:`spawn_blk_for_qemu` and
   :func:`spawn_net_for_qemu` the ones QEMU guests and benchmarks attach to.
 * :class:`DaemonGroup` and :func:`daemons` -- the daemons a test started, stopped and
   checked together: what a conftest fixture yields.
@@ -466,8 +467,9 @@ def blk_argv(command: Sequence[str], image: Path, *args: str, socket_path: Path 
     return [*command, *where, "--blk-file", str(image), *args]
 
 
-def net_argv(command: Sequence[str], sockets: Sequence[Path], *args: str) -> list[str]:
-    """``COMMAND --socket-path S1 [--socket-path S2 ...] ARGS``."""
+def sockets_argv(command: Sequence[str], sockets: Sequence[Path], *args: str) -> list[str]:
+    """``COMMAND --socket-path S1 [--socket-path S2 ...] ARGS`` (net, rng: a device that
+    needs nothing but its sockets and its own options)."""
     return [*command, *(a for s in sockets for a in ("--socket-path", str(s))), *args]
 
 
@@ -502,20 +504,32 @@ def spawn_blk(directory: Path, name: str, *args: str, image_size: int | None = I
     return launch.start(log_path or directory / f"{name}.log")
 
 
-def spawn_net(directory: Path, name: str, *args: str, ports: int = 1,
-              sockets: Sequence[Path] | None = None, exec_prefix: Sequence[str] = (),
-              command: Sequence[str] | None = None, log_path: Path | None = None,
-              **options: Any) -> Daemon:
-    """Start ``vhost-user-net`` with ``ports`` sockets named after ``name`` in
+def spawn_device(device: str, directory: Path, name: str, *args: str, ports: int = 1,
+                 sockets: Sequence[Path] | None = None, exec_prefix: Sequence[str] = (),
+                 command: Sequence[str] | None = None, log_path: Path | None = None,
+                 **options: Any) -> Daemon:
+    """Start ``DEVICE``'s program with ``ports`` sockets named after ``name`` in
     ``directory`` (``NAME-a.sock``, ``NAME-b.sock``, ...; or ``sockets``) and ``args``
-    added (``--tap X`` or ``--switch X`` among them); ``exec_prefix`` runs it inside a
-    namespace (``ip netns exec NS``) or pinned (``taskset -c N``), both of which exec,
-    so the pid is the daemon's own. ``options`` go to :class:`Launch`."""
+    added; ``exec_prefix`` runs it inside a namespace (``ip netns exec NS``) or pinned
+    (``taskset -c N``), both of which exec, so the pid is the daemon's own. ``command``
+    replaces the console script; ``options`` go to :class:`Launch`."""
     socks = list(sockets) if sockets is not None else [
         directory / f"{name}-{chr(ord('a') + i)}.sock" for i in range(ports)]
-    argv = [*exec_prefix, *net_argv(command or device_command("net"), socks, *args)]
+    argv = [*exec_prefix, *sockets_argv(command or device_command(device), socks, *args)]
     launch = Launch(tuple(argv), tuple(socks), **options)
     return launch.start(log_path or directory / f"{name}.log")
+
+
+def spawn_net(directory: Path, name: str, *args: str, **options: Any) -> Daemon:
+    """``vhost-user-net`` (``--tap X`` or ``--switch X`` among ``args``): see
+    :func:`spawn_device`."""
+    return spawn_device("net", directory, name, *args, **options)
+
+
+def spawn_rng(directory: Path, name: str, *args: str, **options: Any) -> Daemon:
+    """``vhost-user-rng`` (``--source F``, ``--max-bytes-per-second N`` among ``args``):
+    see :func:`spawn_device`."""
+    return spawn_device("rng", directory, name, *args, **options)
 
 
 def spawn_blk_for_qemu(workdir: Path, name: str, *args: str, image: Path | None = None,
