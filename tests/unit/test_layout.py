@@ -69,6 +69,38 @@ def test_a_device_builds_its_own_c_if_it_has_any() -> None:
             assert list(folder.glob(f"_{folder.name}*.so")), f"{folder}: not built"
 
 
+def _tests_of(module_name: str, names: list[str]) -> list[str]:
+    """The tests named in a ROWS entry that do not exist (``module::func`` or ``func``
+    in ``module_name``)."""
+    missing = []
+    for name in names:
+        module, _, func = name.rpartition("::")
+        where = importlib.import_module(module or module_name)
+        if not callable(getattr(where, func, None)):
+            missing.append(name)
+    return missing
+
+
+@pytest.mark.parametrize("folder", [d for d in DEVICE_DIRS if (d / "limits.py").exists()],
+                         ids=lambda p: p.name)
+def test_every_bound_of_a_device_has_tests(folder: Path) -> None:
+    """Each row of a device's bounds table (its limits.py) names tests: in
+    tests/unit/test_limits.py's ROWS, or in the device's own tests/test_limits.py ROWS."""
+    from tests.unit import test_limits
+
+    limits = importlib.import_module(f"devices.{folder.name}.limits")
+    named = {row: (test_limits.__name__, tests) for row, tests in test_limits.ROWS.items()}
+    if (folder / "tests" / "test_limits.py").exists():
+        own = importlib.import_module(f"devices.{folder.name}.tests.test_limits")
+        named.update({row: (own.__name__, tests) for row, tests in own.ROWS.items()})
+    rows = [bound for bound, _value, _where in test_limits.table_rows(limits)]
+    assert rows, f"{folder.name}/limits.py has no table"
+    assert [r for r in rows if r not in named] == []
+    for row in rows:
+        module_name, tests = named[row]
+        assert tests and _tests_of(module_name, tests) == [], row
+
+
 def test_the_typed_stubs_are_current() -> None:
     spec = importlib.util.spec_from_file_location("stubgen", ROOT / "c_ext" / "stubgen.py")
     assert spec is not None and spec.loader is not None
