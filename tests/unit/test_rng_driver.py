@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from tests.support.frontend import VRING_AVAIL_F_NO_INTERRUPT
 from tests.support.rings import Ring
 from tests.support.rng import POISON, RngCompletion, RngDriver
 from vhost._native import lib
@@ -190,13 +191,29 @@ def test_read_posts_kicks_and_waits_for_the_call(rng: RngDriver, device: Device)
     assert [len(g) for g in got] == [32, 1, 512]
 
 
-def test_wait_sleeps_on_the_call_eventfd(rng: RngDriver, device: Device) -> None:
-    """A device that returns the chain without signalling: wait() does not poll the
-    used ring, it sleeps until its deadline (and then finds the chain)."""
-    wrote = device(False)
+def test_wait_sleeps_on_the_call_eventfd(ring: Ring, rng: RngDriver) -> None:
+    """A device that returns the chain without signalling, once wait() has asked for a
+    call: wait() does not poll the used ring, it sleeps until its deadline (and then
+    finds the chain)."""
+    ring.q.disable_cb()  # NO_INTERRUPT: cleared by wait() when it starts to sleep
     heads = rng.post([16])
     rng.kick()
+    wrote: list[bytes] = []
+
+    def late_device() -> None:
+        deadline = time.monotonic() + 5.0
+        while ring.ram.read_u16(ring.q.avail_gpa) & VRING_AVAIL_F_NO_INTERRUPT:
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.001)
+        time.sleep(0.1)  # wait() looks at the used ring once more, then sleeps
+        wrote.extend(serve(ring).values())
+
+    t = threading.Thread(target=late_device, daemon=True)
+    t.start()
     t0 = time.monotonic()
     (c,) = rng.wait(heads, timeout=0.5)
-    assert time.monotonic() - t0 >= 0.45
+    elapsed = time.monotonic() - t0
+    t.join(5)
     assert [c.data] == wrote
+    assert elapsed >= 0.45, f"wait() returned after {elapsed:.3f}s: it polled"
