@@ -33,6 +33,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from vhost._native import ffi, lib
+from vhost.limits import MAX_READ_BYTES
 
 if TYPE_CHECKING:
     from vhost._native import Pointer, iovec, vu_chain_ref, vu_vq
@@ -42,8 +43,6 @@ if TYPE_CHECKING:
 DEFAULT_BATCH = 64
 #: iovecs a batch can hold: any chain fits (a chain has at most MAX_CHAIN_IOV)
 BATCH_IOV = 2 * lib.VU_MAX_CHAIN_IOV
-#: what Chain.read() copies at most without a size (the guest chose the length)
-MAX_READ_BYTES = 1 << 20
 
 
 class ChainError(ValueError):

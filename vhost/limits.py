@@ -24,6 +24,7 @@ MAX_QUEUE_SIZE (ring entries)              1024        virtqueue/ring.c: SET_VRI
   indirect table entries                   queue size  ring.c
   requests in flight per queue             queue size  one ring; the inflight region is sized by it
 MAX_CHAIN_IOV                              2048        ring.c: iovecs per chain (region splits)
+MAX_READ_BYTES (Chain.read)                1 MiB       chains: what read() copies without a size
 =========================================  ==========  =============================================
 
 Time is bounded too: a queue worker checks for a stop request between chains, so a
@@ -50,3 +51,8 @@ MAX_BUFFERED_BYTES: Final = 12 + 2 * MAX_PAYLOAD_SIZE
 MAX_MEM_SLOTS: Final[int] = lib.VU_MAX_REGIONS
 MAX_QUEUE_SIZE: Final[int] = lib.VU_MAX_QUEUE_SIZE
 MAX_CHAIN_IOV: Final[int] = lib.VU_MAX_CHAIN_IOV
+
+# --- the chain API (Python devices) -----------------------------------------------------
+#: a chain's lengths are the guest's (overlapping descriptors can claim more than its
+#: memory): Chain.read() without a size copies at most this much
+MAX_READ_BYTES: Final = 1 << 20

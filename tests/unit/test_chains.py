@@ -23,6 +23,7 @@ import pytest
 from tests.support.frontend import VIRTIO_RING_F_EVENT_IDX
 from tests.support.rings import Ring, as_region
 from vhost.chains import Chain, ChainError, ChainQueue
+from vhost.limits import MAX_READ_BYTES
 from vhost.memory import GuestMemory
 from vhost.ring_reference import ErrorCode as E
 from vhost.virtqueue import VIRTIO_F_VERSION_1, Virtqueue
@@ -98,6 +99,25 @@ def test_write_at_offsets_fills_written_to_the_furthest_byte(ring: Ring) -> None
     cq.push([c])
     assert ring.q.get_used() == [(head, 20)]
     assert guest_bytes(ring, pieces)[:12] == b"ab" + b"\xa5" * 8 + b"XY"
+
+
+def test_read_without_a_size_is_bounded(ring: Ring) -> None:
+    """read() with no size copies up to MAX_READ_BYTES (here: overlapping descriptors,
+    as a guest may write them); one byte more must be read with a size."""
+    cq = chain_queue(ring)
+    half = MAX_READ_BYTES // 2
+    buf = ring.buf(half)
+    ring.ram.write(buf, bytes(range(256)) * (half // 256))
+    at = ring.q.add_chain([(buf, half, False), (buf, half, False)])
+    past = ring.q.add_chain([(buf, half, False), (buf, half, False), (buf, 1, False)])
+    ring.q.publish()
+    a, b = cq.pop()
+    assert (a.head, b.head) == (at, past)
+    assert a.read() == ring.ram.read(buf, half) * 2
+    with pytest.raises(ChainError, match=f"more than read\\(\\) copies at once \\({MAX_READ_BYTES}\\)"):
+        b.read()
+    assert len(b.read(MAX_READ_BYTES + 1)) == MAX_READ_BYTES + 1
+    cq.push([a, b])
 
 
 def test_a_chain_across_regions_is_one_chain(ring: Ring) -> None:

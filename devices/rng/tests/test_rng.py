@@ -287,7 +287,7 @@ def test_a_bad_head_breaks_that_queue_only(start_rng: StartRng) -> None:
     """A head outside the descriptor table: that connection's queue stops (logged), the
     daemon's other socket serves its guest, and the next connection on the first socket
     is served again."""
-    d = start_rng(sockets=2)
+    d = start_rng(ports=2)
     second = dataclasses.replace(d, sockets=[d.sockets[1]])  # the same daemon, socket 2
     with connect_rng(d) as g, connect_rng(second) as other:
         g.queue.put_avail(g.queue.num + 5)
