@@ -30,9 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.harness import disk, net, pktrate, report, sysinfo
-from bench.harness.stats import Progress, fmt_duration, summary
-from tests.guest import build, qemu
+# run as a script (python bench): the project root must be importable first
+from bench.harness import disk, net, pktrate, report, sysinfo  # noqa: E402
+from bench.harness.stats import Progress, fmt_duration, summary  # noqa: E402
+from tests.guest import build, qemu  # noqa: E402
 
 DEFAULT_RUNTIME = 5
 DEFAULT_REPEAT = 2
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
                         for wl, m in res.items():
                             disk_samples.setdefault(d, {}).setdefault(wl, []).append(m)
                         Progress.note(f"{label}: boot {run.boot_s:.1f}s, total {run.total_s:.1f}s")
-                    except Exception as e:  # noqa: BLE001 - record and go on with the rest
+                    except Exception as e:
                         errors.append(f"disk {d} #{r + 1}: {e}")
                         Progress.warn(f"{label} failed: {str(e).splitlines()[0]}")
                     prog.end()
@@ -240,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         for k, m in res.items():
                             net_samples.setdefault(d, {}).setdefault(k, []).append(m)
                         Progress.note(f"{label}: boot {run.boot_s:.1f}s, total {run.total_s:.1f}s")
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         errors.append(f"net {d} #{r + 1}: {e}")
                         Progress.warn(f"{label} failed: {str(e).splitlines()[0]}")
                     prog.end()
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
                             )
                             pkt_samples.setdefault(b, {}).setdefault(str(s), []).append(m)
                             Progress.note(f"{label}: {m['mpps']:.3f} Mpps")
-                        except Exception as e:  # noqa: BLE001
+                        except Exception as e:
                             errors.append(f"pktrate {b} {s} B #{r + 1}: {e}")
                             Progress.warn(f"{label} failed: {str(e).splitlines()[0]}")
                         prog.end()

@@ -17,9 +17,13 @@ import pytest
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--baseline-tree", metavar="PATH", default=None,
-                     help="a checkout of this project built in place: its back ends run as "
-                          "the 'baseline-tree' case beside ours")
+    parser.addoption(
+        "--baseline-tree",
+        metavar="PATH",
+        default=None,
+        help="a checkout of this project built in place: its back ends run as "
+        "the 'baseline-tree' case beside ours",
+    )
 
 
 def baseline_tree(config: pytest.Config) -> Path | None:

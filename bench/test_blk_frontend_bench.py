@@ -25,6 +25,8 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import contextlib
+
 from bench.conftest import baseline_command, baseline_tree
 from tests.support.daemon import Daemon, Ready, device_command, spawn
 from tests.support.frontend import (
@@ -45,10 +47,8 @@ QSD = shutil.which("qemu-storage-daemon")
 def _cpu_ns(pid: int) -> int:
     total = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
             total += int((task / "schedstat").read_text().split()[0])
-        except (FileNotFoundError, ProcessLookupError):
-            pass
     return total
 
 
@@ -66,17 +66,29 @@ def _start(kind: str, image: Path, sock: Path, log: Path, baseline: Path | None)
     """The back end of ``kind`` on ``sock``, once the socket accepts a connection."""
     env = None
     if kind == "ours":
-        cmd = [*device_command("blk", module=True), "--socket-path", str(sock), "--blk-file",
-               str(image)]
+        cmd = [
+            *device_command("blk", module=True),
+            "--socket-path",
+            str(sock),
+            "--blk-file",
+            str(image),
+        ]
     elif kind == "baseline-tree":
         assert baseline is not None
         prog, env = baseline_command(baseline, "blk")
         cmd = [*prog, "--socket-path", str(sock), "--blk-file", str(image)]
     else:
         assert QSD is not None
-        cmd = [QSD, "--blockdev", f"driver=file,node-name=f0,filename={image},cache.direct=off",
-               "--export", (f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
-               f"addr.path={sock},writable=on,num-queues=1")]
+        cmd = [
+            QSD,
+            "--blockdev",
+            f"driver=file,node-name=f0,filename={image},cache.direct=off",
+            "--export",
+            (
+                f"type=vhost-user-blk,id=e0,node-name=f0,addr.type=unix,"
+                f"addr.path={sock},writable=on,num-queues=1"
+            ),
+        ]
     return spawn(cmd, log, [sock], ready=Ready.ACCEPTS, env=env)
 
 
@@ -107,8 +119,9 @@ class ReadLoop:
         while n > 0:
             batch = min(self.qd, n)
             for i in range(batch):
-                self.ram.write(self.headers[i], struct.pack("<IIQ", 0, 0,
-                                                            self.rng.randrange(0, sectors, 8)))
+                self.ram.write(
+                    self.headers[i], struct.pack("<IIQ", 0, 0, self.rng.randrange(0, sectors, 8))
+                )
                 self.q.put_avail(self.heads[i])
             target = (self.used + batch) & 0xFFFF
             # event idx: one interrupt when the whole batch is done, as a driver would ask
@@ -130,8 +143,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest, image: Path,
-            tmp_path: Path) -> Iterator[tuple[str, int, FrontEnd, GuestRam]]:
+def backend(
+    request: pytest.FixtureRequest, image: Path, tmp_path: Path
+) -> Iterator[tuple[str, int, FrontEnd, GuestRam]]:
     kind = request.param
     if kind != "ours" and QSD is None:
         pytest.skip("qemu-storage-daemon not installed (apt-get install qemu-system-common)")
@@ -150,8 +164,7 @@ def backend(request: pytest.FixtureRequest, image: Path,
 
 
 @pytest.mark.parametrize("qd", [1, 32])
-def test_randread_4k(benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam],
-                     qd: int) -> None:
+def test_randread_4k(benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam], qd: int) -> None:
     kind, pid, fe, ram = backend
     loop = ReadLoop(fe, ram, qd)
     loop.run(256)  # warm up
@@ -159,10 +172,16 @@ def test_randread_4k(benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam
     benchmark.pedantic(loop.run, args=(REQUESTS_PER_ROUND,), rounds=ROUNDS, iterations=1)
     cpu1, t1, n1 = _cpu_ns(pid), time.perf_counter(), loop.done
     reqs = n1 - n0
-    info = {"backend": kind, "qd": qd, "requests": reqs,
-            "requests_per_s": round(reqs / (t1 - t0)),
-            "backend_cpu_us_per_request": round((cpu1 - cpu0) / reqs / 1000, 3)}
+    info = {
+        "backend": kind,
+        "qd": qd,
+        "requests": reqs,
+        "requests_per_s": round(reqs / (t1 - t0)),
+        "backend_cpu_us_per_request": round((cpu1 - cpu0) / reqs / 1000, 3),
+    }
     benchmark.extra_info.update(info)
-    print(f"\n{kind:>20} qd={qd:<3} {info['requests_per_s']:>8} req/s  "
-          f"backend CPU {info['backend_cpu_us_per_request']:.2f} us/request")
+    print(
+        f"\n{kind:>20} qd={qd:<3} {info['requests_per_s']:>8} req/s  "
+        f"backend CPU {info['backend_cpu_us_per_request']:.2f} us/request"
+    )
     assert os.path.exists(f"/proc/{pid}")  # the back end survived the run

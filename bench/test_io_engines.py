@@ -22,8 +22,9 @@ def engines_bin(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("gcc") is None or not Path("/usr/include/liburing.h").exists():
         pytest.skip("needs gcc and liburing-dev")
     out = tmp_path_factory.mktemp("engines") / "io_engines"
-    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / "io_engines.c"),
-                    "-luring"], check=True)
+    subprocess.run(
+        ["gcc", "-O2", "-Wall", "-o", str(out), str(HERE / "io_engines.c"), "-luring"], check=True
+    )
     return out
 
 
@@ -34,8 +35,12 @@ def test_io_engines(benchmark: Any, engines_bin: Path, tmp_path: Path, qd: int) 
     results: dict[str, tuple[float, float]] = {}
 
     def run() -> None:
-        out = subprocess.run([str(engines_bin), str(img), str(qd), "200000"], check=True,
-                             capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [str(engines_bin), str(img), str(qd), "200000"],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         for line in out.splitlines():
             engine, _, wall, cpu = line.split()
             results[engine] = (float(wall), float(cpu))

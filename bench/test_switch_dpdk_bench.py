@@ -66,7 +66,9 @@ def our_switch_binary() -> str | None:
 
 @contextlib.contextmanager
 def start_our_switch(
-    a_sock: str, b_sock: str, log_dir: str | os.PathLike[str] | None = None,
+    a_sock: str,
+    b_sock: str,
+    log_dir: str | os.PathLike[str] | None = None,
     tree: Path | None = None,
 ) -> Iterator[object]:
     """Our back end for the loop: ``vhost-user-net --socket-path A --socket-path B
@@ -84,8 +86,9 @@ def start_our_switch(
     argv = [*prog, "--socket-path", a_sock, "--socket-path", b_sock, "--switch", "sw0"]
     name = "baseline" if tree is not None else "ours"
     log = None if log_dir is None else Path(log_dir) / f"backend-{name}.log"
-    with dpdk.process_backend(argv, [a_sock, b_sock], cpu=dpdk.BACKEND_CPU, log_path=log,
-                              env=env) as p:
+    with dpdk.process_backend(
+        argv, [a_sock, b_sock], cpu=dpdk.BACKEND_CPU, log_path=log, env=env
+    ) as p:
         yield p
 
 
@@ -118,8 +121,9 @@ def _dpdk_ready() -> Iterator[None]:
             lines.append(f"  {size:>5} B: ours {ours:.3f} / dpdk {ref:.3f} Mpps = {ours / ref:.2f}")
         old = RESULTS.get(("baseline-tree", size))
         if ours is not None and old:
-            lines.append(f"  {size:>5} B: ours {ours:.3f} / baseline-tree {old:.3f} Mpps = "
-                         f"{ours / old:.2f}")
+            lines.append(
+                f"  {size:>5} B: ours {ours:.3f} / baseline-tree {old:.3f} Mpps = {ours / old:.2f}"
+            )
     if lines:
         print("\nswitch loop ratios:\n" + "\n".join(lines))
 
@@ -134,8 +138,9 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize("backend", kinds)
 
 
-def test_switch_loop(benchmark: Any, backend: str, size: int, tmp_path: Path,
-                     request: pytest.FixtureRequest) -> None:
+def test_switch_loop(
+    benchmark: Any, backend: str, size: int, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if backend == "ours" and our_switch_binary() is None:
         pytest.skip("vhost-user-net not installed (hook: start_our_switch)")
     start = _backend_start(backend, tmp_path, baseline_tree(request.config))

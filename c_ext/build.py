@@ -135,15 +135,26 @@ CDEF = CDEF_TEMPLATE.replace("@ERRORS@", error_defines(CORE_HEADER, "VU_ERRORS")
 
 def compile_args(hidden: bool = False) -> tuple[list[str], list[str]]:
     """(cflags, ldflags); ``hidden`` for a device module's private copy of the core."""
-    cflags = ["-O2", "-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror",
-              # cffi's generated glue trips these; our own files are clean of them
-              "-Wno-unused-parameter", "-Wno-missing-field-initializers"]
+    cflags = [
+        "-O2",
+        "-g",
+        "-std=gnu11",
+        "-Wall",
+        "-Wextra",
+        "-Werror",
+        # cffi's generated glue trips these; our own files are clean of them
+        "-Wno-unused-parameter",
+        "-Wno-missing-field-initializers",
+    ]
     if hidden:
         cflags.append("-fvisibility=hidden")
     ldflags: list[str] = []
     if os.environ.get("VHOST_SANITIZE") == "1":
-        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer",
-               "-fno-sanitize-recover=undefined"]
+        san = [
+            "-fsanitize=address,undefined",
+            "-fno-omit-frame-pointer",
+            "-fno-sanitize-recover=undefined",
+        ]
         cflags += san
         ldflags += san
     return cflags, ldflags

@@ -13,8 +13,12 @@ import pytest
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--fuzz-minutes", type=float, default=0.0, metavar="N",
-        help="run each fuzzer for N minutes instead of its short CI budget (0: CI budget)")
+        "--fuzz-minutes",
+        type=float,
+        default=0.0,
+        metavar="N",
+        help="run each fuzzer for N minutes instead of its short CI budget (0: CI budget)",
+    )
 
 
 def fuzz_minutes_of(config: pytest.Config) -> float:

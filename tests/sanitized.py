@@ -52,8 +52,9 @@ for i, script in enumerate(sys.argv[1:]):
 
 def _compiler() -> str:
     cc = os.environ.get("CC", "gcc")
-    return subprocess.run([cc, "--version"], capture_output=True, text=True,
-                          check=True).stdout.splitlines()[0]
+    return subprocess.run(
+        [cc, "--version"], capture_output=True, text=True, check=True
+    ).stdout.splitlines()[0]
 
 
 def source_hash() -> str:
@@ -69,8 +70,9 @@ def source_hash() -> str:
 def runtime_library(name: str) -> str:
     """The gcc runtime library ``name`` (e.g. libasan.so) as a path, or fail clearly."""
     cc = os.environ.get("CC", "gcc")
-    path = subprocess.run([cc, f"-print-file-name={name}"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    path = subprocess.run(
+        [cc, f"-print-file-name={name}"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if not os.path.isabs(path) or not os.path.exists(path):
         raise RuntimeError(f"{cc} has no {name} (install the gcc sanitizer runtimes)")
     return os.path.realpath(path)
@@ -94,14 +96,21 @@ def _build(target: Path) -> Path:
     try:
         env = dict(os.environ, VHOST_SANITIZE="1")
         env.pop("LD_PRELOAD", None)
-        done = subprocess.run([sys.executable, "-c", _BUILD, *map(str, BUILDS)],
-                              cwd=work, env=env, capture_output=True, text=True, check=False)
+        done = subprocess.run(
+            [sys.executable, "-c", _BUILD, *map(str, BUILDS)],
+            cwd=work,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"sanitized build failed:\n{done.stdout}\n{done.stderr}")
         built = _modules_in(work)
         if _native_in(work) is None or len(built) != len(BUILDS):
-            raise RuntimeError(f"sanitized build made {built}, not {len(BUILDS)} modules:\n"
-                               f"{done.stdout}")
+            raise RuntimeError(
+                f"sanitized build made {built}, not {len(BUILDS)} modules:\n{done.stdout}"
+            )
         for rel in built:
             if b"__asan_init" not in (work / rel).read_bytes():
                 raise RuntimeError(f"{rel} was built without AddressSanitizer")
@@ -164,16 +173,25 @@ def sanitizer_env(package_dir: Path, base: dict[str, str] | None = None) -> dict
     env["ASAN_OPTIONS"] = ASAN_OPTIONS
     env["UBSAN_OPTIONS"] = UBSAN_OPTIONS
     env["PYTHONPATH"] = os.pathsep.join(
-        [str(package_dir), str(ROOT)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep)
-                                         if p])
+        [str(package_dir), str(ROOT)]
+        + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    )
     env["VHOST_SANITIZED_NATIVE"] = str(_native_in(package_dir))
     return env
 
 
 def pytest_command(*args: str) -> list[str]:
     # importlib mode: pytest's default puts the rootdir in front of sys.path, ahead of the copy
-    return [sys.executable, "-P", "-m", "pytest", "-p", "no:cacheprovider",
-            "--import-mode=importlib", *args]
+    return [
+        sys.executable,
+        "-P",
+        "-m",
+        "pytest",
+        "-p",
+        "no:cacheprovider",
+        "--import-mode=importlib",
+        *args,
+    ]
 
 
 def main(argv: list[str]) -> int:

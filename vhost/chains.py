@@ -85,8 +85,10 @@ class Chain:
 
     def __repr__(self) -> str:
         state = "finished" if self._done else "outstanding"
-        return (f"<Chain head={self.head} readable={self.readable_len} "
-                f"writable={self.writable_len} written={self.written} {state}>")
+        return (
+            f"<Chain head={self.head} readable={self.readable_len} "
+            f"writable={self.writable_len} written={self.written} {state}>"
+        )
 
     @property
     def finished(self) -> bool:
@@ -107,8 +109,10 @@ class Chain:
             raise ValueError(f"offset {offset} outside the {self.readable_len} readable bytes")
         left = self.readable_len - offset
         if size < 0 and left > MAX_READ_BYTES:
-            raise ChainError(f"chain {self.head}: {left} readable bytes is more than read() "
-                             f"copies at once ({MAX_READ_BYTES}); give a size")
+            raise ChainError(
+                f"chain {self.head}: {left} readable bytes is more than read() "
+                f"copies at once ({MAX_READ_BYTES}); give a size"
+            )
         n = left if size < 0 else min(size, left)
         out = ffi.new("char[]", n)
         got = lib.vu_iov_copy_from(self._iov, self._n_out, offset, out, n)
@@ -142,10 +146,15 @@ class Chain:
     def _materialise(self) -> _Views:
         self._check()
         if self._views is None:
-            base = [memoryview(ffi.buffer(self._iov[i].iov_base, self._iov[i].iov_len))
-                    for i in range(self._n_out + self._n_in)]
-            self._views = (base, tuple(v.toreadonly() for v in base[:self._n_out]),
-                           tuple(base[self._n_out:]))
+            base = [
+                memoryview(ffi.buffer(self._iov[i].iov_base, self._iov[i].iov_len))
+                for i in range(self._n_out + self._n_in)
+            ]
+            self._views = (
+                base,
+                tuple(v.toreadonly() for v in base[: self._n_out]),
+                tuple(base[self._n_out :]),
+            )
         return self._views
 
     def _finish(self) -> None:
@@ -155,8 +164,10 @@ class Chain:
         if views is None:
             return
         base, readonly, _writable = views
-        held = [(weakref.ref(v.obj), int(ffi.cast("uintptr_t", self._iov[i].iov_base)),
-                 len(v)) for i, v in enumerate(base)]
+        held = [
+            (weakref.ref(v.obj), int(ffi.cast("uintptr_t", self._iov[i].iov_base)), len(v))
+            for i, v in enumerate(base)
+        ]
         for v in (*readonly, *base):
             v.release()
         del views, base, readonly, _writable
@@ -229,8 +240,10 @@ class ChainQueue:
         for chain in batch:
             self._own(chain)
             if not 0 <= chain.written <= chain.writable_len:
-                raise ChainError(f"chain {chain.head}: written {chain.written} is not within "
-                                 f"its {chain.writable_len} writable bytes")
+                raise ChainError(
+                    f"chain {chain.head}: written {chain.written} is not within "
+                    f"its {chain.writable_len} writable bytes"
+                )
         if len({id(c) for c in batch}) != len(batch):
             raise ChainError("a chain is pushed twice in one batch")
         heads = ffi.new("uint32_t[]", [c.head for c in batch])

@@ -45,33 +45,46 @@ class _Parser(argparse.ArgumentParser):
 
 def make_parser(device_type: DeviceType) -> argparse.ArgumentParser:
     ap = _Parser(prog=device_type.program, description=device_type.description or None)
-    ap.add_argument("--socket-path", metavar="PATH", action="append", default=[],
-                    help="unix socket to listen on; repeat for several devices")
+    ap.add_argument(
+        "--socket-path",
+        metavar="PATH",
+        action="append",
+        default=[],
+        help="unix socket to listen on; repeat for several devices",
+    )
     ap.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
-    ap.add_argument("--print-capabilities", action="store_true",
-                    help="print the back end's capabilities as JSON and exit")
+    ap.add_argument(
+        "--print-capabilities",
+        action="store_true",
+        help="print the back end's capabilities as JSON and exit",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     device_type.add_arguments(ap)
     return ap
 
 
-def qemu_command_line(device_type: DeviceType, paths: Sequence[str],
-                      devices: Sequence[Device], mem: str = "512M") -> str:
+def qemu_command_line(
+    device_type: DeviceType, paths: Sequence[str], devices: Sequence[Device], mem: str = "512M"
+) -> str:
     """The QEMU options that attach a guest to these devices (one per socket)."""
     parts = []
     for i, (path, device) in enumerate(zip(paths, devices, strict=True)):
         chardev = f"{device_type.chardev_prefix or device_type.name}{i}"
         parts.append(f"-chardev socket,id={chardev},path={path},reconnect=1")
         parts.extend(device_type.qemu_device_args(chardev, device))
-    return (f"qemu-system-x86_64 -m {mem} "
-            f"-object memory-backend-memfd,id=mem,size={mem},share=on -numa node,memdev=mem "
-            f"{' '.join(parts)} ...")
+    return (
+        f"qemu-system-x86_64 -m {mem} "
+        f"-object memory-backend-memfd,id=mem,size={mem},share=on -numa node,memdev=mem "
+        f"{' '.join(parts)} ..."
+    )
 
 
 def _setup_logging(prog: str, verbose: bool) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
-        format=f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s")
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format=f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s",
+    )
 
 
 async def _serve(servers: list[tuple[Server, str | None]]) -> int:
@@ -83,6 +96,7 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
     def stop_all() -> None:
         for server, _ in servers:
             server.stop()
+
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop_all)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -96,8 +110,12 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
                 await loop.run_in_executor(None, server.device.flush)
             except OSError as e:
                 status = 1
-                log.error("%s: flushing at exit failed: %s; writes since the guest's last "
-                          "flush may not be durable", server.name, e.strerror)
+                log.error(
+                    "%s: flushing at exit failed: %s; writes since the guest's last "
+                    "flush may not be durable",
+                    server.name,
+                    e.strerror,
+                )
             server.device.close()
             server.listener.close()
             if socket_path:
@@ -131,14 +149,14 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         ap.error(str(e))
     if len(devices) != len(paths):
-        raise RuntimeError(f"{device_type.name}: made {len(devices)} devices for "
-                           f"{len(paths)} sockets")
+        raise RuntimeError(
+            f"{device_type.name}: made {len(devices)} devices for {len(paths)} sockets"
+        )
     servers: list[tuple[Server, str | None]] = []
     try:
         for path, device in zip(paths, devices, strict=True):
             listener = listen_unix(path) if path else socket_from_fd(args.fd)
-            servers.append((Server(listener, device, name=os.path.basename(path or "fd")),
-                            path))
+            servers.append((Server(listener, device, name=os.path.basename(path or "fd")), path))
     except SocketInUse as e:
         for server, path in servers:
             server.listener.close()
@@ -152,8 +170,9 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
     for (_server, path), device in zip(servers, devices, strict=True):
         log.info("%s", device_type.describe(device, path or f"fd {args.fd}"))
     if args.socket_path:
-        line = qemu_command_line(device_type, [os.path.abspath(p) for p in args.socket_path],
-                                 devices)
+        line = qemu_command_line(
+            device_type, [os.path.abspath(p) for p in args.socket_path], devices
+        )
         log.info("attach with: %s", line)
     import uvloop
 
@@ -161,8 +180,11 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
 
 
 def _usage() -> str:
-    lines = ["usage: python -m vhost DEVICE [options]   (python -m vhost DEVICE --help)",
-             "", "devices:"]
+    lines = [
+        "usage: python -m vhost DEVICE [options]   (python -m vhost DEVICE --help)",
+        "",
+        "devices:",
+    ]
     for name in registry.names():
         try:
             summary = registry.load(name).summary

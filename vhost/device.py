@@ -75,7 +75,7 @@ class Device(abc.ABC):
 
     def get_config(self, offset: int, size: int) -> bytes:
         """``size`` bytes of config space from ``offset`` (zero past its end)."""
-        return self.config_space()[offset:offset + size].ljust(size, b"\0")
+        return self.config_space()[offset : offset + size].ljust(size, b"\0")
 
     def set_config(self, offset: int, data: bytes) -> None:
         raise ValueError("config space is read-only")
@@ -91,8 +91,7 @@ class Device(abc.ABC):
         """A Python device's work on a kick: pop chains, fill them, push them. Return
         None to wait for the next kick, or a delay in seconds to be called again then
         (chains it could not serve yet go back with ``queue.discard``)."""
-        raise NotImplementedError(f"{type(self).__name__} gives neither a runner nor "
-                                  "process_queue")
+        raise NotImplementedError(f"{type(self).__name__} gives neither a runner nor process_queue")
 
     def buffers_wait_for_data(self, queue_index: int) -> bool:
         """True for queues whose buffers normally sit untaken until the device has data

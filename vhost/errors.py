@@ -49,16 +49,23 @@ class ErrorTable:
                 raise ValueError(f"error codes {sorted(clash)} are the core's")
 
     @classmethod
-    def from_c(cls, table: Callable[[CData], Pointer[vu_error_info]],
-               fallback: ErrorTable | None = None) -> ErrorTable:
+    def from_c(
+        cls, table: Callable[[CData], Pointer[vu_error_info]], fallback: ErrorTable | None = None
+    ) -> ErrorTable:
         """Read a module's table: ``table`` is its ``*_error_table(uint32_t *n)``."""
         count = ffi.new("uint32_t *")
         entries = table(count)
         rows = []
         for i in range(count[0]):
             e = entries[i]
-            rows.append(ErrorInfo(int(e.code), _text(e.name), _text(e.text),
-                                  int(e.detail_kind) == lib.VU_DETAIL_ERRNO))
+            rows.append(
+                ErrorInfo(
+                    int(e.code),
+                    _text(e.name),
+                    _text(e.text),
+                    int(e.detail_kind) == lib.VU_DETAIL_ERRNO,
+                )
+            )
         return cls(rows, fallback)
 
     def _all(self) -> dict[int, ErrorInfo]:

@@ -91,8 +91,14 @@ class GuestMemory:
 
     def add(self, region: Region, fd: int) -> None:
         """Map ``fd`` as ``region``. The fd stays the caller's (close it after)."""
-        rc = lib.vu_mem_add(self._mem, region.guest_phys_addr, region.memory_size,
-                            region.userspace_addr, region.mmap_offset, fd)
+        rc = lib.vu_mem_add(
+            self._mem,
+            region.guest_phys_addr,
+            region.memory_size,
+            region.userspace_addr,
+            region.mmap_offset,
+            fd,
+        )
         if rc == lib.VU_ERR_MMAP:
             err = ffi.errno
             raise GuestMemoryError(f"mmap of region {_describe(region)} failed: {os.strerror(err)}")
@@ -110,8 +116,9 @@ class GuestMemory:
             rc = lib.vu_mem_remove(self._mem, *key)
             if rc < 0:
                 raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
-        self._regions = [r for r in self._regions
-                         if (r.guest_phys_addr, r.memory_size, r.userspace_addr) != key]
+        self._regions = [
+            r for r in self._regions if (r.guest_phys_addr, r.memory_size, r.userspace_addr) != key
+        ]
 
     def clear(self) -> None:
         self._release_retired()
@@ -129,8 +136,11 @@ class GuestMemory:
         alive as long as ``ref``. Its region will be retired rather than unmapped."""
         self._pins = [p for p in self._pins if p.alive]
         self._pins.append(_Pin(ref, address, length))
-        log.warning("a device kept a view of %d bytes of guest memory after its chain was "
-                    "finished; if its region goes, the view will see zero pages", length)
+        log.warning(
+            "a device kept a view of %d bytes of guest memory after its chain was "
+            "finished; if its region goes, the view will see zero pages",
+            length,
+        )
 
     def _pins_in(self, region: Region) -> list[_Pin]:
         self._pins = [p for p in self._pins if p.alive]
@@ -140,22 +150,26 @@ class GuestMemory:
             start = self.translate_gpa(region.guest_phys_addr, region.memory_size)
         except GuestMemoryError:
             return []
-        inside = [p for p in self._pins
-                  if start <= p.address < start + region.memory_size]
+        inside = [p for p in self._pins if start <= p.address < start + region.memory_size]
         self._pins = [p for p in self._pins if p not in inside]
         return inside
 
     def _retire(self, region: Region, pins: list[_Pin]) -> None:
         base = ffi.new("void **")
         size = ffi.new("uint64_t *")
-        rc = lib.vu_mem_retire(self._mem, region.guest_phys_addr, region.memory_size,
-                               region.userspace_addr, base, size)
+        rc = lib.vu_mem_retire(
+            self._mem, region.guest_phys_addr, region.memory_size, region.userspace_addr, base, size
+        )
         if rc < 0:
             raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
         self._retired.append(_Retired(base[0], int(size[0]), pins))
-        log.warning("region %s retired, not unmapped: %d view%s kept by a device still "
-                    "point into it (they now see zero pages)", _describe(region), len(pins),
-                    "" if len(pins) == 1 else "s")
+        log.warning(
+            "region %s retired, not unmapped: %d view%s kept by a device still "
+            "point into it (they now see zero pages)",
+            _describe(region),
+            len(pins),
+            "" if len(pins) == 1 else "s",
+        )
 
     def _release_retired(self) -> None:
         keep = []
@@ -199,5 +213,7 @@ class GuestMemory:
 
 
 def _describe(r: Region) -> str:
-    return (f"gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
-            f"uva={r.userspace_addr:#x} offset={r.mmap_offset:#x}")
+    return (
+        f"gpa={r.guest_phys_addr:#x} size={r.memory_size:#x} "
+        f"uva={r.userspace_addr:#x} offset={r.mmap_offset:#x}"
+    )

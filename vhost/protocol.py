@@ -488,7 +488,7 @@ _Fds: TypeAlias = tuple[int, ...]
 _PayloadCheck: TypeAlias = Callable[[str, bytes], None]  # (request name, payload)
 _FdRule: TypeAlias = Callable[[bytes], range]  # payload (already checked) -> allowed fd counts
 # (message class, payload, fds, need_reply) -> the message
-_Build: TypeAlias = Callable[[Any, bytes, _Fds, bool], "Message"]
+_Build: TypeAlias = Callable[[Callable[..., "Message"], bytes, _Fds, bool], "Message"]
 
 
 @dataclass(frozen=True)
@@ -497,7 +497,7 @@ class _Rule:
     therefore assume a well-sized payload and the right number of fds. The message
     class's request code is the rule's key."""
 
-    message: Any  # the message class built
+    message: Any  # the message class built (its ClassVar request keys the table)
     check: _PayloadCheck
     fds: _FdRule
     build: _Build
@@ -593,30 +593,40 @@ def _describe(allowed: range) -> str:
     return " or ".join(counts)
 
 
-def _empty(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
-    return make(need_reply)  # type: ignore[no-any-return]
+def _empty(make: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+    return make(need_reply)
 
 
-def _u64(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _u64(make: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     (value,) = _U64.unpack(payload)
-    return make(value, need_reply)  # type: ignore[no-any-return]
+    return make(value, need_reply)
 
 
-def _vring_state(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _vring_state(
+    make: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     index, num = _VRING_STATE.unpack(payload)
-    return make(index, num, need_reply)  # type: ignore[no-any-return]
+    return make(index, num, need_reply)
 
 
-def _vring_fd(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _vring_fd(make: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     (value,) = _U64.unpack(payload)
-    return make(value & VRING_INDEX_MASK, fds[0] if fds else None,  # type: ignore[no-any-return]
-                need_reply)
+    return make(
+        value & VRING_INDEX_MASK,
+        fds[0] if fds else None,
+        need_reply,
+    )
 
 
-def _config(make: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _config(make: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool) -> Message:
     offset, size, flags = _CONFIG_HEAD.unpack_from(payload)
-    return make(offset, size, flags, payload[_CONFIG_HEAD.size :],  # type: ignore[no-any-return]
-                need_reply)
+    return make(
+        offset,
+        size,
+        flags,
+        payload[_CONFIG_HEAD.size :],
+        need_reply,
+    )
 
 
 def _read_region(name: str, payload: bytes, offset: int) -> MemoryRegion:
@@ -625,23 +635,31 @@ def _read_region(name: str, payload: bytes, offset: int) -> MemoryRegion:
     return region
 
 
-def _build_get_vring_base(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_get_vring_base(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     # num is meaningless in the request (QEMU sends 0); only the index matters.
     index, _num = _VRING_STATE.unpack(payload)
     return GetVringBase(index, need_reply)
 
 
-def _build_vring_enable(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_vring_enable(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     index, num = _VRING_STATE.unpack(payload)
     return SetVringEnable(index, bool(num), need_reply)
 
 
-def _build_vring_addr(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_vring_addr(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     index, flags, desc, used, avail, log = _VRING_ADDR.unpack(payload)
     return SetVringAddr(index, flags, desc, used, avail, log, need_reply)
 
 
-def _build_mem_table(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_mem_table(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     name = request_name(Request.SET_MEM_TABLE)
     regions = tuple(
         _read_region(name, payload, _MEM_TABLE_HEAD.size + i * _REGION.size)
@@ -650,22 +668,30 @@ def _build_mem_table(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> 
     return SetMemTable(regions, fds, need_reply)
 
 
-def _build_add_mem_reg(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_add_mem_reg(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     region = _read_region(request_name(Request.ADD_MEM_REG), payload, _SINGLE_REGION_PAD.size)
     return AddMemReg(region, fds[0], need_reply)
 
 
-def _build_get_inflight(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_get_inflight(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     _size, _offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
     return GetInflightFd(num_queues, queue_size, need_reply)
 
 
-def _build_set_inflight(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_set_inflight(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     size, offset, num_queues, queue_size = _INFLIGHT.unpack(payload)
     return SetInflightFd(size, offset, num_queues, queue_size, fds[0], need_reply)
 
 
-def _build_rem_mem_reg(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -> Message:
+def _build_rem_mem_reg(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
     region = _read_region(request_name(Request.REM_MEM_REG), payload, _SINGLE_REGION_PAD.size)
     return RemMemReg(region, fds[0] if fds else None, need_reply)
 
@@ -673,32 +699,35 @@ def _build_rem_mem_reg(_cls: Any, payload: bytes, fds: _Fds, need_reply: bool) -
 _SINGLE_REGION_SIZE: Final = _SINGLE_REGION_PAD.size + _REGION.size
 
 # Requests not listed here decode to Unknown.
-_RULES: Final[dict[int, _Rule]] = {rule.message.request: rule for rule in (
-    _Rule(GetFeatures, _fixed(0), _no_fds, _empty),
-    _Rule(SetFeatures, _fixed(_U64.size), _no_fds, _u64),
-    _Rule(SetOwner, _fixed(0), _no_fds, _empty),
-    _Rule(ResetOwner, _fixed(0), _no_fds, _empty),
-    _Rule(SetMemTable, _check_mem_table, _fd_per_region, _build_mem_table),
-    _Rule(SetVringNum, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
-    _Rule(SetVringAddr, _fixed(_VRING_ADDR.size), _no_fds, _build_vring_addr),
-    _Rule(SetVringBase, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
-    _Rule(GetVringBase, _fixed(_VRING_STATE.size), _no_fds, _build_get_vring_base),
-    _Rule(SetVringKick, _check_vring_fd, _fd_unless_nofd, _vring_fd),
-    _Rule(SetVringCall, _check_vring_fd, _fd_unless_nofd, _vring_fd),
-    _Rule(SetVringErr, _check_vring_fd, _fd_unless_nofd, _vring_fd),
-    _Rule(GetProtocolFeatures, _fixed(0), _no_fds, _empty),
-    _Rule(SetProtocolFeatures, _fixed(_U64.size), _no_fds, _u64),
-    _Rule(GetQueueNum, _fixed(0), _no_fds, _empty),
-    _Rule(SetVringEnable, _check_vring_enable, _no_fds, _build_vring_enable),
-    _Rule(GetConfig, _check_config, _no_fds, _config),
-    _Rule(SetConfig, _check_config, _no_fds, _config),
-    _Rule(ResetDevice, _fixed(0), _no_fds, _empty),
-    _Rule(GetMaxMemSlots, _fixed(0), _no_fds, _empty),
-    _Rule(AddMemReg, _fixed(_SINGLE_REGION_SIZE), _one_fd, _build_add_mem_reg),
-    _Rule(RemMemReg, _fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
-    _Rule(GetInflightFd, _fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
-    _Rule(SetInflightFd, _fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
-)}
+_RULES: Final[dict[int, _Rule]] = {
+    rule.message.request: rule
+    for rule in (
+        _Rule(GetFeatures, _fixed(0), _no_fds, _empty),
+        _Rule(SetFeatures, _fixed(_U64.size), _no_fds, _u64),
+        _Rule(SetOwner, _fixed(0), _no_fds, _empty),
+        _Rule(ResetOwner, _fixed(0), _no_fds, _empty),
+        _Rule(SetMemTable, _check_mem_table, _fd_per_region, _build_mem_table),
+        _Rule(SetVringNum, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
+        _Rule(SetVringAddr, _fixed(_VRING_ADDR.size), _no_fds, _build_vring_addr),
+        _Rule(SetVringBase, _fixed(_VRING_STATE.size), _no_fds, _vring_state),
+        _Rule(GetVringBase, _fixed(_VRING_STATE.size), _no_fds, _build_get_vring_base),
+        _Rule(SetVringKick, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+        _Rule(SetVringCall, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+        _Rule(SetVringErr, _check_vring_fd, _fd_unless_nofd, _vring_fd),
+        _Rule(GetProtocolFeatures, _fixed(0), _no_fds, _empty),
+        _Rule(SetProtocolFeatures, _fixed(_U64.size), _no_fds, _u64),
+        _Rule(GetQueueNum, _fixed(0), _no_fds, _empty),
+        _Rule(SetVringEnable, _check_vring_enable, _no_fds, _build_vring_enable),
+        _Rule(GetConfig, _check_config, _no_fds, _config),
+        _Rule(SetConfig, _check_config, _no_fds, _config),
+        _Rule(ResetDevice, _fixed(0), _no_fds, _empty),
+        _Rule(GetMaxMemSlots, _fixed(0), _no_fds, _empty),
+        _Rule(AddMemReg, _fixed(_SINGLE_REGION_SIZE), _one_fd, _build_add_mem_reg),
+        _Rule(RemMemReg, _fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
+        _Rule(GetInflightFd, _fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
+        _Rule(SetInflightFd, _fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
+    )
+}
 
 
 def _decode_message(header: _Header, payload: bytes, fds: _Fds) -> Message:
@@ -826,8 +855,7 @@ def _encode_body(msg: Message) -> tuple[int, bytes, _Fds]:
             return msg.request, pad + _pack_region(region), (() if fd is None else (fd,))
         case GetInflightFd(num_queues=nq, queue_size=qs):
             return msg.request, _pack(_INFLIGHT, 0, 0, nq, qs), ()
-        case SetInflightFd(mmap_size=size, mmap_offset=offset, num_queues=nq, queue_size=qs,
-                           fd=fd):
+        case SetInflightFd(mmap_size=size, mmap_offset=offset, num_queues=nq, queue_size=qs, fd=fd):
             return msg.request, _pack(_INFLIGHT, size, offset, nq, qs), (fd,)
         case Unknown(request=request, payload=payload, fds=fds):
             return request, bytes(payload), tuple(fds)
@@ -871,8 +899,9 @@ def _encode_reply_body(reply: Reply) -> bytes:
         case ConfigReply(offset=offset, size=size, flags=flags, data=data):
             return _pack(_CONFIG_HEAD, offset, size, flags) + bytes(data)
         case InflightReply():
-            return _pack(_INFLIGHT, reply.mmap_size, reply.mmap_offset, reply.num_queues,
-                         reply.queue_size)
+            return _pack(
+                _INFLIGHT, reply.mmap_size, reply.mmap_offset, reply.num_queues, reply.queue_size
+            )
         case _:
             assert_never(reply)
 

@@ -45,8 +45,9 @@ def load(name: str) -> DeviceType:
     except Exception as e:  # a broken plug-in must not take the program down
         raise RegistryError(f"device {name!r} ({ep.value}) cannot be loaded: {e!r}") from None
     if not isinstance(obj, DeviceType):
-        raise RegistryError(f"device {name!r} ({ep.value}) is a {type(obj).__name__}, not a "
-                            "vhost.device.DeviceType")
+        raise RegistryError(
+            f"device {name!r} ({ep.value}) is a {type(obj).__name__}, not a vhost.device.DeviceType"
+        )
     if obj.name != name:
         raise RegistryError(f"device {name!r} ({ep.value}) calls itself {obj.name!r}")
     return obj

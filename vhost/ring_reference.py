@@ -402,7 +402,11 @@ def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
 
 
 def should_signal(
-    *, event_idx: bool, avail_flags: int, used_event: int, new_used_idx: int,
+    *,
+    event_idx: bool,
+    avail_flags: int,
+    used_event: int,
+    new_used_idx: int,
     signalled_used: int | None,
 ) -> bool:
     """E1/E2: whether to signal the driver after publishing used->idx = ``new_used_idx``.

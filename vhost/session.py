@@ -34,9 +34,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("vhost.session")
 
-OFFERED_PROTOCOL_FEATURES = (p.ProtocolFeature.MQ | p.ProtocolFeature.REPLY_ACK
-                             | p.ProtocolFeature.CONFIG | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
-                             | p.ProtocolFeature.RESET_DEVICE)
+OFFERED_PROTOCOL_FEATURES = (
+    p.ProtocolFeature.MQ
+    | p.ProtocolFeature.REPLY_ACK
+    | p.ProtocolFeature.CONFIG
+    | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
+    | p.ProtocolFeature.RESET_DEVICE
+)
 MAX_MEM_SLOTS = limits.MAX_MEM_SLOTS
 
 
@@ -49,8 +53,9 @@ class Session:
         self.device = device
         self.name = name
         self.memory = GuestMemory()
-        self.queues = [Virtqueue(i, f"{name}/vq{i}", device.errors)
-                       for i in range(device.num_queues)]
+        self.queues = [
+            Virtqueue(i, f"{name}/vq{i}", device.errors) for i in range(device.num_queues)
+        ]
         for q in self.queues:
             q.untaken_is_normal = device.buffers_wait_for_data(q.index)
         self.features = 0
@@ -96,12 +101,13 @@ class Session:
             case p.ResetOwner() | p.ResetDevice():
                 self._reset()
             case p.GetProtocolFeatures():
-                return p.U64Reply(p.Request.GET_PROTOCOL_FEATURES,
-                                  self.offered_protocol_features)
+                return p.U64Reply(p.Request.GET_PROTOCOL_FEATURES, self.offered_protocol_features)
             case p.SetProtocolFeatures(features=f):
                 if f & ~self.offered_protocol_features:
-                    raise SessionError(f"protocol features {f:#x} include bits not offered "
-                                       f"({f & ~self.offered_protocol_features:#x})")
+                    raise SessionError(
+                        f"protocol features {f:#x} include bits not offered "
+                        f"({f & ~self.offered_protocol_features:#x})"
+                    )
                 self.protocol_features = f
             case p.GetQueueNum():
                 return p.U64Reply(p.Request.GET_QUEUE_NUM, self.device.queue_num_reply)
@@ -116,8 +122,12 @@ class Session:
             case p.SetVringNum(index=i, num=n):
                 self._reconfigure(self._queue(i), lambda q: q.set_num(n))
             case p.SetVringAddr(index=i):
-                self._reconfigure(self._queue(i), lambda q: q.set_rings(
-                    msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr))
+                self._reconfigure(
+                    self._queue(i),
+                    lambda q: q.set_rings(
+                        msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr
+                    ),
+                )
             case p.SetVringBase(index=i, num=n):
                 self._reconfigure(self._queue(i), lambda q: q.set_base(n))
             case p.GetVringBase(index=i):
@@ -131,8 +141,9 @@ class Session:
             case p.SetVringEnable(index=i, enable=enable):
                 self._set_enable(i, enable)
             case p.GetConfig(offset=off, size=size):
-                return p.ConfigReply(p.Request.GET_CONFIG, off, size, msg.flags,
-                                     self.device.get_config(off, size))
+                return p.ConfigReply(
+                    p.Request.GET_CONFIG, off, size, msg.flags, self.device.get_config(off, size)
+                )
             case p.SetConfig(offset=off, data=data):
                 self.device.set_config(off, data)
             case p.GetInflightFd(num_queues=nq, queue_size=qs):
@@ -180,6 +191,7 @@ class Session:
             self.memory.clear()
             for region, fd in zip(regions, fds, strict=True):
                 self.memory.add(_region(region), fd)
+
         self._change_memory(replace, fds)
 
     def _change_memory(self, change: object, fds: Iterable[int | None]) -> None:
@@ -201,11 +213,13 @@ class Session:
         if not self.protocol_features & p.ProtocolFeature.INFLIGHT_SHMFD:
             raise SessionError("INFLIGHT_SHMFD was not negotiated")
         if not 1 <= num_queues <= len(self.queues):
-            raise SessionError(f"inflight region for {num_queues} queues, the device has "
-                               f"{len(self.queues)}")
+            raise SessionError(
+                f"inflight region for {num_queues} queues, the device has {len(self.queues)}"
+            )
         if not 0 < queue_size <= MAX_QUEUE_SIZE or queue_size & (queue_size - 1):
-            raise SessionError(f"inflight queue size {queue_size} is not a power of 2 in "
-                               f"1..{MAX_QUEUE_SIZE}")
+            raise SessionError(
+                f"inflight queue size {queue_size} is not a power of 2 in 1..{MAX_QUEUE_SIZE}"
+            )
         return int(lib.vu_inflight_queue_size(queue_size))
 
     def _get_inflight_fd(self, num_queues: int, queue_size: int) -> p.Reply:
@@ -219,8 +233,9 @@ class Session:
             raise
         close_all([self._offered_inflight_fd])
         self._offered_inflight_fd = fd  # ours until the next GET or close; QEMU gets a dup
-        log.debug("%s: inflight region of %d bytes for %d x %d", self.name, size, num_queues,
-                  queue_size)
+        log.debug(
+            "%s: inflight region of %d bytes for %d x %d", self.name, size, num_queues, queue_size
+        )
         return p.InflightReply(p.Request.GET_INFLIGHT_FD, size, 0, num_queues, queue_size, fd)
 
     def _set_inflight_fd(self, msg: p.SetInflightFd) -> None:
@@ -228,18 +243,25 @@ class Session:
             per_queue = self._check_inflight_shape(msg.num_queues, msg.queue_size)
             need = per_queue * msg.num_queues
             if msg.mmap_size < need:
-                raise SessionError(f"inflight mmap_size {msg.mmap_size} is less than the "
-                                   f"{need} bytes {msg.num_queues} queues of "
-                                   f"{msg.queue_size} need")
+                raise SessionError(
+                    f"inflight mmap_size {msg.mmap_size} is less than the "
+                    f"{need} bytes {msg.num_queues} queues of "
+                    f"{msg.queue_size} need"
+                )
             if msg.mmap_offset % mmap.PAGESIZE:
-                raise SessionError(f"inflight mmap_offset {msg.mmap_offset:#x} is not "
-                                   "page aligned")
+                raise SessionError(f"inflight mmap_offset {msg.mmap_offset:#x} is not page aligned")
             st = os.fstat(msg.fd)
             if not stat.S_ISREG(st.st_mode) or st.st_size < msg.mmap_offset + msg.mmap_size:
-                raise SessionError(f"inflight fd is not a file of at least "
-                                   f"{msg.mmap_offset + msg.mmap_size} bytes")
-            region = mmap.mmap(msg.fd, msg.mmap_size, mmap.MAP_SHARED,
-                               mmap.PROT_READ | mmap.PROT_WRITE, offset=msg.mmap_offset)
+                raise SessionError(
+                    f"inflight fd is not a file of at least {msg.mmap_offset + msg.mmap_size} bytes"
+                )
+            region = mmap.mmap(
+                msg.fd,
+                msg.mmap_size,
+                mmap.MAP_SHARED,
+                mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=msg.mmap_offset,
+            )
         except OSError as e:
             raise SessionError(f"cannot map the inflight region: {e.strerror}") from None
         finally:
@@ -252,8 +274,13 @@ class Session:
         base = ffi.cast("char *", self._inflight[1])
         for i, q in enumerate(self.queues):
             q.inflight = (base + i * per_queue, per_queue) if i < msg.num_queues else None
-        log.info("%s: inflight region of %d bytes for %d x %d attached", self.name,
-                 msg.mmap_size, msg.num_queues, msg.queue_size)
+        log.info(
+            "%s: inflight region of %d bytes for %d x %d attached",
+            self.name,
+            msg.mmap_size,
+            msg.num_queues,
+            msg.queue_size,
+        )
         for q in running:
             self._maybe_start(q)
 
@@ -270,8 +297,7 @@ class Session:
     # --- queues ---
     def _queue(self, index: int) -> Virtqueue:
         if not 0 <= index < len(self.queues):
-            raise SessionError(f"queue index {index} out of range (device has "
-                               f"{len(self.queues)})")
+            raise SessionError(f"queue index {index} out of range (device has {len(self.queues)})")
         return self.queues[index]
 
     def _reconfigure(self, q: Virtqueue, change: Callable[[Virtqueue], None]) -> None:
@@ -285,8 +311,9 @@ class Session:
             if was_running:  # a refused change leaves the queue as it was
                 self._maybe_start(q)
 
-    def _set_queue_fd(self, index: int, fd: int | None,
-                      setter: Callable[[Virtqueue, int | None], None]) -> None:
+    def _set_queue_fd(
+        self, index: int, fd: int | None, setter: Callable[[Virtqueue, int | None], None]
+    ) -> None:
         try:
             if fd is not None:
                 _check_notifier(fd)
@@ -294,8 +321,7 @@ class Session:
             if fd is None and setter is Virtqueue.set_kick:
                 # Without INBAND_NOTIFICATIONS/polling support a ring without a kick fd
                 # could never run: refuse rather than ack a queue that stays silent.
-                raise SessionError(f"queue {index}: no kick fd (polling mode) is not "
-                                   "supported")
+                raise SessionError(f"queue {index}: no kick fd (polling mode) is not supported")
         except SessionError:
             close_all([fd])
             raise

@@ -132,8 +132,9 @@ class Virtqueue:
     # --- configuration (from the session) ---
     def set_num(self, num: int) -> None:
         if not (0 < num <= MAX_QUEUE_SIZE) or num & (num - 1):
-            raise VirtqueueError(f"{self.label}: queue size {num} is not a power of 2 "
-                                 f"in 1..{MAX_QUEUE_SIZE}")
+            raise VirtqueueError(
+                f"{self.label}: queue size {num} is not a power of 2 in 1..{MAX_QUEUE_SIZE}"
+            )
         self.num = num
 
     def set_rings(self, desc: int, avail: int, used: int) -> None:
@@ -168,8 +169,13 @@ class Virtqueue:
         return self.active
 
     def startable(self, memory: GuestMemory) -> bool:
-        return (self.num > 0 and self.rings is not None and self.kick_fd is not None
-                and self.enabled and bool(memory.regions))
+        return (
+            self.num > 0
+            and self.rings is not None
+            and self.kick_fd is not None
+            and self.enabled
+            and bool(memory.regions)
+        )
 
     # --- start/stop ---
     def activate(self, memory: GuestMemory, features: int) -> None:
@@ -178,13 +184,23 @@ class Virtqueue:
         assert self.rings is not None and self.kick_fd is not None
         desc, avail, used = self.rings
         vq = self._vq
-        rc = lib.vu_vq_setup(vq, memory.handle, self.num, desc, avail, used, self.base,
-                             int(bool(features & VIRTIO_RING_F_EVENT_IDX)),
-                             int(bool(features & VIRTIO_RING_F_INDIRECT_DESC)))
+        rc = lib.vu_vq_setup(
+            vq,
+            memory.handle,
+            self.num,
+            desc,
+            avail,
+            used,
+            self.base,
+            int(bool(features & VIRTIO_RING_F_EVENT_IDX)),
+            int(bool(features & VIRTIO_RING_F_INDIRECT_DESC)),
+        )
         if rc < 0:
-            raise VirtqueueError(f"{self.label}: cannot start: {self.errors.text(rc)} "
-                                 f"(size {self.num}, desc {desc:#x}, avail {avail:#x}, "
-                                 f"used {used:#x})")
+            raise VirtqueueError(
+                f"{self.label}: cannot start: {self.errors.text(rc)} "
+                f"(size {self.num}, desc {desc:#x}, avail {avail:#x}, "
+                f"used {used:#x})"
+            )
         if self.inflight is not None:
             self._attach_inflight(*self.inflight)
         vq.kick_fd = self.kick_fd
@@ -202,14 +218,26 @@ class Virtqueue:
         if rc < 0:
             err = vq.err
             # Serving without tracking beats a dead disk; only a crash would lose.
-            log.error("%s: %s (detail %#x/%#x, %d bytes); serving without inflight "
-                      "tracking", self.label, self.errors.text(rc), err.head, err.detail, size)
+            log.error(
+                "%s: %s (detail %#x/%#x, %d bytes); serving without inflight tracking",
+                self.label,
+                self.errors.text(rc),
+                err.head,
+                err.detail,
+                size,
+            )
             return
         if rc or vq.last_avail_idx != base:
-            log.info("%s: inflight region: %d request%s in flight before the restart run "
-                     "again first; used idx %d, taking new ones from %d (front end said %d)",
-                     self.label, rc, "" if rc == 1 else "s", vq.used_idx, vq.last_avail_idx,
-                     base)
+            log.info(
+                "%s: inflight region: %d request%s in flight before the restart run "
+                "again first; used idx %d, taking new ones from %d (front end said %d)",
+                self.label,
+                rc,
+                "" if rc == 1 else "s",
+                vq.used_idx,
+                vq.last_avail_idx,
+                base,
+            )
 
     def deactivate(self) -> int:
         """The worker serving this queue has stopped: keep where the ring stopped."""
@@ -226,11 +254,21 @@ class Virtqueue:
         lib.vu_vq_ring_state(self._vq, st)
         s = self._vq.stats
         pending = (st[0] - self.base) & 0xFFFF
-        log.log(logging.INFO if pending and not self.untaken_is_normal else logging.DEBUG,
-                "%s: stopped: avail idx %d, taken %d (%d not taken), used idx %d, "
-                "used_event %d, avail_event %d, %d kicks, %d signals, %d chains",
-                self.label, st[0], self.base, pending, st[1], st[2], st[3], s.kicks,
-                s.signals, s.chains)
+        log.log(
+            logging.INFO if pending and not self.untaken_is_normal else logging.DEBUG,
+            "%s: stopped: avail idx %d, taken %d (%d not taken), used idx %d, "
+            "used_event %d, avail_event %d, %d kicks, %d signals, %d chains",
+            self.label,
+            st[0],
+            self.base,
+            pending,
+            st[1],
+            st[2],
+            st[3],
+            s.kicks,
+            s.signals,
+            s.chains,
+        )
 
     def start(self, memory: GuestMemory, features: int, runner: Runner) -> None:
         """Serve the queue in a worker thread of its own, looping in ``runner``."""
@@ -240,13 +278,19 @@ class Virtqueue:
         self.activate(memory, features)
         vq = self._vq
         vq.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._worker = threading.Thread(target=self._serve, args=(runner,),
-                                        name=f"{self.label}", daemon=True)
+        self._worker = threading.Thread(
+            target=self._serve, args=(runner,), name=f"{self.label}", daemon=True
+        )
         self._worker.start()
         log.debug("%s: started (size %d, base %d)", self.label, self.num, self.base)
 
-    def serve_chains(self, memory: GuestMemory, features: int, handler: ChainHandler,
-                     worker: ChainWorker = "loop") -> None:
+    def serve_chains(
+        self,
+        memory: GuestMemory,
+        features: int,
+        handler: ChainHandler,
+        worker: ChainWorker = "loop",
+    ) -> None:
         """Serve the queue with a Python handler on the chain API: on the running event
         loop (``"loop"``) or in a worker thread of its own (``"thread"``)."""
         if self.running:
@@ -256,8 +300,9 @@ class Virtqueue:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
-                raise VirtqueueError(f"{self.label}: a queue served on the event loop needs "
-                                     "a running loop") from None
+                raise VirtqueueError(
+                    f"{self.label}: a queue served on the event loop needs a running loop"
+                ) from None
         self.activate(memory, features)
         self._vq.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         queue = ChainQueue(self._vq, self.label, memory)
@@ -266,8 +311,13 @@ class Virtqueue:
         else:
             self._chains = _ThreadServer(self, queue, handler)
         self._chains.start()
-        log.debug("%s: serving chains on the %s (size %d, base %d)", self.label, worker,
-                  self.num, self.base)
+        log.debug(
+            "%s: serving chains on the %s (size %d, base %d)",
+            self.label,
+            worker,
+            self.num,
+            self.base,
+        )
 
     def stop(self) -> int:
         """Stop whatever serves the queue (the batch in progress completes); chains a
@@ -299,8 +349,10 @@ class Virtqueue:
                 return
             self._report_error()
             if rc == RUN_BROKEN:
-                log.error("%s: ring broken, queue stopped until the front end sets it up "
-                          "again", self.label)
+                log.error(
+                    "%s: ring broken, queue stopped until the front end sets it up again",
+                    self.label,
+                )
             else:
                 log.error("%s: kick fd failed, queue stopped", self.label)
             return
@@ -313,9 +365,11 @@ class Virtqueue:
 
     def _report_error(self) -> None:
         err = self._vq.err
-        self._errors.warning(f"{self.label}: head {err.head}: "
-                             f"{self.errors.describe(err.code, err.detail)}; "
-                             f"{err.count} errors since start")
+        self._errors.warning(
+            f"{self.label}: head {err.head}: "
+            f"{self.errors.describe(err.code, err.detail)}; "
+            f"{err.count} errors since start"
+        )
 
     # --- introspection ---
     @property
@@ -324,9 +378,16 @@ class Virtqueue:
 
     def stats(self) -> dict[str, int]:
         s = self._vq.stats
-        return {"chains": s.chains, "bad_chains": s.bad_chains, "kicks": s.kicks,
-                "signals": s.signals, "batches": s.batches, "errors": self._vq.err.count,
-                "last_avail_idx": self._vq.last_avail_idx, "used_idx": self._vq.used_idx}
+        return {
+            "chains": s.chains,
+            "bad_chains": s.bad_chains,
+            "kicks": s.kicks,
+            "signals": s.signals,
+            "batches": s.batches,
+            "errors": self._vq.err.count,
+            "last_avail_idx": self._vq.last_avail_idx,
+            "used_idx": self._vq.used_idx,
+        }
 
     def reset(self) -> None:
         """Back to the unconfigured state, closing every fd (disconnect, RESET_DEVICE)."""
@@ -367,8 +428,9 @@ class _ChainServer:
             return None
         self.q.report_new_errors()
         if self.q.handle.broken:
-            log.error("%s: ring broken, queue stopped until the front end sets it up again",
-                      self.q.label)
+            log.error(
+                "%s: ring broken, queue stopped until the front end sets it up again", self.q.label
+            )
             self.give_up()
             return None
         return delay
@@ -382,18 +444,29 @@ class _ChainServer:
         held = self.queue.outstanding
         discarded, completed = self.queue.finish_all()
         if held:
-            log.log(logging.WARNING if completed else logging.DEBUG,
-                    "%s: stopped with %d chain%s held by the device: %d given back, %d "
-                    "completed with nothing written", self.q.label, held,
-                    "" if held == 1 else "s", discarded, completed)
+            log.log(
+                logging.WARNING if completed else logging.DEBUG,
+                "%s: stopped with %d chain%s held by the device: %d given back, %d "
+                "completed with nothing written",
+                self.q.label,
+                held,
+                "" if held == 1 else "s",
+                discarded,
+                completed,
+            )
 
 
 class _LoopServer(_ChainServer):
     """On the event loop: the kick fd is watched by asyncio; one batch per callback, so a
     busy queue cannot hold the loop (the next batch is scheduled, not looped over)."""
 
-    def __init__(self, q: Virtqueue, queue: ChainQueue, handler: ChainHandler,
-                 loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        q: Virtqueue,
+        queue: ChainQueue,
+        handler: ChainHandler,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
         super().__init__(q, queue, handler)
         self.loop = loop
         self.kick_fd = int(q.handle.kick_fd)

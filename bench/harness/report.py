@@ -119,7 +119,8 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)
     ]
     line = "  ".join(
-        h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths))
+        h.ljust(w) if i < 2 else h.rjust(w)
+        for i, (h, w) in enumerate(zip(head, widths, strict=False))
     )
     out = [line, "-" * len(line)]
     prev = None
@@ -129,7 +130,8 @@ def text_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
         prev = r[0]
         out.append(
             "  ".join(
-                c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+                c.ljust(w) if i < 2 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=False))
             )
         )
     return "\n".join(out)
@@ -364,7 +366,7 @@ def write_png(results: dict[str, Any], path: Path) -> str | None:
     if not panels:
         return "nothing to plot"
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
-    for ax, (title, groups, names, series) in zip(axes[0], panels):
+    for ax, (title, groups, names, series) in zip(axes[0], panels, strict=False):
         width = 0.8 / max(1, len(names))
         for j, name in enumerate(names):
             meds, lo, hi = [], [], []

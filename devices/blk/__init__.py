@@ -26,27 +26,46 @@ class BlkType(DeviceType):
     summary = "virtio-blk disk on a raw image or block device (C data path)"
     backend_type = "block"
     chardev_prefix = "vub"
-    description = ("vhost-user-blk back end: serves a raw image or block device as a "
-                   "virtio-blk disk to QEMU over a unix socket. Several disks: repeat "
-                   "--socket-path and --blk-file, paired in order.")
+    description = (
+        "vhost-user-blk back end: serves a raw image or block device as a "
+        "virtio-blk disk to QEMU over a unix socket. Several disks: repeat "
+        "--socket-path and --blk-file, paired in order."
+    )
 
     def capabilities(self) -> dict[str, object]:
         return {"type": "block", "features": ["read-only", "blk-file"]}
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--blk-file", metavar="FILE", action="append", default=[],
-                            help="raw image file or block device; one per --socket-path, "
-                                 "same order")
-        parser.add_argument("--size", metavar="SIZE",
-                            help="create FILE sparse with this size if missing (e.g. 1G; "
-                                 "every disk)")
-        parser.add_argument("--read-only", action="store_true",
-                            help="offer VIRTIO_BLK_F_RO (every disk)")
-        parser.add_argument("--num-queues", type=int, default=1, metavar="N",
-                            help=f"queues per disk (default 1, at most {MAX_QUEUES})")
-        parser.add_argument("--serial", metavar="S", action="append", default=[],
-                            help="serial for GET_ID (<= 20 bytes); with several disks, none "
-                                 "or one per disk, same order")
+        parser.add_argument(
+            "--blk-file",
+            metavar="FILE",
+            action="append",
+            default=[],
+            help="raw image file or block device; one per --socket-path, same order",
+        )
+        parser.add_argument(
+            "--size",
+            metavar="SIZE",
+            help="create FILE sparse with this size if missing (e.g. 1G; every disk)",
+        )
+        parser.add_argument(
+            "--read-only", action="store_true", help="offer VIRTIO_BLK_F_RO (every disk)"
+        )
+        parser.add_argument(
+            "--num-queues",
+            type=int,
+            default=1,
+            metavar="N",
+            help=f"queues per disk (default 1, at most {MAX_QUEUES})",
+        )
+        parser.add_argument(
+            "--serial",
+            metavar="S",
+            action="append",
+            default=[],
+            help="serial for GET_ID (<= 20 bytes); with several disks, none "
+            "or one per disk, same order",
+        )
 
     def create(self, args: argparse.Namespace, sockets: Sequence[str | None]) -> list[Device]:
         _check_pairing(args, len(sockets))
@@ -55,9 +74,17 @@ class BlkType(DeviceType):
         try:
             size = parse_size(args.size) if args.size is not None else None
             for blk_file, serial in zip(args.blk_file, serials, strict=True):
-                devices.append(BlkDevice(BlkOptions(
-                    path=blk_file, size=size, read_only=args.read_only,
-                    num_queues=args.num_queues, serial=serial)))
+                devices.append(
+                    BlkDevice(
+                        BlkOptions(
+                            path=blk_file,
+                            size=size,
+                            read_only=args.read_only,
+                            num_queues=args.num_queues,
+                            serial=serial,
+                        )
+                    )
+                )
         except (ValueError, ImageError) as e:
             for device in devices:
                 device.abort()  # a refused start leaves no image behind
@@ -66,14 +93,18 @@ class BlkType(DeviceType):
 
     def qemu_device_args(self, chardev: str, device: Device) -> list[str]:
         assert isinstance(device, BlkDevice)
-        return ["-device", f"vhost-user-blk-pci,chardev={chardev},"
-                           f"num-queues={device.opts.num_queues}"]
+        return [
+            "-device",
+            f"vhost-user-blk-pci,chardev={chardev},num-queues={device.opts.num_queues}",
+        ]
 
     def describe(self, device: Device, where: str) -> str:
         assert isinstance(device, BlkDevice)
         o = device.opts
-        return (f"serving {o.path} ({device.size} bytes{', read-only' if o.read_only else ''}, "
-                f"{o.num_queues} queue{'s' if o.num_queues > 1 else ''}) on {where}")
+        return (
+            f"serving {o.path} ({device.size} bytes{', read-only' if o.read_only else ''}, "
+            f"{o.num_queues} queue{'s' if o.num_queues > 1 else ''}) on {where}"
+        )
 
 
 def _check_pairing(args: argparse.Namespace, sockets: int) -> None:
@@ -81,14 +112,20 @@ def _check_pairing(args: argparse.Namespace, sockets: int) -> None:
     if not args.blk_file:
         raise UsageError("--blk-file FILE is required")
     if args.fd is not None and len(args.blk_file) > 1:
-        raise UsageError(f"--fd N serves one disk, but {len(args.blk_file)} --blk-file were "
-                         "given (use one --socket-path per disk)")
+        raise UsageError(
+            f"--fd N serves one disk, but {len(args.blk_file)} --blk-file were "
+            "given (use one --socket-path per disk)"
+        )
     if len(args.blk_file) != sockets:
-        raise UsageError(f"{sockets} --socket-path but {len(args.blk_file)} --blk-file: give "
-                         "one --blk-file per --socket-path, in the same order")
+        raise UsageError(
+            f"{sockets} --socket-path but {len(args.blk_file)} --blk-file: give "
+            "one --blk-file per --socket-path, in the same order"
+        )
     if args.serial and len(args.serial) != sockets:
-        raise UsageError(f"{len(args.serial)} --serial for {sockets} disks: give one --serial "
-                         "per disk, in the same order, or none")
+        raise UsageError(
+            f"{len(args.serial)} --serial for {sockets} disks: give one --serial "
+            "per disk, in the same order, or none"
+        )
     seen: set[str] = set()
     for value in args.blk_file:
         key = os.path.realpath(value)

@@ -11,8 +11,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _core_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_vhost_core_build",
-                                                  HERE.parents[1] / "c_ext" / "build.py")
+    spec = importlib.util.spec_from_file_location(
+        "_vhost_core_build", HERE.parents[1] / "c_ext" / "build.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -21,7 +22,9 @@ def _core_build() -> ModuleType:
 
 core = _core_build()
 
-CDEF = core.error_defines(HERE / "blk.h", "BLK_ERRORS") + """
+CDEF = (
+    core.error_defines(HERE / "blk.h", "BLK_ERRORS")
+    + """
 struct blk_dev {
     int fd; int read_only; int is_blockdev; uint64_t capacity;
     uint32_t max_discard_sectors; uint32_t max_discard_seg;
@@ -38,6 +41,7 @@ struct blk_queue { const struct blk_dev *dev; struct blk_stats stats; };
 int blk_run_queue(struct vu_vq *vq, struct blk_queue *q);
 const struct vu_error_info *blk_error_table(uint32_t *n);
 """
+)
 
 ffibuilder = core.make_device_ffi("devices.blk._blk", CDEF, HERE / "blk.h", [HERE / "blk.c"])
 

@@ -122,9 +122,17 @@ class BlkDevice(Device):
 
     @property
     def features(self) -> int:
-        f = (RING_FEATURES | VIRTIO_BLK_F_SIZE_MAX | VIRTIO_BLK_F_SEG_MAX | VIRTIO_BLK_F_BLK_SIZE
-             | VIRTIO_BLK_F_FLUSH | VIRTIO_BLK_F_TOPOLOGY | VIRTIO_BLK_F_MQ
-             | VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES)
+        f = (
+            RING_FEATURES
+            | VIRTIO_BLK_F_SIZE_MAX
+            | VIRTIO_BLK_F_SEG_MAX
+            | VIRTIO_BLK_F_BLK_SIZE
+            | VIRTIO_BLK_F_FLUSH
+            | VIRTIO_BLK_F_TOPOLOGY
+            | VIRTIO_BLK_F_MQ
+            | VIRTIO_BLK_F_DISCARD
+            | VIRTIO_BLK_F_WRITE_ZEROES
+        )
         if self.opts.read_only:
             f |= VIRTIO_BLK_F_RO
         return f
@@ -137,15 +145,26 @@ class BlkDevice(Device):
         phys_exp = max(0, (self.physical_block // self.logical_block).bit_length() - 1)
         return struct.pack(
             "<QIIHBBIBBHIBBHIIIIIB3x",
-            self.size // SECTOR,      # capacity
-            SIZE_MAX, SEG_MAX,
-            0, 0, 0,                  # geometry (not offered)
-            self.logical_block,       # blk_size
-            phys_exp, 0, 1, 0,        # topology: exp, alignment, min_io, opt_io (blocks)
-            0, 0,                     # writeback, unused
+            self.size // SECTOR,  # capacity
+            SIZE_MAX,
+            SEG_MAX,
+            0,
+            0,
+            0,  # geometry (not offered)
+            self.logical_block,  # blk_size
+            phys_exp,
+            0,
+            1,
+            0,  # topology: exp, alignment, min_io, opt_io (blocks)
+            0,
+            0,  # writeback, unused
             self.opts.num_queues,
-            MAX_DISCARD_SECTORS, MAX_DISCARD_SEG, DISCARD_ALIGNMENT_SECTORS,
-            MAX_WRITE_ZEROES_SECTORS, MAX_WRITE_ZEROES_SEG, 1,
+            MAX_DISCARD_SECTORS,
+            MAX_DISCARD_SEG,
+            DISCARD_ALIGNMENT_SECTORS,
+            MAX_WRITE_ZEROES_SECTORS,
+            MAX_WRITE_ZEROES_SEG,
+            1,
         )
 
     def runner(self, queue_index: int) -> Runner:
@@ -153,13 +172,26 @@ class BlkDevice(Device):
 
         def run(vq: vu_vq) -> int:
             return int(lib.blk_run_queue(vq, q))
+
         return run
 
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         s = self._queues[queue_index].stats
-        return {k: getattr(s, k) for k in ("reads", "writes", "flushes", "discards",
-                                            "write_zeroes", "get_ids", "ioerr", "unsupp",
-                                            "bytes_read", "bytes_written")}
+        return {
+            k: getattr(s, k)
+            for k in (
+                "reads",
+                "writes",
+                "flushes",
+                "discards",
+                "write_zeroes",
+                "get_ids",
+                "ioerr",
+                "unsupp",
+                "bytes_read",
+                "bytes_written",
+            )
+        }
 
     def stats_line(self) -> str:
         totals: dict[str, int] = {}
@@ -194,8 +226,9 @@ def _open_image(opts: BlkOptions) -> tuple[int, bool]:
         if opts.size is None:
             raise ImageError(f"{opts.path}: no such file (give --size to create it)") from None
         if opts.read_only:
-            raise ImageError(f"{opts.path}: no such file, and --read-only cannot create it"
-                             ) from None
+            raise ImageError(
+                f"{opts.path}: no such file, and --read-only cannot create it"
+            ) from None
         try:
             fd = os.open(opts.path, flags | os.O_CREAT | os.O_EXCL, 0o600)
             os.ftruncate(fd, opts.size)  # sparse: no blocks until written

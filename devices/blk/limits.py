@@ -20,8 +20,8 @@ from __future__ import annotations
 from typing import Final
 
 MAX_BLK_QUEUES: Final = 64
-SIZE_MAX: Final = 1 << 20      # bytes per data segment (config space size_max)
-SEG_MAX: Final = 126           # QEMU's default queue size (128) minus header and status
+SIZE_MAX: Final = 1 << 20  # bytes per data segment (config space size_max)
+SEG_MAX: Final = 126  # QEMU's default queue size (128) minus header and status
 MAX_REQUEST_BYTES: Final = SEG_MAX * SIZE_MAX
 MAX_DISCARD_SECTORS: Final = (1 << 22) - 1
 MAX_DISCARD_SEG: Final = 32

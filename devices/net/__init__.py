@@ -37,44 +37,55 @@ class NetType(DeviceType):
     program = "vhost-user-net"
     summary = "virtio-net port on a TAP device or a switch inside the daemon (C data path)"
     backend_type = "net"
-    description = ("vhost-user-net back end: a virtio-net port on a TAP device, or ports on "
-                   "a learning switch inside this process.")
+    description = (
+        "vhost-user-net back end: a virtio-net port on a TAP device, or ports on "
+        "a learning switch inside this process."
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         be = parser.add_mutually_exclusive_group()
         be.add_argument("--tap", metavar="NAME", help="attach to (or create) this TAP device")
         be.add_argument("--switch", metavar="NAME", help="ports on a switch inside the daemon")
-        parser.add_argument("--mac", metavar="MAC", help="MAC address (default: derived from "
-                            "the socket path; with several sockets, each gets its own)")
-        parser.add_argument("--num-queues", type=int, default=1, metavar="N",
-                            help="queue pairs")
-        parser.add_argument("--mtu", type=int, default=DEFAULT_MTU, metavar="N",
-                            help="MTU (1500)")
-        parser.add_argument("--busy-poll-us", type=int, default=DEFAULT_BUSY_POLL_US,
-                            metavar="US",
-                            help="keep polling the rings this long after the last frame "
-                                 "before sleeping on the kick fds (default "
-                                 f"{DEFAULT_BUSY_POLL_US}; 0: never)")
+        parser.add_argument(
+            "--mac",
+            metavar="MAC",
+            help="MAC address (default: derived from "
+            "the socket path; with several sockets, each gets its own)",
+        )
+        parser.add_argument("--num-queues", type=int, default=1, metavar="N", help="queue pairs")
+        parser.add_argument("--mtu", type=int, default=DEFAULT_MTU, metavar="N", help="MTU (1500)")
+        parser.add_argument(
+            "--busy-poll-us",
+            type=int,
+            default=DEFAULT_BUSY_POLL_US,
+            metavar="US",
+            help="keep polling the rings this long after the last frame "
+            "before sleeping on the kick fds (default "
+            f"{DEFAULT_BUSY_POLL_US}; 0: never)",
+        )
 
     def create(self, args: argparse.Namespace, sockets: Sequence[str | None]) -> list[Device]:
         if not (args.tap or args.switch):
             raise UsageError("give --tap NAME or --switch NAME")
         if args.tap and len(sockets) > 1:
-            raise UsageError("--tap serves one port: give one --socket-path (use --switch "
-                             "for several)")
+            raise UsageError(
+                "--tap serves one port: give one --socket-path (use --switch for several)"
+            )
         if args.mac and len(sockets) > 1:
-            raise UsageError("--mac names one port: with several --socket-path each gets its "
-                             "own MAC")
+            raise UsageError(
+                "--mac names one port: with several --socket-path each gets its own MAC"
+            )
         if args.switch and len(sockets) * args.num_queues > MAX_ENGINE_PAIRS:
-            raise UsageError(f"{len(sockets)} ports x {args.num_queues} queue pairs is more "
-                             f"than a switch serves ({MAX_ENGINE_PAIRS} queue pairs)")
+            raise UsageError(
+                f"{len(sockets)} ports x {args.num_queues} queue pairs is more "
+                f"than a switch serves ({MAX_ENGINE_PAIRS} queue pairs)"
+            )
         devices: list[Device] = []
         try:
             switch = Switch(args.switch, args.busy_poll_us) if args.switch else None
             for path in sockets:
                 mac = parse_mac(args.mac) if args.mac else default_mac(path or f"fd{args.fd}")
-                tap = (TapBackend(args.tap, args.num_queues, args.busy_poll_us) if args.tap
-                       else None)
+                tap = TapBackend(args.tap, args.num_queues, args.busy_poll_us) if args.tap else None
                 opts = NetOptions(mac=mac, num_queue_pairs=args.num_queues, mtu=args.mtu)
                 devices.append(NetDevice(opts, tap=tap, switch=switch))
         except ValueError as e:
@@ -87,9 +98,12 @@ class NetType(DeviceType):
         assert isinstance(device, NetDevice)
         pairs = device.opts.num_queue_pairs
         mq = f",queues={pairs}" if pairs > 1 else ""
-        return ["-netdev", f"vhost-user,id=net-{chardev},chardev={chardev}{mq}",
-                "-device", f"virtio-net-pci,netdev=net-{chardev},mac="
-                           f"{format_mac(device.opts.mac)},vectors=0"]
+        return [
+            "-netdev",
+            f"vhost-user,id=net-{chardev},chardev={chardev}{mq}",
+            "-device",
+            f"virtio-net-pci,netdev=net-{chardev},mac={format_mac(device.opts.mac)},vectors=0",
+        ]
 
     def describe(self, device: Device, where: str) -> str:
         assert isinstance(device, NetDevice)

@@ -11,8 +11,9 @@ HERE = Path(__file__).resolve().parent
 
 
 def _core_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("_vhost_core_build",
-                                                  HERE.parents[1] / "c_ext" / "build.py")
+    spec = importlib.util.spec_from_file_location(
+        "_vhost_core_build", HERE.parents[1] / "c_ext" / "build.py"
+    )
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -21,7 +22,9 @@ def _core_build() -> ModuleType:
 
 core = _core_build()
 
-CDEF = core.error_defines(HERE / "net.h", "NET_ERRORS") + """
+CDEF = (
+    core.error_defines(HERE / "net.h", "NET_ERRORS")
+    + """
 #define NET_MAX_PAIRS ...
 #define NET_MAC_BUCKETS ...
 #define NET_MAC_WAYS ...
@@ -50,6 +53,7 @@ void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
 const struct vu_error_info *net_error_table(uint32_t *n);
 """
+)
 
 ffibuilder = core.make_device_ffi("devices.net._net", CDEF, HERE / "net.h", [HERE / "net.c"])
 

@@ -50,8 +50,14 @@ VIRTIO_NET_F_STATUS = 1 << 16
 VIRTIO_NET_F_MQ = 1 << 22
 VIRTIO_NET_S_LINK_UP = 1
 
-OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4
-            | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6)
+OFFLOADS = (
+    VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+)
 
 DEFAULT_MTU = 1500
 MAX_MTU = 65535 - 18
@@ -115,8 +121,9 @@ class _Slot:
 class Engine:
     """One C loop thread over a set of (port, pair) queue pairs."""
 
-    def __init__(self, name: str, switch_mode: bool,
-                 busy_poll_us: int = DEFAULT_BUSY_POLL_US) -> None:
+    def __init__(
+        self, name: str, switch_mode: bool, busy_poll_us: int = DEFAULT_BUSY_POLL_US
+    ) -> None:
         if not 0 <= busy_poll_us <= MAX_BUSY_POLL_US:
             raise ValueError(f"--busy-poll-us {busy_poll_us} is not in 0..{MAX_BUSY_POLL_US}")
         self.name = name
@@ -132,12 +139,14 @@ class Engine:
     def handle(self) -> net_engine:
         return self._e
 
-    def set_queue(self, port: net_port, pair: int, is_tx: bool, q: Virtqueue | None,
-                  tap_fd: int = -1) -> None:
+    def set_queue(
+        self, port: net_port, pair: int, is_tx: bool, q: Virtqueue | None, tap_fd: int = -1
+    ) -> None:
         key = (int(port.id), pair)
         if q is not None and key not in self._pairs and len(self._pairs) >= MAX_ENGINE_PAIRS:
-            raise ValueError(f"{self.name} is full: one engine serves at most "
-                             f"{MAX_ENGINE_PAIRS} queue pairs")
+            raise ValueError(
+                f"{self.name} is full: one engine serves at most {MAX_ENGINE_PAIRS} queue pairs"
+            )
         self.stop()
         slot = self._pairs.setdefault(key, _Slot(port))
         if is_tx:
@@ -169,8 +178,9 @@ class Engine:
         e.stop = 0
         e.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         queues = [q for slot in active for q in (slot.rx, slot.tx) if q is not None]
-        self._thread = threading.Thread(target=self._serve, args=(queues,),
-                                        name=f"net-{self.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(queues,), name=f"net-{self.name}", daemon=True
+        )
         self._thread.start()
 
     def stop(self) -> None:
@@ -257,13 +267,13 @@ class NetOptions:
 class NetDevice(Device):
     errors = NET_ERRORS
 
-    def __init__(self, opts: NetOptions, tap: TapBackend | None = None,
-                 switch: Switch | None = None) -> None:
+    def __init__(
+        self, opts: NetOptions, tap: TapBackend | None = None, switch: Switch | None = None
+    ) -> None:
         if (tap is None) == (switch is None):
             raise ValueError("a net port needs exactly one of a TAP or a switch")
         if not 1 <= opts.num_queue_pairs <= MAX_QUEUE_PAIRS:
-            raise ValueError(f"--num-queues {opts.num_queue_pairs} is not in "
-                             f"1..{MAX_QUEUE_PAIRS}")
+            raise ValueError(f"--num-queues {opts.num_queue_pairs} is not in 1..{MAX_QUEUE_PAIRS}")
         if not 68 <= opts.mtu <= MAX_MTU:
             raise ValueError(f"--mtu {opts.mtu} is not in 68..{MAX_MTU}")
         self.opts = opts
@@ -275,8 +285,13 @@ class NetDevice(Device):
 
     @property
     def features(self) -> int:
-        f = (RING_FEATURES | VIRTIO_NET_F_MRG_RXBUF | VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS
-             | VIRTIO_NET_F_MTU)
+        f = (
+            RING_FEATURES
+            | VIRTIO_NET_F_MRG_RXBUF
+            | VIRTIO_NET_F_MAC
+            | VIRTIO_NET_F_STATUS
+            | VIRTIO_NET_F_MTU
+        )
         if self.opts.num_queue_pairs > 1:
             f |= VIRTIO_NET_F_MQ
         if self.tap is not None:
@@ -292,8 +307,9 @@ class NetDevice(Device):
         return self.opts.num_queue_pairs  # for net, GET_QUEUE_NUM counts queue pairs
 
     def config_space(self) -> bytes:
-        return struct.pack("<6sHHH", self.opts.mac, VIRTIO_NET_S_LINK_UP,
-                           self.opts.num_queue_pairs, self.opts.mtu)
+        return struct.pack(
+            "<6sHHH", self.opts.mac, VIRTIO_NET_S_LINK_UP, self.opts.num_queue_pairs, self.opts.mtu
+        )
 
     def buffers_wait_for_data(self, queue_index: int) -> bool:
         return queue_index % 2 == 0  # rx queues: 0, 2, 4, ...
@@ -329,9 +345,19 @@ class NetDevice(Device):
 
     def port_stats(self) -> dict[str, int]:
         s = self.port.stats
-        return {k: getattr(s, k) for k in ("tx_packets", "tx_bytes", "tx_dropped", "rx_packets",
-                                            "rx_bytes", "rx_dropped", "rx_no_buffers",
-                                            "flooded")}
+        return {
+            k: getattr(s, k)
+            for k in (
+                "tx_packets",
+                "tx_bytes",
+                "tx_dropped",
+                "rx_packets",
+                "rx_bytes",
+                "rx_dropped",
+                "rx_no_buffers",
+                "flooded",
+            )
+        }
 
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return self.port_stats() if queue_index == 0 else {}

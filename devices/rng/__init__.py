@@ -24,16 +24,23 @@ class RngType(DeviceType):
     program = "vhost-user-rng"
     summary = "virtio-rng entropy source, from getrandom or a file (Python chain API)"
     backend_type = "rng"
-    description = ("vhost-user-rng back end: a virtio-rng device filled from the host's "
-                   "getrandom() or from --source FILE, optionally rate limited.")
+    description = (
+        "vhost-user-rng back end: a virtio-rng device filled from the host's "
+        "getrandom() or from --source FILE, optionally rate limited."
+    )
 
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
-        parser.add_argument("--source", metavar="FILE",
-                            help="read entropy from FILE (e.g. /dev/hwrng) instead of "
-                                 "getrandom()")
-        parser.add_argument("--max-bytes-per-second", type=int, metavar="N",
-                            help="give the guest at most N bytes per second (default: no "
-                                 "limit)")
+        parser.add_argument(
+            "--source",
+            metavar="FILE",
+            help="read entropy from FILE (e.g. /dev/hwrng) instead of getrandom()",
+        )
+        parser.add_argument(
+            "--max-bytes-per-second",
+            type=int,
+            metavar="N",
+            help="give the guest at most N bytes per second (default: no limit)",
+        )
 
     def create(self, args: argparse.Namespace, sockets: Sequence[str | None]) -> list[Device]:
         devices: list[Device] = []

@@ -100,7 +100,7 @@ class RngDevice(Device):
                 break
             done.append(chain)
         queue.push(done)
-        rest = chains[len(done):]
+        rest = chains[len(done) :]
         if rest:
             queue.discard(rest)  # they wait in the ring
         return wait
@@ -146,8 +146,9 @@ class RngDevice(Device):
 
     def _source_failed(self, why: str) -> None:
         if not self.source_failed:
-            log.error("--source %s: %s; no more entropy to give (requests wait)",
-                      self.opts.source, why)
+            log.error(
+                "--source %s: %s; no more entropy to give (requests wait)", self.opts.source, why
+            )
         self.source_failed = True
 
     def stats_line(self) -> str:

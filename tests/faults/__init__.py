@@ -30,18 +30,42 @@ def build_eio_shim(out_dir: Path) -> Path:
         raise ShimBuildError("no C compiler (gcc/cc) to build the fault-injection shim")
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    r = subprocess.run([gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Wextra", "-Werror",
-                        "-o", str(tmp), str(SHIM_SOURCE), "-ldl", "-lpthread"],
-                       check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            gcc,
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-o",
+            str(tmp),
+            str(SHIM_SOURCE),
+            "-ldl",
+            "-lpthread",
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         raise ShimBuildError(f"gcc failed on {SHIM_SOURCE}:\n{r.stdout}{r.stderr}")
     tmp.replace(out)  # atomic: a concurrent test never loads half a file
     return out
 
 
-def shim_env(shim: Path, path: str | os.PathLike[str], *, start: int = 0, length: int = 0,
-             ops: str = "rw", errno: int | None = None, short: int = 0,
-             fail_sync: bool = False) -> dict[str, str]:
+def shim_env(
+    shim: Path,
+    path: str | os.PathLike[str],
+    *,
+    start: int = 0,
+    length: int = 0,
+    ops: str = "rw",
+    errno: int | None = None,
+    short: int = 0,
+    fail_sync: bool = False,
+) -> dict[str, str]:
     """The variables that make a process fail I/O to ``path`` as eio_shim.c describes
     (the shim appended to any ``LD_PRELOAD`` the caller already has)."""
     # after any preload already there: a sanitizer runtime must stay first, and its

@@ -19,6 +19,7 @@ and /dev/null (readable forever: refused as notifiers). The RAM memfd is truncat
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -42,12 +43,44 @@ MEMFD_SIZE: Final = 1 << 47
 RING_SIZE: Final = 256  # ring areas are laid out for this many entries
 HEADER: Final = struct.Struct("<III")
 
-INTERESTING_U32: Final = (0, 1, 2, 3, 7, 8, 0x7F, 0x80, 0xFF, 0x100, 0x101, 0x3FF, 0x400,
-                          0x401, 0xFFF, 0x1000, 0x1001, 0xFFFF, 0x10000, 0x7FFF_FFFF,
-                          0x8000_0000, 0xFFFF_FFFE, 0xFFFF_FFFF)
-INTERESTING_U64: Final = (*INTERESTING_U32, 1 << 32, (1 << 32) + 1, 1 << 46, 1 << 47,
-                          (1 << 47) - 4096, 1 << 48, 1 << 63, (1 << 64) - 4096,
-                          (1 << 64) - 1, (1 << 64) - 2)
+INTERESTING_U32: Final = (
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    0x7F,
+    0x80,
+    0xFF,
+    0x100,
+    0x101,
+    0x3FF,
+    0x400,
+    0x401,
+    0xFFF,
+    0x1000,
+    0x1001,
+    0xFFFF,
+    0x10000,
+    0x7FFF_FFFF,
+    0x8000_0000,
+    0xFFFF_FFFE,
+    0xFFFF_FFFF,
+)
+INTERESTING_U64: Final = (
+    *INTERESTING_U32,
+    1 << 32,
+    (1 << 32) + 1,
+    1 << 46,
+    1 << 47,
+    (1 << 47) - 4096,
+    1 << 48,
+    1 << 63,
+    (1 << 64) - 4096,
+    (1 << 64) - 1,
+    (1 << 64) - 2,
+)
 
 
 class Source(Protocol):
@@ -125,8 +158,7 @@ class Target:
     rings: tuple[RingArea, ...]
 
     @classmethod
-    def build(cls, ram: GuestRam, num_queues: int, features: int,
-              protocol_features: int) -> Target:
+    def build(cls, ram: GuestRam, num_queues: int, features: int, protocol_features: int) -> Target:
         areas = []
         for k in range(num_queues + 1):  # one spare: a ring another queue may share
             region = k % len(ram.layout)
@@ -143,10 +175,26 @@ class Target:
 # --- fds ------------------------------------------------------------------------------------
 
 #: fds a message may carry, and the mix for notifiers (kick, call, err) and memory.
-FD_KINDS: Final = ("eventfd", "eventfd", "pipe", "socket", "memfd", "small_memfd", "file",
-                   "devnull")
-KICK_KINDS: Final = ("eventfd", "eventfd", "eventfd", "eventfd", "pipe", "socket", "file",
-                     "devnull")
+FD_KINDS: Final = (
+    "eventfd",
+    "eventfd",
+    "pipe",
+    "socket",
+    "memfd",
+    "small_memfd",
+    "file",
+    "devnull",
+)
+KICK_KINDS: Final = (
+    "eventfd",
+    "eventfd",
+    "eventfd",
+    "eventfd",
+    "pipe",
+    "socket",
+    "file",
+    "devnull",
+)
 MEM_KINDS: Final = ("eventfd", "pipe", "small_memfd", "small_memfd", "file", "devnull")
 
 
@@ -196,10 +244,8 @@ class FdFactory:
         if not self.kept:
             return
         fd = src.pick(list(self.kept))
-        try:
+        with contextlib.suppress(OSError):  # a full pipe or socket, a closed peer
             os.write(fd, struct.pack("<Q", 1))
-        except OSError:
-            pass  # a full pipe or socket, a closed peer: nothing to poke
 
     def close(self) -> None:
         while self.kept:
@@ -247,18 +293,33 @@ def region(src: Source, t: Target) -> p.MemoryRegion:
     real = src.pick(regions)
     how = src.pick(("shift_gpa", "shift_uva", "grow", "shrink", "random", "random"))
     if how == "shift_gpa":
-        return p.MemoryRegion(real.guest_phys_addr + src.pick((1, 4096, 1 << 30)),
-                              real.memory_size, real.userspace_addr, real.mmap_offset)
+        return p.MemoryRegion(
+            real.guest_phys_addr + src.pick((1, 4096, 1 << 30)),
+            real.memory_size,
+            real.userspace_addr,
+            real.mmap_offset,
+        )
     if how == "shift_uva":
-        return p.MemoryRegion(real.guest_phys_addr, real.memory_size,
-                              real.userspace_addr + src.pick((1, 4096, 1 << 30)),
-                              real.mmap_offset)
+        return p.MemoryRegion(
+            real.guest_phys_addr,
+            real.memory_size,
+            real.userspace_addr + src.pick((1, 4096, 1 << 30)),
+            real.mmap_offset,
+        )
     if how == "grow":
-        return p.MemoryRegion(real.guest_phys_addr, real.memory_size * src.pick((2, 16, 4096)),
-                              real.userspace_addr, real.mmap_offset)
+        return p.MemoryRegion(
+            real.guest_phys_addr,
+            real.memory_size * src.pick((2, 16, 4096)),
+            real.userspace_addr,
+            real.mmap_offset,
+        )
     if how == "shrink":
-        return p.MemoryRegion(real.guest_phys_addr, src.between(1, real.memory_size),
-                              real.userspace_addr, real.mmap_offset)
+        return p.MemoryRegion(
+            real.guest_phys_addr,
+            src.between(1, real.memory_size),
+            real.userspace_addr,
+            real.mmap_offset,
+        )
     size = src.pick((1, 4096, 1 << 20, 1 << 40, 1 << 47, 1 << 62, u64(src)))
     size = max(1, size)
     limit = (1 << 64) - size  # start + size must stay below 2**64
@@ -298,29 +359,92 @@ def ring_size(src: Source) -> int:
 
 def features(src: Source, t: Target) -> int:
     offered = t.features | p.VHOST_USER_F_PROTOCOL_FEATURES
-    return src.pick((offered, offered, t.features, offered & u64(src), u64(src),
-                     offered | (1 << src.between(0, 63))))
+    return src.pick(
+        (
+            offered,
+            offered,
+            t.features,
+            offered & u64(src),
+            u64(src),
+            offered | (1 << src.between(0, 63)),
+        )
+    )
 
 
 def protocol_features(src: Source, t: Target) -> int:
-    return src.pick((t.protocol_features, t.protocol_features, 0,
-                     t.protocol_features & u64(src), u64(src),
-                     t.protocol_features | (1 << src.between(0, 63))))
+    return src.pick(
+        (
+            t.protocol_features,
+            t.protocol_features,
+            0,
+            t.protocol_features & u64(src),
+            u64(src),
+            t.protocol_features | (1 << src.between(0, 63)),
+        )
+    )
 
 
 MESSAGE_KINDS: Final = (
-    "GET_FEATURES", "SET_FEATURES", "SET_OWNER", "RESET_OWNER", "GET_PROTOCOL_FEATURES",
-    "SET_PROTOCOL_FEATURES", "GET_QUEUE_NUM", "GET_MAX_MEM_SLOTS", "RESET_DEVICE",
-    "SET_MEM_TABLE", "SET_MEM_TABLE", "ADD_MEM_REG", "REM_MEM_REG",
-    "SET_VRING_NUM", "SET_VRING_NUM", "SET_VRING_BASE", "SET_VRING_ADDR", "SET_VRING_ADDR",
-    "GET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_KICK", "SET_VRING_KICK", "SET_VRING_CALL",
-    "SET_VRING_ERR", "SET_VRING_ENABLE", "SET_VRING_ENABLE", "GET_CONFIG", "SET_CONFIG",
-    "GET_INFLIGHT_FD", "SET_INFLIGHT_FD", "UNKNOWN",
+    "GET_FEATURES",
+    "SET_FEATURES",
+    "SET_OWNER",
+    "RESET_OWNER",
+    "GET_PROTOCOL_FEATURES",
+    "SET_PROTOCOL_FEATURES",
+    "GET_QUEUE_NUM",
+    "GET_MAX_MEM_SLOTS",
+    "RESET_DEVICE",
+    "SET_MEM_TABLE",
+    "SET_MEM_TABLE",
+    "ADD_MEM_REG",
+    "REM_MEM_REG",
+    "SET_VRING_NUM",
+    "SET_VRING_NUM",
+    "SET_VRING_BASE",
+    "SET_VRING_ADDR",
+    "SET_VRING_ADDR",
+    "GET_VRING_BASE",
+    "GET_VRING_BASE",
+    "SET_VRING_KICK",
+    "SET_VRING_KICK",
+    "SET_VRING_CALL",
+    "SET_VRING_ERR",
+    "SET_VRING_ENABLE",
+    "SET_VRING_ENABLE",
+    "GET_CONFIG",
+    "SET_CONFIG",
+    "GET_INFLIGHT_FD",
+    "SET_INFLIGHT_FD",
+    "UNKNOWN",
 )
 
 #: Requests this codec passes through as Unknown, and codes nobody defines.
-UNKNOWN_CODES: Final = (0, 6, 7, 14, 19, 20, 21, 22, 23, 26, 27, 28, 29, 30, 33, 35, 39, 40,
-                        41, 42, 100, 255, 0x7FFF_FFFF, 0xFFFF_FFFF)
+UNKNOWN_CODES: Final = (
+    0,
+    6,
+    7,
+    14,
+    19,
+    20,
+    21,
+    22,
+    23,
+    26,
+    27,
+    28,
+    29,
+    30,
+    33,
+    35,
+    39,
+    40,
+    41,
+    42,
+    100,
+    255,
+    0x7FFF_FFFF,
+    0xFFFF_FFFF,
+)
 
 
 def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
@@ -329,9 +453,13 @@ def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
     kind = src.pick(MESSAGE_KINDS)
     need = src.chance(50)
     simple: dict[str, Callable[..., p.Message]] = {
-        "GET_FEATURES": p.GetFeatures, "SET_OWNER": p.SetOwner, "RESET_OWNER": p.ResetOwner,
-        "GET_PROTOCOL_FEATURES": p.GetProtocolFeatures, "GET_QUEUE_NUM": p.GetQueueNum,
-        "GET_MAX_MEM_SLOTS": p.GetMaxMemSlots, "RESET_DEVICE": p.ResetDevice,
+        "GET_FEATURES": p.GetFeatures,
+        "SET_OWNER": p.SetOwner,
+        "RESET_OWNER": p.ResetOwner,
+        "GET_PROTOCOL_FEATURES": p.GetProtocolFeatures,
+        "GET_QUEUE_NUM": p.GetQueueNum,
+        "GET_MAX_MEM_SLOTS": p.GetMaxMemSlots,
+        "RESET_DEVICE": p.ResetDevice,
     }
     if kind in simple:
         return simple[kind](need_reply=need), ()
@@ -349,8 +477,10 @@ def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
         return p.AddMemReg(region(src, t), 0, need), (mem_fd_kind(src),)
     if kind == "REM_MEM_REG":
         with_fd = src.chance(20)
-        return (p.RemMemReg(region(src, t), 0 if with_fd else None, need),
-                (mem_fd_kind(src),) if with_fd else ())
+        return (
+            p.RemMemReg(region(src, t), 0 if with_fd else None, need),
+            (mem_fd_kind(src),) if with_fd else (),
+        )
     if kind in ("SET_VRING_NUM", "SET_VRING_BASE", "GET_VRING_BASE", "SET_VRING_ENABLE"):
         index = queue_index(src, t)
         if kind == "SET_VRING_NUM":
@@ -370,8 +500,10 @@ def valid_message(src: Source, t: Target) -> tuple[p.Message, tuple[str, ...]]:
     if kind in ("SET_VRING_KICK", "SET_VRING_CALL", "SET_VRING_ERR"):
         index = queue_index(src, t, vring_fd=True)
         makers: dict[str, Callable[..., p.Message]] = {
-            "SET_VRING_KICK": p.SetVringKick, "SET_VRING_CALL": p.SetVringCall,
-            "SET_VRING_ERR": p.SetVringErr}
+            "SET_VRING_KICK": p.SetVringKick,
+            "SET_VRING_CALL": p.SetVringCall,
+            "SET_VRING_ERR": p.SetVringErr,
+        }
         make = makers[kind]
         if src.chance(10):
             return make(index, None, need), ()
@@ -416,17 +548,21 @@ def valid_frame(src: Source, t: Target) -> Frame:
     return frame_of(msg, kinds)
 
 
-def setup_frames(t: Target, queues: Sequence[int] = (0,), *, need_reply: bool = True,
-                 num: int = RING_SIZE) -> list[Frame]:
+def setup_frames(
+    t: Target, queues: Sequence[int] = (0,), *, need_reply: bool = True, num: int = RING_SIZE
+) -> list[Frame]:
     """The handshake QEMU does, memory table and rings on the ring areas, started."""
     msgs: list[tuple[p.Message, tuple[str, ...]]] = [
-        (p.GetFeatures(), ()), (p.GetProtocolFeatures(), ()),
+        (p.GetFeatures(), ()),
+        (p.GetProtocolFeatures(), ()),
         (p.SetProtocolFeatures(t.protocol_features), ()),
         (p.SetOwner(need_reply), ()),
         (p.SetFeatures(t.features | p.VHOST_USER_F_PROTOCOL_FEATURES, need_reply), ()),
         (p.GetQueueNum(), ()),
-        (p.SetMemTable(tuple(t.regions()), tuple(range(len(t.regions()))), need_reply),
-         ("memfd",) * len(t.regions())),
+        (
+            p.SetMemTable(tuple(t.regions()), tuple(range(len(t.regions()))), need_reply),
+            ("memfd",) * len(t.regions()),
+        ),
     ]
     for i in queues:
         area = t.rings[i]
@@ -443,9 +579,25 @@ def setup_frames(t: Target, queues: Sequence[int] = (0,), *, need_reply: bool = 
 
 # --- mutations ------------------------------------------------------------------------------
 
-MUTATIONS: Final = ("bitflip", "bitflip", "truncate", "extend", "size", "request", "request",
-                    "reply_flag", "version", "fds", "fds", "splice", "reply_as_request",
-                    "garbage", "need_reply", "reserved_flags", "header_only")
+MUTATIONS: Final = (
+    "bitflip",
+    "bitflip",
+    "truncate",
+    "extend",
+    "size",
+    "request",
+    "request",
+    "reply_flag",
+    "version",
+    "fds",
+    "fds",
+    "splice",
+    "reply_as_request",
+    "garbage",
+    "need_reply",
+    "reserved_flags",
+    "header_only",
+)
 
 
 def _header(data: bytes) -> tuple[int, int, int]:
@@ -458,8 +610,16 @@ def _with_header(data: bytes, request: int, flags: int, size: int) -> bytes:
 
 
 def random_fd_kinds(src: Source) -> tuple[str, ...]:
-    n = src.pick((0, 1, 1, 2, src.between(0, p.MAX_FDS_PER_MESSAGE),
-                  src.between(p.MAX_FDS_PER_MESSAGE, p.MAX_FDS_PER_MESSAGE + 2)))
+    n = src.pick(
+        (
+            0,
+            1,
+            1,
+            2,
+            src.between(0, p.MAX_FDS_PER_MESSAGE),
+            src.between(p.MAX_FDS_PER_MESSAGE, p.MAX_FDS_PER_MESSAGE + 2),
+        )
+    )
     return tuple(src.pick(FD_KINDS) for _ in range(n))
 
 
@@ -468,8 +628,10 @@ def random_reply_bytes(src: Source) -> bytes:
     code = src.pick(list(p.Request))
     size = src.between(0, 16)
     candidates: list[p.Reply] = [
-        p.U64Reply(code, u64(src)), p.VringStateReply(code, u32(src), u32(src)),
-        p.ConfigReply(code, u32(src), size, u32(src), src.bytes(size))]
+        p.U64Reply(code, u64(src)),
+        p.VringStateReply(code, u32(src), u32(src)),
+        p.ConfigReply(code, u32(src), size, u32(src), src.bytes(size)),
+    ]
     for reply in candidates:  # the one that fits this request code
         try:
             return p.encode_reply(reply)
@@ -493,8 +655,18 @@ def mutate(src: Source, base: Frame, t: Target) -> Frame:
     elif how == "extend":
         data += src.bytes(src.pick((1, 4, 12, src.between(1, 64))))
     elif how == "size":
-        new = src.pick((0, max(0, size - 1), size + 1, size + 8, p.MAX_PAYLOAD_SIZE,
-                        p.MAX_PAYLOAD_SIZE + 1, 0xFFFF_FFFF, u32(src)))
+        new = src.pick(
+            (
+                0,
+                max(0, size - 1),
+                size + 1,
+                size + 8,
+                p.MAX_PAYLOAD_SIZE,
+                p.MAX_PAYLOAD_SIZE + 1,
+                0xFFFF_FFFF,
+                u32(src),
+            )
+        )
         data = _with_header(data, request, flags, new)
     elif how == "request":
         new = src.pick(UNKNOWN_CODES) if src.chance(50) else src.pick(list(p.Request))

@@ -151,14 +151,16 @@ class Stats:
     def line(self, elapsed: float) -> str:
         top = "; ".join(f"{n}x {k}" for k, n in self.protocol_errors.most_common(6))
         acks = ", ".join(f"{k} {n}" for k, n in self.failed_acks.most_common(6))
-        return (f"protocol state machine: {elapsed:.1f}s, {self.runs} runs, {self.steps} steps "
-                f"({self.running_steps} with a queue running), "
-                f"{self.frames} frames ({self.bytes} bytes, {self.fds} fds), {self.messages} "
-                f"messages handled, {self.replies} replies, {self.reconnects} reconnects, "
-                f"{self.io_checks} verified fresh-session I/O checks; "
-                f"{sum(self.protocol_errors.values())} ProtocolError "
-                f"({len(self.protocol_errors)} kinds; top: {top}); session refusals "
-                f"{sum(self.failed_acks.values())} ({acks}); log {dict(self.log_levels)}")
+        return (
+            f"protocol state machine: {elapsed:.1f}s, {self.runs} runs, {self.steps} steps "
+            f"({self.running_steps} with a queue running), "
+            f"{self.frames} frames ({self.bytes} bytes, {self.fds} fds), {self.messages} "
+            f"messages handled, {self.replies} replies, {self.reconnects} reconnects, "
+            f"{self.io_checks} verified fresh-session I/O checks; "
+            f"{sum(self.protocol_errors.values())} ProtocolError "
+            f"({len(self.protocol_errors)} kinds; top: {top}); session refusals "
+            f"{sum(self.failed_acks.values())} ({acks}); log {dict(self.log_levels)}"
+        )
 
 
 class LogTap(logging.Handler):
@@ -178,8 +180,9 @@ class LogTap(logging.Handler):
             self.tracebacks.append(text)
 
     def handleError(self, record: logging.LogRecord) -> None:
-        self.tracebacks.append(f"log record could not be formatted: {record.msg!r} "
-                               f"% {record.args!r}")
+        self.tracebacks.append(
+            f"log record could not be formatted: {record.msg!r} % {record.args!r}"
+        )
 
 
 @contextmanager
@@ -247,8 +250,9 @@ def check_reply(msg: p.Message, reply: p.Reply | None) -> bool:
 # --- the machine -----------------------------------------------------------------------------
 
 
-def _chunks(frames: Sequence[Frame], src: Source, chunked: bool,
-            misplace: bool) -> list[tuple[bytes, list[str]]]:
+def _chunks(
+    frames: Sequence[Frame], src: Source, chunked: bool, misplace: bool
+) -> list[tuple[bytes, list[str]]]:
     """Cut the frames' bytes into pieces, each with the kinds of fds that arrive with it:
     a frame's fds come with the piece that ends with its last byte (a recvmsg on a unix
     stream stops there), or with any piece when `misplace`."""
@@ -265,7 +269,8 @@ def _chunks(frames: Sequence[Frame], src: Source, chunked: bool,
                 cuts.add(end)
     starts = [0, *sorted(cuts)]
     pieces: list[tuple[bytes, list[str]]] = [
-        (stream[a:b], []) for a, b in zip(starts, [*starts[1:], len(stream)])]
+        (stream[a:b], []) for a, b in zip(starts, [*starts[1:], len(stream)], strict=False)
+    ]
     end = 0
     for f in frames:
         end += len(f.data)
@@ -296,8 +301,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.base_tasks = task_count()
         self.ram = big_ram()
         self.ram_fds = open_fds() - self.base_fds  # its memfd and the mmap's own copy
-        self.target = Target.build(self.ram, NUM_QUEUES, self.device.features,
-                                   int(OFFERED_PROTOCOL_FEATURES))
+        self.target = Target.build(
+            self.ram, NUM_QUEUES, self.device.features, int(OFFERED_PROTOCOL_FEATURES)
+        )
         self.fds = FdFactory(self.ram.fd)
         self.drivers: list[BlkDriver] = []
         self.connections = 0
@@ -306,8 +312,10 @@ class ProtocolMachine(RuleBasedStateMachine):
     # --- connection ---
     def _connect(self) -> tuple[Session, p.MessageReader]:
         self.connections += 1
-        return (Session(self.device, f"fuzz{self.stats.runs}.{self.connections}"),
-                p.MessageReader())
+        return (
+            Session(self.device, f"fuzz{self.stats.runs}.{self.connections}"),
+            p.MessageReader(),
+        )
 
     def _reconnect(self) -> None:
         """What the server does when a connection ends."""
@@ -320,8 +328,9 @@ class ProtocolMachine(RuleBasedStateMachine):
         self.session, self.reader = self._connect()
 
     # --- feeding ---
-    def deliver(self, frames: Sequence[Frame], src: Source, *, chunked: bool = False,
-                misplace: bool = False) -> None:
+    def deliver(
+        self, frames: Sequence[Frame], src: Source, *, chunked: bool = False, misplace: bool = False
+    ) -> None:
         for f in frames:
             self.stats.frame_kinds[f.label] += 1
         self.stats.frames += len(frames)
@@ -416,16 +425,20 @@ class ProtocolMachine(RuleBasedStateMachine):
             areas += [(a.desc, 16 * 16), (a.avail, 6 + 2 * 16), (a.used, 6 + 8 * 16)]
         for d in self.drivers:
             q = d.queue
-            areas += [(self.ram.uva_of(q.desc_gpa), 16 * q.num),
-                      (self.ram.uva_of(q.avail_gpa), 4 + 2 * q.num)]
+            areas += [
+                (self.ram.uva_of(q.desc_gpa), 16 * q.num),
+                (self.ram.uva_of(q.avail_gpa), 4 + 2 * q.num),
+            ]
         uva, size = src.pick(areas)
         offset = src.between(0, size - 1)
         garbage = src.bytes(src.between(1, min(16, size - offset)))
         self.ram.write(self._gpa_of(uva) + offset, garbage)
         if src.chance(50):  # the driver claims to have made buffers available
             for a in self.target.rings:
-                self.ram.write_u16(self._gpa_of(a.avail) + 2,
-                                   src.pick((1, 2, 16, 17, 0xFFFF, src.between(0, 0xFFFF))))
+                self.ram.write_u16(
+                    self._gpa_of(a.avail) + 2,
+                    src.pick((1, 2, 16, 17, 0xFFFF, src.between(0, 0xFFFF))),
+                )
         for _ in range(4):
             self.fds.poke(src)
         for d in self.drivers:
@@ -486,7 +499,8 @@ class ProtocolMachine(RuleBasedStateMachine):
             expect |= unnamed
         assert actual == expect, (
             f"fds leaked: {describe_fds(actual - expect)}; "
-            f"fds closed under their owner: {describe_fds(expect - actual)}")
+            f"fds closed under their owner: {describe_fds(expect - actual)}"
+        )
 
     @invariant()
     def fds_accounted_for(self) -> None:
@@ -519,8 +533,12 @@ def verified_io(m: ProtocolMachine, rng: random.Random, keep_running: bool = Fal
     assert isinstance(offered, p.U64Reply)
     pf = ex(p.GetProtocolFeatures())
     assert isinstance(pf, p.U64Reply)
-    ex(p.SetProtocolFeatures(pf.value & int(p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.MQ
-                                            | p.ProtocolFeature.CONFIG)))
+    ex(
+        p.SetProtocolFeatures(
+            pf.value
+            & int(p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.MQ | p.ProtocolFeature.CONFIG)
+        )
+    )
     features = offered.value
     if rng.random() < 0.5:
         features &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
@@ -530,26 +548,43 @@ def verified_io(m: ProtocolMachine, rng: random.Random, keep_running: bool = Fal
     if pf.value & p.ProtocolFeature.INFLIGHT_SHMFD and rng.random() < 0.5:
         # QEMU's order: protocol features with INFLIGHT_SHMFD, then GET_INFLIGHT_FD and
         # SET_INFLIGHT_FD (with the fd it got) before the rings start.
-        ex(p.SetProtocolFeatures(pf.value & int(
-            p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.MQ | p.ProtocolFeature.CONFIG
-            | p.ProtocolFeature.INFLIGHT_SHMFD)))
+        ex(
+            p.SetProtocolFeatures(
+                pf.value
+                & int(
+                    p.ProtocolFeature.REPLY_ACK
+                    | p.ProtocolFeature.MQ
+                    | p.ProtocolFeature.CONFIG
+                    | p.ProtocolFeature.INFLIGHT_SHMFD
+                )
+            )
+        )
         got = ex(p.GetInflightFd(NUM_QUEUES, 16))
         assert isinstance(got, p.InflightReply) and got.fd is not None, got
-        acks.append(ex(p.SetInflightFd(got.mmap_size, got.mmap_offset, got.num_queues,
-                                       got.queue_size, 0, True), [got.fd]))
+        acks.append(
+            ex(
+                p.SetInflightFd(
+                    got.mmap_size, got.mmap_offset, got.num_queues, got.queue_size, 0, True
+                ),
+                [got.fd],
+            )
+        )
     regions = tuple(m.ram.regions())
-    acks.append(ex(p.SetMemTable(regions, tuple(range(len(regions))), True),
-                   [m.ram.fd] * len(regions)))
+    acks.append(
+        ex(p.SetMemTable(regions, tuple(range(len(regions))), True), [m.ram.fd] * len(regions))
+    )
     q = DriverQueue(m.ram, 16, bool(features & (1 << VIRTIO_RING_F_EVENT_IDX)))
     drv = BlkDriver(q)
     m.drivers.append(drv)
     uva = m.ram.uva_of
-    acks += [ex(p.SetVringNum(0, q.num, True)), ex(p.SetVringBase(0, 0, True)),
-             ex(p.SetVringAddr(0, 0, uva(q.desc_gpa), uva(q.used_gpa), uva(q.avail_gpa), 0,
-                               True)),
-             ex(p.SetVringKick(0, 0, True), [q.kick_fd]),
-             ex(p.SetVringCall(0, 0, True), [q.call_fd]),
-             ex(p.SetVringEnable(0, True, True))]
+    acks += [
+        ex(p.SetVringNum(0, q.num, True)),
+        ex(p.SetVringBase(0, 0, True)),
+        ex(p.SetVringAddr(0, 0, uva(q.desc_gpa), uva(q.used_gpa), uva(q.avail_gpa), 0, True)),
+        ex(p.SetVringKick(0, 0, True), [q.kick_fd]),
+        ex(p.SetVringCall(0, 0, True), [q.call_fd]),
+        ex(p.SetVringEnable(0, True, True)),
+    ]
     assert all(a == p.U64Reply(a.request, 0) for a in acks if a is not None), acks
     nbytes = SECTOR * rng.randint(1, 16)
     sector = rng.randrange(IMAGE_SIZE // SECTOR - 16)
@@ -568,19 +603,26 @@ def verified_io(m: ProtocolMachine, rng: random.Random, keep_running: bool = Fal
 
 @pytest.fixture
 def blk_device(tmp_path: Path) -> Iterator[BlkDevice]:
-    device = BlkDevice(BlkOptions(str(tmp_path / "fuzz.img"), size=IMAGE_SIZE,
-                                  num_queues=NUM_QUEUES))
+    device = BlkDevice(
+        BlkOptions(str(tmp_path / "fuzz.img"), size=IMAGE_SIZE, num_queues=NUM_QUEUES)
+    )
     yield device
     device.close()
 
 
 def fuzz_settings(examples: int) -> settings:
-    return settings(max_examples=examples, stateful_step_count=STEPS, deadline=None,
-                    database=None, suppress_health_check=list(HealthCheck))
+    return settings(
+        max_examples=examples,
+        stateful_step_count=STEPS,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
 
 
-def test_protocol_state_machine(blk_device: BlkDevice, fuzz_minutes: float, tmp_path: Path,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_protocol_state_machine(
+    blk_device: BlkDevice, fuzz_minutes: float, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     start_fds, start_tasks = open_fds(), task_count()
     stats = ProtocolMachine.stats = Stats()
     ProtocolMachine.device = blk_device
@@ -595,10 +637,12 @@ def test_protocol_state_machine(blk_device: BlkDevice, fuzz_minutes: float, tmp_
             if budget:
                 while time.monotonic() - t0 < budget:
                     run_state_machine_as_test(  # type: ignore[no-untyped-call]
-                        ProtocolMachine, settings=fuzz_settings(100))
+                        ProtocolMachine, settings=fuzz_settings(100)
+                    )
             else:
                 run_state_machine_as_test(  # type: ignore[no-untyped-call]
-                    ProtocolMachine, settings=fuzz_settings(CI_EXAMPLES))
+                    ProtocolMachine, settings=fuzz_settings(CI_EXAMPLES)
+                )
     finally:
         faulthandler.cancel_dump_traceback_later()
         hang_report.close()
@@ -620,8 +664,9 @@ def test_protocol_state_machine(blk_device: BlkDevice, fuzz_minutes: float, tmp_
 # --- findings -----------------------------------------------------------------------------
 
 
-def test_kick_fd_that_is_always_readable_does_not_spin(blk_device: BlkDevice,
-                                                       tmp_path: Path) -> None:
+def test_kick_fd_that_is_always_readable_does_not_spin(
+    blk_device: BlkDevice, tmp_path: Path
+) -> None:
     plain = tmp_path / "plain"
     plain.write_bytes(b"not an eventfd")
     ram = GuestRam(RAM_SIZE, 1)
@@ -629,11 +674,13 @@ def test_kick_fd_that_is_always_readable_does_not_spin(blk_device: BlkDevice,
     q = DriverQueue(ram, 16)
     try:
         uva = ram.uva_of
-        for msg in (p.SetFeatures(blk_device.features),  # rings start enabled
-                    p.SetMemTable(tuple(ram.regions()), (os.dup(ram.fd),)),
-                    p.SetVringNum(0, 16),
-                    p.SetVringAddr(0, 0, uva(q.desc_gpa), uva(q.used_gpa), uva(q.avail_gpa), 0),
-                    p.SetVringKick(0, os.open(plain, os.O_RDONLY | os.O_CLOEXEC))):
+        for msg in (
+            p.SetFeatures(blk_device.features),  # rings start enabled
+            p.SetMemTable(tuple(ram.regions()), (os.dup(ram.fd),)),
+            p.SetVringNum(0, 16),
+            p.SetVringAddr(0, 0, uva(q.desc_gpa), uva(q.used_gpa), uva(q.avail_gpa), 0),
+            p.SetVringKick(0, os.open(plain, os.O_RDONLY | os.O_CLOEXEC)),
+        ):
             assert session.handle(msg) is None
         # Either refuse such a kick fd, or do not count a wake-up that read nothing.
         time.sleep(0.2)

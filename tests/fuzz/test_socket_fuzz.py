@@ -95,15 +95,17 @@ class FuzzStats:
 
     def line(self, elapsed: float, io: GoodFrontEnd) -> str:
         why = "; ".join(f"{n}x {k}" for k, n in self.disconnects.most_common(6))
-        return (f"socket fuzz (seed {self.seed}): {elapsed:.1f}s, {self.messages} messages "
-                f"({self.bytes} bytes, {self.fds} fds) in {self.connections} connections, "
-                f"{self.replies} replies ({self.reply_fds} with an fd), {len(self.bad_replies)} "
-                f"malformed, {self.pings} pings answered, {self.finished} hung up and read to "
-                f"the end, {self.dropped_by_daemon} dropped by the daemon, {self.scribbles} "
-                f"ring scribbles; "
-                f"daemon disconnect reasons: {len(self.disconnects)} kinds, top: {why}; "
-                f"good front end: {io.verified} verified I/Os ({io.bytes} bytes), longest "
-                f"wait {io.longest_gap:.2f}s")
+        return (
+            f"socket fuzz (seed {self.seed}): {elapsed:.1f}s, {self.messages} messages "
+            f"({self.bytes} bytes, {self.fds} fds) in {self.connections} connections, "
+            f"{self.replies} replies ({self.reply_fds} with an fd), {len(self.bad_replies)} "
+            f"malformed, {self.pings} pings answered, {self.finished} hung up and read to "
+            f"the end, {self.dropped_by_daemon} dropped by the daemon, {self.scribbles} "
+            f"ring scribbles; "
+            f"daemon disconnect reasons: {len(self.disconnects)} kinds, top: {why}; "
+            f"good front end: {io.verified} verified I/Os ({io.bytes} bytes), longest "
+            f"wait {io.longest_gap:.2f}s"
+        )
 
 
 # --- the well-behaved front end ----------------------------------------------------------
@@ -145,7 +147,7 @@ class GoodFrontEnd(threading.Thread):
                     self.ready.set()
                     if self.stop.wait(0.002):  # leave the cores to the fuzzer mostly
                         return
-        except BaseException as e:  # noqa: BLE001 (the test reports it)
+        except BaseException as e:
             self.error = e
         finally:
             self.ready.set()
@@ -227,8 +229,7 @@ class Connection:
             self._dropped()
             return False
         except TimeoutError:
-            raise AssertionError(f"the daemon took none of our bytes for {SEND_TIMEOUT}s") \
-                from None
+            raise AssertionError(f"the daemon took none of our bytes for {SEND_TIMEOUT}s") from None
         finally:
             for fd in fds:
                 os.close(fd)
@@ -278,14 +279,15 @@ class Connection:
             return
         deadline = time.monotonic() + PING_TIMEOUT
         while self.open:
-            if any(isinstance(r, p.ConfigReply) and r.offset == offset
-                   for r in self.recent):
+            if any(isinstance(r, p.ConfigReply) and r.offset == offset for r in self.recent):
                 self.stats.pings += 1
                 return
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonStalled(f"no answer to a GET_CONFIG ping within {PING_TIMEOUT}s; "
-                                    f"last sent (header, bytes, fds): {list(self.sent)}")
+                raise DaemonStalled(
+                    f"no answer to a GET_CONFIG ping within {PING_TIMEOUT}s; "
+                    f"last sent (header, bytes, fds): {list(self.sent)}"
+                )
             self.drain(block=left)
 
     def finish(self) -> None:
@@ -303,8 +305,10 @@ class Connection:
         while self.open:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise DaemonStalled(f"the daemon kept the connection {PING_TIMEOUT}s after our "
-                                    f"EOF; last sent (header, bytes, fds): {list(self.sent)}")
+                raise DaemonStalled(
+                    f"the daemon kept the connection {PING_TIMEOUT}s after our "
+                    f"EOF; last sent (header, bytes, fds): {list(self.sent)}"
+                )
             self.drain(block=left)
         self.stats.finished += 1
 
@@ -362,8 +366,7 @@ class Fuzzer:
         frames: list[Frame] = []
         if src.chance(35):
             queues = [i for i in range(t.num_queues) if src.chance(70)] or [0]
-            frames = setup_frames(t, queues, need_reply=src.chance(50),
-                                  num=src.pick((16, 64, 256)))
+            frames = setup_frames(t, queues, need_reply=src.chance(50), num=src.pick((16, 64, 256)))
             if src.chance(20):
                 frames = frames[: src.between(1, len(frames))]
         sprinkle = src.pick((0, 1, 3, 10))
@@ -411,8 +414,13 @@ class Fuzzer:
             # goes alone, possibly cut in pieces with the fds on the first.
             batch = [frames[k]]
             k += 1
-            while (k < len(frames) and len(batch) < left and not frames[k].fds
-                   and not batch[-1].fds and self.src.chance(50)):
+            while (
+                k < len(frames)
+                and len(batch) < left
+                and not frames[k].fds
+                and not batch[-1].fds
+                and self.src.chance(50)
+            ):
                 batch.append(frames[k])
                 k += 1
             for f in batch:
@@ -496,8 +504,17 @@ def two_disks(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
     good_img, good_sock = tmp_path / "good.img", tmp_path / "good.sock"
     with open(good_img, "wb") as f:
         f.truncate(IMAGE_SIZE)
-    d = spawn_blk(tmp_path, "fuzz", "--socket-path", str(good_sock), "--blk-file",
-                     str(good_img), "--num-queues", str(NUM_QUEUES), image_size=IMAGE_SIZE)
+    d = spawn_blk(
+        tmp_path,
+        "fuzz",
+        "--socket-path",
+        str(good_sock),
+        "--blk-file",
+        str(good_img),
+        "--num-queues",
+        str(NUM_QUEUES),
+        image_size=IMAGE_SIZE,
+    )
     try:
         yield d, dataclasses.replace(d, sockets=[good_sock], image=good_img)
     finally:
@@ -506,8 +523,9 @@ def two_disks(tmp_path: Path) -> Iterator[tuple[Daemon, Daemon]]:
             d.proc.wait()
 
 
-def test_socket_fuzz(two_disks: tuple[Daemon, Daemon], fuzz_minutes: float,
-                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_socket_fuzz(
+    two_disks: tuple[Daemon, Daemon], fuzz_minutes: float, capsys: pytest.CaptureFixture[str]
+) -> None:
     fuzz_disk, good_disk = two_disks
     idle = fuzz_disk.settled_resources(fuzz_disk.resources())
     seed = int(os.environ.get("VHOST_FUZZ_SEED", "0")) or random.randrange(1, 2**32)
@@ -527,13 +545,14 @@ def test_socket_fuzz(two_disks: tuple[Daemon, Daemon], fuzz_minutes: float,
         except DaemonStalled as e:
             lost = lost_from_epoll(fuzz_disk.pid, fuzz_disk.socket_path)
             log.update()
-            fuzzer.stats.disconnects = log.disconnects.get(fuzz_disk.socket_path.name,
-                                                           Counter())
+            fuzzer.stats.disconnects = log.disconnects.get(fuzz_disk.socket_path.name, Counter())
             if lost:
-                pytest.xfail(f"known finding after {fuzzer.stats.messages} messages: the "
-                             f"daemon's connection fd {lost} dropped out of uvloop's epoll set "
-                             f"(see test_front_end_reset_with_replies_unread_is_noticed), so "
-                             f"it is never read again ({str(e)[:300]})")
+                pytest.xfail(
+                    f"known finding after {fuzzer.stats.messages} messages: the "
+                    f"daemon's connection fd {lost} dropped out of uvloop's epoll set "
+                    f"(see test_front_end_reset_with_replies_unread_is_noticed), so "
+                    f"it is never read again ({str(e)[:300]})"
+                )
             raise
         elapsed = time.monotonic() - t0
         # Every fuzz connection, the probes' included, has been torn down.
@@ -582,11 +601,12 @@ def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> N
         conn = Connection(d.socket_path, FuzzStats())
         features = Fuzzer._ask(conn, p.GetFeatures())
         for msg, fds in (
-                (p.SetFeatures(features & ~p.VHOST_USER_F_PROTOCOL_FEATURES), []),
-                (p.SetMemTable((p.MemoryRegion(0, MiB, uva, 0),), (0,)), [os.dup(small)]),
-                (p.SetVringNum(0, 16), []),
-                (p.SetVringAddr(0, 0, uva + 0x10000, uva + 0x20000, uva + 0x30000, 0), []),
-                (p.SetVringKick(0, 0), [os.dup(kick)])):
+            (p.SetFeatures(features & ~p.VHOST_USER_F_PROTOCOL_FEATURES), []),
+            (p.SetMemTable((p.MemoryRegion(0, MiB, uva, 0),), (0,)), [os.dup(small)]),
+            (p.SetVringNum(0, 16), []),
+            (p.SetVringAddr(0, 0, uva + 0x10000, uva + 0x20000, uva + 0x30000, 0), []),
+            (p.SetVringKick(0, 0), [os.dup(kick)]),
+        ):
             conn.send(p.encode_message(msg)[0], fds)
         conn.ping(1)  # the rings lie past the end of the 4 KiB file
         conn.close()
@@ -602,7 +622,6 @@ def test_region_past_end_of_its_fd_does_not_kill_the_daemon(tmp_path: Path) -> N
             d.proc.wait()
 
 
-
 def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: Path) -> None:
     d = spawn_blk(tmp_path, "segv", image_size=4 * MiB)
     ram = GuestRam(4 * MiB, 1)
@@ -614,12 +633,12 @@ def test_memory_removed_under_a_broken_queue_does_not_kill_the_daemon(tmp_path: 
         desc, avail, used = ram.alloc(256, 16), ram.alloc(38, 2), ram.alloc(134, 4)
         ram.write_u16(avail + 2, 100)  # avail idx 100 on a ring of 16: the ring is broken
         for msg, fds in (
-                (p.SetFeatures(features & ~p.VHOST_USER_F_PROTOCOL_FEATURES), []),
-                (p.SetMemTable((region,), (0,)), [os.dup(ram.fd)]),
-                (p.SetVringNum(0, 16), []),
-                (p.SetVringAddr(0, 0, ram.uva_of(desc), ram.uva_of(used), ram.uva_of(avail),
-                                0), []),
-                (p.SetVringKick(0, 0), [os.dup(kick)])):  # starts; the worker gives up
+            (p.SetFeatures(features & ~p.VHOST_USER_F_PROTOCOL_FEATURES), []),
+            (p.SetMemTable((region,), (0,)), [os.dup(ram.fd)]),
+            (p.SetVringNum(0, 16), []),
+            (p.SetVringAddr(0, 0, ram.uva_of(desc), ram.uva_of(used), ram.uva_of(avail), 0), []),
+            (p.SetVringKick(0, 0), [os.dup(kick)]),
+        ):  # starts; the worker gives up
             conn.send(p.encode_message(msg)[0], fds)
         d.wait_log("ring broken")
         conn.send(p.encode_message(p.RemMemReg(region, None))[0], [])
@@ -645,8 +664,10 @@ def test_front_end_reset_with_replies_unread_is_noticed(tmp_path: Path) -> None:
         s.connect(str(d.socket_path))
         s.sendall(p.encode_message(p.GetFeatures())[0])
         assert select.select([s], [], [], 5)[0]  # its reply is here; we do not read it
-        s.sendmsg([p.encode_message(p.SetVringCall(0, 0))[0]],
-                  [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [call]))])
+        s.sendmsg(
+            [p.encode_message(p.SetVringCall(0, 0))[0]],
+            [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [call]))],
+        )
         s.sendall(p.encode_message(p.GetQueueNum())[0] * 4)  # bytes after the fd boundary
         s.close()  # unread data: the daemon's end sees ECONNRESET
         d.wait_log("disconnected:", 2, timeout=3)  # the probe's, then this one

@@ -321,14 +321,14 @@ def resolve_modules(version: str, wanted: Sequence[str]) -> list[tuple[str, Path
         if name in seen:
             return
         if name in stack:
-            raise BuildError(f"module dependency cycle: {' -> '.join(stack + (name,))}")
+            raise BuildError(f"module dependency cycle: {' -> '.join((*stack, name))}")
         if name not in table:
             if name not in builtin:
                 missing.append(name)
             return
         rel, deps = table[name]
         for d in deps:
-            visit(d, stack + (name,))
+            visit(d, (*stack, name))
         seen.add(name)
         path = moddir / rel
         if not path.exists():

@@ -102,7 +102,8 @@ ping_report() {
     [ -n "$_tx" ] && [ -n "$_rx" ] || { cat /tmp/ping.$1; _tx=0; _rx=0; }
     result $1_tx $_tx
     result $1_rx $_rx
-    if [ $_tx -gt 0 ]; then result $1_loss $(( (_tx - _rx) * 100 / _tx )); else result $1_loss 100; fi
+    if [ $_tx -gt 0 ]; then result $1_loss $(( (_tx - _rx) * 100 / _tx ))
+    else result $1_loss 100; fi
     result $1_rtt "$(sed -n 's/^round-trip .* = \([^ ]*\) ms$/\1/p' /tmp/ping.$1)"
 }
 

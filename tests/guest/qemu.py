@@ -19,6 +19,7 @@ The guest's /init prints ``=== WORKLOAD START ===``, runs /workload.sh, prints
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -186,10 +187,8 @@ class Guest:
         if p is None:
             return
         if p.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
             p.wait()
         if self.exited_at is None:
             self.exited_at = time.monotonic()

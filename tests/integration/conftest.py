@@ -32,7 +32,8 @@ from tests.support.daemon import Daemon, StartDaemon, borrowed, daemons, spawn_b
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "shared_daemon: the daemon fixture is the module's shared daemon")
+        "markers", "shared_daemon: the daemon fixture is the module's shared daemon"
+    )
 
 
 @pytest.fixture

@@ -147,9 +147,16 @@ def _half_queue(fe: FrontEnd, ram: GuestRam) -> None:
     q = DriverQueue(ram, 64)
     fe.request_ack(SetVringNum(0, 64))
     fe.request_ack(SetVringBase(0, 0))
-    fe.request_ack(SetVringAddr(index=0, flags=0, desc_user_addr=ram.uva_of(q.desc_gpa),
-                                used_user_addr=ram.uva_of(q.used_gpa),
-                                avail_user_addr=ram.uva_of(q.avail_gpa), log_guest_addr=0))
+    fe.request_ack(
+        SetVringAddr(
+            index=0,
+            flags=0,
+            desc_user_addr=ram.uva_of(q.desc_gpa),
+            used_user_addr=ram.uva_of(q.used_gpa),
+            avail_user_addr=ram.uva_of(q.avail_gpa),
+            log_guest_addr=0,
+        )
+    )
     fe.request_ack(SetVringKick(0, q.kick_fd))
 
 

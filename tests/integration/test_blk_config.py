@@ -90,16 +90,18 @@ def test_read_only(start_daemon: StartDaemon, tmp_path: Path) -> None:
         assert blk.write(0, bytes(4 * KiB)) == VIRTIO_BLK_S_IOERR
         assert blk.discard([(0, 8, 0)]) == VIRTIO_BLK_S_IOERR
         assert blk.write_zeroes([(8, 8, 0)]) == VIRTIO_BLK_S_IOERR
-        assert blk.write_zeroes([(8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]) == \
-            VIRTIO_BLK_S_IOERR
+        assert blk.write_zeroes([(8, 8, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP)]) == VIRTIO_BLK_S_IOERR
         assert blk.flush() == VIRTIO_BLK_S_OK
         assert blk.read(0, len(content)) == content
         d.wait_log("write to a read-only device")
     with open(image, "rb") as f:
         assert f.read(len(content)) == content
     after = os.stat(image)
-    assert (after.st_size, after.st_blocks, after.st_mtime_ns) == \
-        (before.st_size, before.st_blocks, before.st_mtime_ns)
+    assert (after.st_size, after.st_blocks, after.st_mtime_ns) == (
+        before.st_size,
+        before.st_blocks,
+        before.st_mtime_ns,
+    )
 
 
 @shared

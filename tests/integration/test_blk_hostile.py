@@ -65,10 +65,10 @@ REGION0_END = 32 * MiB
 
 @dataclass
 class BadChain:
-    head: int                 # what goes into the avail ring
-    descs: list[int]          # main-table descriptors to release afterwards
-    status_gpa: int | None    # a status byte the device must leave alone
-    used: bool = True         # whether the device returns the head (with length 0)
+    head: int  # what goes into the avail ring
+    descs: list[int]  # main-table descriptors to release afterwards
+    status_gpa: int | None  # a status byte the device must leave alone
+    used: bool = True  # whether the device returns the head (with length 0)
 
 
 N, W, I = VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_DESC_F_INDIRECT  # noqa: E741 (flags)
@@ -84,16 +84,16 @@ def bad_outside_memory(q: DriverQueue) -> BadChain:
 def bad_straddles_region_end(q: DriverQueue) -> BadChain:
     ram = q.ram
     st = _buf(ram, 1)
-    d = _direct(q, [(_hdr(ram), 16, N, 1), (REGION0_END - 256, 512, W | N, 2),
-                    (st, 1, W, None)])
+    d = _direct(q, [(_hdr(ram), 16, N, 1), (REGION0_END - 256, 512, W | N, 2), (st, 1, W, None)])
     return BadChain(d[0], d, st)
 
 
 def bad_huge_length(q: DriverQueue) -> BadChain:
     ram = q.ram
     st = _buf(ram, 1)
-    d = _direct(q, [(_hdr(ram), 16, N, 1), (_buf(ram, 512), 0xFFFF_FFFF, W | N, 2),
-                    (st, 1, W, None)])
+    d = _direct(
+        q, [(_hdr(ram), 16, N, 1), (_buf(ram, 512), 0xFFFF_FFFF, W | N, 2), (st, 1, W, None)]
+    )
     return BadChain(d[0], d, st)
 
 
@@ -106,8 +106,14 @@ def bad_address_wraps(q: DriverQueue) -> BadChain:
 
 def bad_loop(q: DriverQueue) -> BadChain:
     ram = q.ram
-    d = _direct(q, [(_hdr(ram, VIRTIO_BLK_T_OUT), 16, N, 1), (_buf(ram, 512), 512, N, 2),
-                    (_buf(ram, 512), 512, N, 1)])
+    d = _direct(
+        q,
+        [
+            (_hdr(ram, VIRTIO_BLK_T_OUT), 16, N, 1),
+            (_buf(ram, 512), 512, N, 2),
+            (_buf(ram, 512), 512, N, 1),
+        ],
+    )
     return BadChain(d[0], d, None)
 
 
@@ -122,8 +128,11 @@ def bad_indirect_longer_than_queue(q: DriverQueue) -> BadChain:
     ram = q.ram
     n = q.num + 1
     st = _buf(ram, 1)
-    entries = [(_hdr(ram), 16, N, 1)] + [(_buf(ram, 512), 512, W | N, k + 2)
-                                         for k in range(n - 2)] + [(st, 1, W, 0)]
+    entries = (
+        [(_hdr(ram), 16, N, 1)]
+        + [(_buf(ram, 512), 512, W | N, k + 2) for k in range(n - 2)]
+        + [(st, 1, W, 0)]
+    )
     d = _direct(q, [(_table(ram, entries), DESC_SIZE * n, I, None)])
     return BadChain(d[0], d, st)
 
@@ -185,16 +194,24 @@ def bad_status_readable(q: DriverQueue) -> BadChain:
     st = _buf(ram, 1)
     data = ram.alloc(512)
     ram.write(data, b"\x66" * 512)
-    d = _direct(q, [(_hdr(ram, VIRTIO_BLK_T_OUT, 5), 16, N, 1), (data, 512, N, 2),
-                    (st, 1, 0, None)])
+    d = _direct(
+        q, [(_hdr(ram, VIRTIO_BLK_T_OUT, 5), 16, N, 1), (data, 512, N, 2), (st, 1, 0, None)]
+    )
     return BadChain(d[0], d, st)
 
 
 def bad_readable_after_writable(q: DriverQueue) -> BadChain:
     ram = q.ram
     st = _buf(ram, 1)
-    d = _direct(q, [(_hdr(ram), 16, N, 1), (_buf(ram, 512), 512, W | N, 2),
-                    (_buf(ram, 16), 16, N, 3), (st, 1, W, None)])
+    d = _direct(
+        q,
+        [
+            (_hdr(ram), 16, N, 1),
+            (_buf(ram, 512), 512, W | N, 2),
+            (_buf(ram, 16), 16, N, 3),
+            (st, 1, W, None),
+        ],
+    )
     return BadChain(d[0], d, st)
 
 
@@ -216,20 +233,25 @@ HOSTILE: dict[str, tuple[Callable[[DriverQueue], BadChain], str]] = {
     "address-wraps": (bad_address_wraps, "buffer outside guest memory"),
     "loop": (bad_loop, "descriptor loop"),
     "self-loop": (bad_self_loop_writable, "descriptor loop"),
-    "indirect-longer-than-queue": (bad_indirect_longer_than_queue,
-                                   "chain longer than the queue size"),
+    "indirect-longer-than-queue": (
+        bad_indirect_longer_than_queue,
+        "chain longer than the queue size",
+    ),
     "nested-indirect": (bad_nested_indirect, "nested indirect descriptor"),
-    "indirect-outside-memory": (bad_indirect_outside_memory,
-                                "indirect table outside guest memory"),
+    "indirect-outside-memory": (bad_indirect_outside_memory, "indirect table outside guest memory"),
     "indirect-with-next": (bad_indirect_with_next, "indirect descriptor with NEXT set"),
     "indirect-length": (bad_indirect_length, "indirect table length not a positive multiple"),
     "indirect-empty": (bad_indirect_empty, "indirect table length not a positive multiple"),
     "indirect-loop": (bad_indirect_loop, "descriptor loop"),
-    "indirect-next-out-of-table": (bad_indirect_next_out_of_table,
-                                   "next index outside its descriptor table"),
+    "indirect-next-out-of-table": (
+        bad_indirect_next_out_of_table,
+        "next index outside its descriptor table",
+    ),
     "status-readable": (bad_status_readable, "no device-writable status byte"),
-    "readable-after-writable": (bad_readable_after_writable,
-                                "device-readable descriptor after a device-writable one"),
+    "readable-after-writable": (
+        bad_readable_after_writable,
+        "device-readable descriptor after a device-writable one",
+    ),
     "next-out-of-range": (bad_next_out_of_range, "next index outside its descriptor table"),
 }
 
@@ -355,8 +377,7 @@ def _break_queue0(d: Daemon, g: Guest, how: str = "avail-idx-jump") -> None:
 
 
 @pytest.mark.parametrize("how", ["avail-idx-jump", "head-out-of-range"])
-def test_garbage_avail_ring_breaks_only_that_queue(start_daemon: StartDaemon,
-                                                    how: str) -> None:
+def test_garbage_avail_ring_breaks_only_that_queue(start_daemon: StartDaemon, how: str) -> None:
     d = start_daemon("--num-queues", "2")
     data = pattern(23, 8 * KiB)
     with connect_guest(d, queues=2) as g:

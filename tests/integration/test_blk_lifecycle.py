@@ -75,8 +75,8 @@ def test_disconnect_mid_io_cycles_leak_nothing(start_daemon: StartDaemon) -> Non
     idle = d.resources()
     assert idle["memfd_maps"] == 0
     cycles, per_cycle, size = 20, 96, 4 * KiB
-    completed: dict[int, bytes] = {}   # sector -> data whose completion we saw
-    uncertain: dict[int, bytes] = {}   # sector -> data submitted, completion not seen
+    completed: dict[int, bytes] = {}  # sector -> data whose completion we saw
+    uncertain: dict[int, bytes] = {}  # sector -> data submitted, completion not seen
     for c in range(cycles):
         g = connect_guest(d, queues=2, queue_size=256)
         try:
@@ -179,8 +179,14 @@ def test_sigterm_with_io_in_flight(daemon: Daemon) -> None:
         blk = g.blk
         before = pattern(25, 64 * KiB)
         assert blk.write(0, before) == VIRTIO_BLK_S_OK
-        reqs = [(blk.submit_write(1024 + k * 512, pattern(300 + k, 256 * KiB), indirect=True),
-                 1024 + k * 512, pattern(300 + k, 256 * KiB)) for k in range(120)]
+        reqs = [
+            (
+                blk.submit_write(1024 + k * 512, pattern(300 + k, 256 * KiB), indirect=True),
+                1024 + k * 512,
+                pattern(300 + k, 256 * KiB),
+            )
+            for k in range(120)
+        ]
         blk.publish_and_kick()
         time.sleep(0.005)
         assert daemon.terminate() == 0

@@ -187,9 +187,15 @@ def test_memory_slots_fill_up_and_are_released(daemon: Daemon) -> None:
         extra = os.memfd_create("extra-slots", os.MFD_CLOEXEC)
         try:
             os.ftruncate(extra, 64 * PAGE)
-            regions = [MemoryRegion(guest_phys_addr=(8 << 30) + k * 2 * PAGE, memory_size=PAGE,
-                                    userspace_addr=(1 << 44) + k * PAGE, mmap_offset=k * PAGE)
-                       for k in range(slots - 2 + 1)]
+            regions = [
+                MemoryRegion(
+                    guest_phys_addr=(8 << 30) + k * 2 * PAGE,
+                    memory_size=PAGE,
+                    userspace_addr=(1 << 44) + k * PAGE,
+                    mmap_offset=k * PAGE,
+                )
+                for k in range(slots - 2 + 1)
+            ]
             for r in regions[:-1]:
                 g.fe.request_ack(AddMemReg(r, extra))
             with pytest.raises(AckError):  # one more than the slots

@@ -59,14 +59,19 @@ def _junk_cases() -> dict[str, tuple[bytes, int, str]]:
         "size-huge": (header(sf, 1, 0xFFFFFFFF), 0, "exceeds the maximum 4096"),
         "short-payload": (header(sf, 1, 4) + bytes(4), 0, "payload size 4, expected 8"),
         "long-payload": (header(gf, 1, 8) + bytes(8), 0, "payload size 8, expected 0"),
-        "kick-without-fd": (header(kick, 1, 8) + struct.pack("<Q", 0), 0,
-                            "0 fds attached, expected 1"),
+        "kick-without-fd": (
+            header(kick, 1, 8) + struct.pack("<Q", 0),
+            0,
+            "0 fds attached, expected 1",
+        ),
         "extra-fds": (header(gf, 1, 0), 2, "2 fds attached, expected 0"),
-        "kick-two-fds": (header(kick, 1, 8) + struct.pack("<Q", 0), 2,
-                         "2 fds attached, expected 1"),
+        "kick-two-fds": (
+            header(kick, 1, 8) + struct.pack("<Q", 0),
+            2,
+            "2 fds attached, expected 1",
+        ),
         "too-many-fds": (header(gf, 1, 0), 9, "more than 8 fds"),
-        "mem-table-zero-regions": (header(Request.SET_MEM_TABLE, 1, 8) + bytes(8), 0,
-                                   "0 regions"),
+        "mem-table-zero-regions": (header(Request.SET_MEM_TABLE, 1, 8) + bytes(8), 0, "0 regions"),
     }
 
 
@@ -86,12 +91,14 @@ def _close_raw(fe: FrontEnd) -> None:
 _RUNNING = {"version-2", "size-huge", "kick-without-fd", "extra-fds", "too-many-fds"}
 
 
-@pytest.mark.parametrize(("case", "after_setup"),
-                         [(c, False) for c in JUNK] + [(c, True) for c in sorted(_RUNNING)],
-                         ids=[f"{c}-fresh" for c in JUNK] + [f"{c}-running"
-                                                             for c in sorted(_RUNNING)])
-def test_malformed_message_closes_connection(start_daemon: StartDaemon, case: str,
-                                             after_setup: bool) -> None:
+@pytest.mark.parametrize(
+    ("case", "after_setup"),
+    [(c, False) for c in JUNK] + [(c, True) for c in sorted(_RUNNING)],
+    ids=[f"{c}-fresh" for c in JUNK] + [f"{c}-running" for c in sorted(_RUNNING)],
+)
+def test_malformed_message_closes_connection(
+    start_daemon: StartDaemon, case: str, after_setup: bool
+) -> None:
     data, nfds, logged = JUNK[case]
     d = start_daemon()
     idle = d.resources()
@@ -190,8 +197,10 @@ def test_messages_split_and_coalesced(daemon: Daemon) -> None:
         fe.raw_send(get_queue_num + get_features + get_queue_num)
         replies = [fe.read_reply() for _ in range(3)]
         assert [(x.request, x.value) for x in replies if isinstance(x, U64Reply)] == [
-            (Request.GET_QUEUE_NUM, 1), (Request.GET_FEATURES, fe.offered_features),
-            (Request.GET_QUEUE_NUM, 1)]
+            (Request.GET_QUEUE_NUM, 1),
+            (Request.GET_FEATURES, fe.offered_features),
+            (Request.GET_QUEUE_NUM, 1),
+        ]
         # a new call fd, its header (with the fd) and payload in two sends
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         msg, fds = encode_message(SetVringCall(0, call, need_reply=True))

@@ -55,8 +55,17 @@ shared = pytest.mark.shared_daemon  # see conftest: the module's daemon, not a f
 SLOT_SECTORS = 8
 
 
-def run_random_io(blk: BlkDriver, d: Daemon, *, total: int, depth: int, slots: int = 256,
-                  base_sector: int = 0, indirect: bool = False, seed: int = 0) -> int:
+def run_random_io(
+    blk: BlkDriver,
+    d: Daemon,
+    *,
+    total: int,
+    depth: int,
+    slots: int = 256,
+    base_sector: int = 0,
+    indirect: bool = False,
+    seed: int = 0,
+) -> int:
     """Keep ``depth`` random reads/writes in flight until ``total`` completed, each on a
     4 KiB slot no other in-flight request uses; reads are checked against a model at
     completion, and the image against the model at the end. Kicks only when the device
@@ -93,8 +102,10 @@ def run_random_io(blk: BlkDriver, d: Daemon, *, total: int, depth: int, slots: i
             q.enable_cb()
             if not blk.collect():
                 if not q.wait_call(5.0):
-                    raise TimeoutError(f"no completion; {len(pending)} in flight, "
-                                       f"used_idx={q.used_idx()} avail_idx={q.avail_idx}")
+                    raise TimeoutError(
+                        f"no completion; {len(pending)} in flight, "
+                        f"used_idx={q.used_idx()} avail_idx={q.avail_idx}"
+                    )
                 blk.collect()
         assert not blk.unexpected_used
         for head in [h for h, (r, _s, _d) in pending.items() if r.done]:
@@ -114,10 +125,12 @@ def run_random_io(blk: BlkDriver, d: Daemon, *, total: int, depth: int, slots: i
 
 
 @shared
-@pytest.mark.parametrize(("depth", "queue_size", "indirect"), [
-    (32, 256, False), (64, 512, False), (64, 64, True)])
-def test_many_requests_in_flight(daemon: Daemon, depth: int, queue_size: int,
-                                 indirect: bool) -> None:
+@pytest.mark.parametrize(
+    ("depth", "queue_size", "indirect"), [(32, 256, False), (64, 512, False), (64, 64, True)]
+)
+def test_many_requests_in_flight(
+    daemon: Daemon, depth: int, queue_size: int, indirect: bool
+) -> None:
     with connect_guest(daemon, queue_size=queue_size) as g:
         run_random_io(g.blk, daemon, total=3000, depth=depth, indirect=indirect, seed=depth)
         assert g.fe.stop_queue(0) == 3000
@@ -318,14 +331,20 @@ def test_multiqueue(start_daemon: StartDaemon, nq: int) -> None:
             g.fe.setup_queue(nq, 64)
         # 32 writes on every queue, all published before any is waited for
         per_queue = 32
-        datas = {(qi, k): pattern(1000 * qi + k, 4 * KiB)
-                 for qi in range(nq) for k in range(per_queue)}
+        datas = {
+            (qi, k): pattern(1000 * qi + k, 4 * KiB) for qi in range(nq) for k in range(per_queue)
+        }
 
         def sector(qi: int, k: int) -> int:
             return 10_000 + (qi * per_queue + k) * 8
 
-        tokens = [[g.drivers[qi].submit_write(sector(qi, k), datas[qi, k], segs=2)
-                   for k in range(per_queue)] for qi in range(nq)]
+        tokens = [
+            [
+                g.drivers[qi].submit_write(sector(qi, k), datas[qi, k], segs=2)
+                for k in range(per_queue)
+            ]
+            for qi in range(nq)
+        ]
         for blk in g.drivers:
             blk.publish_and_kick()
         for blk, ts in zip(g.drivers, tokens, strict=True):
@@ -333,8 +352,10 @@ def test_multiqueue(start_daemon: StartDaemon, nq: int) -> None:
         for (qi, k), data in datas.items():
             assert disk_read(d, sector(qi, k) * SECTOR, len(data)) == data
         # and read each queue's data back through another queue, concurrently
-        reads = [[g.drivers[(qi + 1) % nq].submit_read(sector(qi, k), 4 * KiB)
-                  for k in range(per_queue)] for qi in range(nq)]
+        reads = [
+            [g.drivers[(qi + 1) % nq].submit_read(sector(qi, k), 4 * KiB) for k in range(per_queue)]
+            for qi in range(nq)
+        ]
         for blk in g.drivers:
             blk.publish_and_kick()
         for qi, ts in enumerate(reads):
@@ -342,9 +363,19 @@ def test_multiqueue(start_daemon: StartDaemon, nq: int) -> None:
             assert [c.data for c in cs] == [datas[qi, k] for k in range(per_queue)]
         # every queue busy at once: random I/O on all of them from threads
         with ThreadPoolExecutor(nq) as pool:
-            futures = [pool.submit(run_random_io, g.drivers[qi], d, total=300, depth=16,
-                                   slots=32, base_sector=100_000 + qi * 32 * SLOT_SECTORS,
-                                   seed=qi) for qi in range(nq)]
+            futures = [
+                pool.submit(
+                    run_random_io,
+                    g.drivers[qi],
+                    d,
+                    total=300,
+                    depth=16,
+                    slots=32,
+                    base_sector=100_000 + qi * 32 * SLOT_SECTORS,
+                    seed=qi,
+                )
+                for qi in range(nq)
+            ]
             for f in futures:
                 f.result()
 
@@ -355,8 +386,16 @@ def test_control_messages_while_other_queues_are_busy(start_daemon: StartDaemon)
     d = start_daemon("--num-queues", "2")
     with connect_guest(d, queues=2, queue_size=256) as g:
         with ThreadPoolExecutor(1) as pool:
-            busy = pool.submit(run_random_io, g.drivers[1], d, total=4000, depth=32, slots=64,
-                               base_sector=60_000, seed=5)
+            busy = pool.submit(
+                run_random_io,
+                g.drivers[1],
+                d,
+                total=4000,
+                depth=32,
+                slots=64,
+                base_sector=60_000,
+                seed=5,
+            )
             k = 0
             while not busy.done():
                 g.fe.set_mem_table()

@@ -87,11 +87,15 @@ def test_last_sector_is_reachable(guest: Guest, daemon: Daemon) -> None:
 
 
 @shared
-@pytest.mark.parametrize("segs", [2, 7, 64, (1, 511, 3584), (4095, 1, 1024, 3072)],
-                         ids=["2", "7", "64", "odd-sizes", "odd-sizes-2"])
+@pytest.mark.parametrize(
+    "segs",
+    [2, 7, 64, (1, 511, 3584), (4095, 1, 1024, 3072)],
+    ids=["2", "7", "64", "odd-sizes", "odd-sizes-2"],
+)
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
-def test_multi_segment(guest: Guest, daemon: Daemon, segs: int | tuple[int, ...],
-                       indirect: bool) -> None:
+def test_multi_segment(
+    guest: Guest, daemon: Daemon, segs: int | tuple[int, ...], indirect: bool
+) -> None:
     nbytes = sum(segs) if isinstance(segs, tuple) else 32 * KiB
     data = pattern(f"{segs}-{indirect}", nbytes)
     st = guest.blk.write(100, data, segs=segs, indirect=indirect)
@@ -200,7 +204,7 @@ def test_discard_punches_holes(guest: Guest, daemon: Daemon) -> None:
     assert guest.blk.read(start + 512, MiB) == bytes(MiB)
     # the rest is intact
     assert disk_read(daemon, start * SECTOR, 256 * KiB) == data[: 256 * KiB]
-    assert disk_read(daemon, (start + 2560) * SECTOR, 768 * KiB) == data[-768 * KiB:]
+    assert disk_read(daemon, (start + 2560) * SECTOR, 768 * KiB) == data[-768 * KiB :]
 
 
 @shared
@@ -215,7 +219,7 @@ def test_write_zeroes(guest: Guest, daemon: Daemon, flags: int) -> None:
     expect = bytearray(data)
     for s, n, _f in segs:
         off = (s - start) * SECTOR
-        expect[off:off + n * SECTOR] = bytes(n * SECTOR)
+        expect[off : off + n * SECTOR] = bytes(n * SECTOR)
     assert disk_read(daemon, start * SECTOR, len(data)) == bytes(expect)
     assert guest.blk.read(start, len(data)) == bytes(expect)
     assert os.stat(daemon.image_path).st_size == IMAGE_SIZE
@@ -236,11 +240,15 @@ def test_discard_and_write_zeroes_bad_segments(guest: Guest, daemon: Daemon) -> 
     check_io_works(guest, daemon)
 
 
-@pytest.mark.parametrize(("serial", "expect"), [
-    ("", b""),
-    ("short-id", b"short-id"),
-    ("ABCDEFGHIJKLMNOPQRST", b"ABCDEFGHIJKLMNOPQRST"),
-], ids=["none", "short", "20-bytes"])
+@pytest.mark.parametrize(
+    ("serial", "expect"),
+    [
+        ("", b""),
+        ("short-id", b"short-id"),
+        ("ABCDEFGHIJKLMNOPQRST", b"ABCDEFGHIJKLMNOPQRST"),
+    ],
+    ids=["none", "short", "20-bytes"],
+)
 def test_get_id(start_daemon: StartDaemon, serial: str, expect: bytes) -> None:
     d = start_daemon("--serial", serial) if serial else start_daemon()
     with connect_guest(d) as g:
@@ -270,15 +278,18 @@ def test_get_id(start_daemon: StartDaemon, serial: str, expect: bytes) -> None:
 
 
 @shared
-@pytest.mark.parametrize(("sector", "nbytes"), [
-    (CAPACITY, SECTOR),          # starts at the end
-    (CAPACITY - 1, 2 * SECTOR),  # straddles the end
-    (CAPACITY + 1000, 4 * KiB),
-    (2**63, SECTOR),             # sector * 512 overflows 64 bits
-    (2**64 - 1, SECTOR),
-], ids=["at-end", "straddles", "far", "overflow", "max"])
-def test_beyond_capacity_is_ioerr(guest: Guest, daemon: Daemon, sector: int,
-                                  nbytes: int) -> None:
+@pytest.mark.parametrize(
+    ("sector", "nbytes"),
+    [
+        (CAPACITY, SECTOR),  # starts at the end
+        (CAPACITY - 1, 2 * SECTOR),  # straddles the end
+        (CAPACITY + 1000, 4 * KiB),
+        (2**63, SECTOR),  # sector * 512 overflows 64 bits
+        (2**64 - 1, SECTOR),
+    ],
+    ids=["at-end", "straddles", "far", "overflow", "max"],
+)
+def test_beyond_capacity_is_ioerr(guest: Guest, daemon: Daemon, sector: int, nbytes: int) -> None:
     before = disk_read(daemon, IMAGE_SIZE - 4 * KiB, 4 * KiB)
     w = guest.blk.submit_write(sector, pattern(10, nbytes))
     r = guest.blk.submit_read(sector, nbytes)
@@ -320,7 +331,7 @@ def test_wrong_buffer_directions_are_ioerr(guest: Guest, daemon: Daemon) -> None
     old = pattern(13, 4 * KiB)
     disk_write(daemon, 0, old)
     bad = [
-        blk.submit_raw(VIRTIO_BLK_T_IN, 0, out_data=bytes(512), in_len=512),   # data to read out
+        blk.submit_raw(VIRTIO_BLK_T_IN, 0, out_data=bytes(512), in_len=512),  # data to read out
         blk.submit_raw(VIRTIO_BLK_T_OUT, 0, out_data=bytes(512), in_len=512),  # writable data
     ]
     cs = blk.kick_and_wait(bad)

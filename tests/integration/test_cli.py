@@ -33,8 +33,9 @@ from tests.support.frontend import FrontEnd, GiB, GuestRam, KiB, MiB
 SECTOR = SECTOR_SIZE
 
 
-def run_cli(*args: str, module: bool = False, timeout: float = 20.0,
-            pass_fds: tuple[int, ...] = ()) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, module: bool = False, timeout: float = 20.0, pass_fds: tuple[int, ...] = ()
+) -> subprocess.CompletedProcess[str]:
     return run_program("blk", *args, module=module, timeout=timeout, pass_fds=pass_fds)
 
 
@@ -69,14 +70,26 @@ def test_print_capabilities() -> None:
 def test_help() -> None:
     r = run_cli("--help")
     assert r.returncode == 0
-    for opt in ("--socket-path", "--fd", "--blk-file", "--size", "--read-only",
-                "--num-queues", "--serial", "--print-capabilities"):
+    for opt in (
+        "--socket-path",
+        "--fd",
+        "--blk-file",
+        "--size",
+        "--read-only",
+        "--num-queues",
+        "--serial",
+        "--print-capabilities",
+    ):
         assert opt in r.stdout
 
 
 def test_python_m_vhost_is_the_same_program(tmp_path: Path, start_daemon: StartDaemon) -> None:
-    for args in (["--print-capabilities"], ["--help"], ["--socket-path", "x"],
-                 ["--socket-path", str(tmp_path / "s"), "--blk-file", str(tmp_path / "none")]):
+    for args in (
+        ["--print-capabilities"],
+        ["--help"],
+        ["--socket-path", "x"],
+        ["--socket-path", str(tmp_path / "s"), "--blk-file", str(tmp_path / "none")],
+    ):
         a, b = run_cli(*args), run_cli(*args, module=True)
         assert (a.returncode, a.stdout, a.stderr) == (b.returncode, b.stdout, b.stderr), args
     d = start_daemon("--serial", "via-python-m", command=device_command("blk", module=True))
@@ -94,8 +107,7 @@ def test_missing_blk_file(tmp_path: Path) -> None:
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.parametrize("args", [[], ["--socket-path", "S", "--fd", "3"]],
-                         ids=["neither", "both"])
+@pytest.mark.parametrize("args", [[], ["--socket-path", "S", "--fd", "3"]], ids=["neither", "both"])
 def test_socket_path_xor_fd(tmp_path: Path, args: list[str]) -> None:
     args = [str(tmp_path / "s") if a == "S" else a for a in args]
     r = run_cli(*args, "--blk-file", str(tmp_path / "img"), "--size", "1M")
@@ -123,8 +135,7 @@ def test_bad_size(tmp_path: Path, size: str) -> None:
 def test_bad_num_queues(tmp_path: Path, n: str) -> None:
     img = tmp_path / "img"
     img.write_bytes(bytes(MiB))
-    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img),
-                "--num-queues", n)
+    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img), "--num-queues", n)
     assert_usage_error(r, "--num-queues")
     assert not (tmp_path / "s").exists()
 
@@ -132,12 +143,10 @@ def test_bad_num_queues(tmp_path: Path, n: str) -> None:
 def test_serial_longer_than_20_bytes(tmp_path: Path) -> None:
     img = tmp_path / "img"
     img.write_bytes(bytes(MiB))
-    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img),
-                "--serial", "x" * 21)
+    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img), "--serial", "x" * 21)
     assert_usage_error(r, "--serial", "20 bytes")
     # 20 bytes of UTF-8 is the limit, not 20 characters
-    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img),
-                "--serial", "é" * 11)
+    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img), "--serial", "é" * 11)
     assert_usage_error(r, "--serial")
 
 
@@ -155,8 +164,9 @@ def test_image_smaller_than_a_sector(tmp_path: Path) -> None:
 
 def test_read_only_cannot_create(tmp_path: Path) -> None:
     img = tmp_path / "ro.img"
-    r = run_cli("--socket-path", str(tmp_path / "s"), "--blk-file", str(img), "--size", "1M",
-                "--read-only")
+    r = run_cli(
+        "--socket-path", str(tmp_path / "s"), "--blk-file", str(img), "--size", "1M", "--read-only"
+    )
     assert_usage_error(r, "--read-only")
     assert not img.exists()
 
@@ -181,8 +191,9 @@ def test_size_creates_sparse_image(start_daemon: StartDaemon, tmp_path: Path) ->
     assert os.stat(img).st_blocks * 512 <= 64 * KiB
 
 
-@pytest.mark.parametrize(("text", "nbytes"), [("512", 512), ("64K", 64 * KiB),
-                                              ("3MiB", 3 * MiB), ("2m", 2 * MiB)])
+@pytest.mark.parametrize(
+    ("text", "nbytes"), [("512", 512), ("64K", 64 * KiB), ("3MiB", 3 * MiB), ("2m", 2 * MiB)]
+)
 def test_size_units(start_daemon: StartDaemon, tmp_path: Path, text: str, nbytes: int) -> None:
     img = tmp_path / "u.img"
     d = start_daemon("--size", text, image=img, image_size=None)
@@ -346,9 +357,12 @@ def test_sigterm_as_soon_as_socket_accepts(tmp_path: Path) -> None:
     except BlockingIOError:
         pass
     os.set_blocking(w_end, True)
-    proc = subprocess.Popen([*device_command("blk"), "--socket-path", str(path), "--blk-file",
-                             str(img)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=w_end)
+    proc = subprocess.Popen(
+        [*device_command("blk"), "--socket-path", str(path), "--blk-file", str(img)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=w_end,
+    )
     os.close(w_end)
     drained = bytearray()
     drain = threading.Thread(target=_read_to_eof, args=(r_end, drained))

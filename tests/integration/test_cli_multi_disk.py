@@ -33,8 +33,9 @@ def assert_usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> No
     check_usage_error(r, "vhost-user-blk", *needles)
 
 
-def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],
-                *args: str) -> list[Daemon]:
+def start_disks(
+    start_daemon: StartDaemon, tmp_path: Path, sizes: list[int], *args: str
+) -> list[Daemon]:
     """One daemon serving ``len(sizes)`` disks; a Daemon view per disk (same process,
     its own socket and image). ``args`` go after the disk options."""
     extra: list[str] = []
@@ -47,8 +48,10 @@ def start_disks(start_daemon: StartDaemon, tmp_path: Path, sizes: list[int],
         if k:
             extra += ["--socket-path", str(sockets[k]), "--blk-file", str(images[k])]
     first = start_daemon(*extra, *args, socket_path=sockets[0], image=images[0])
-    return [dataclasses.replace(first, sockets=[s], image=i)
-            for s, i in zip(sockets, images, strict=True)]
+    return [
+        dataclasses.replace(first, sockets=[s], image=i)
+        for s, i in zip(sockets, images, strict=True)
+    ]
 
 
 def pattern(seed: int, n: int = 8 * KiB) -> bytes:
@@ -65,8 +68,17 @@ def image_bytes(path: Path, sector: int, n: int) -> bytes:
 
 def test_each_socket_serves_its_own_image(start_daemon: StartDaemon, tmp_path: Path) -> None:
     sizes = [8 * MiB, 16 * MiB, 4 * MiB]
-    disks = start_disks(start_daemon, tmp_path, sizes,
-                        "--serial", "disk-zero", "--serial", "disk-one", "--serial", "disk-two")
+    disks = start_disks(
+        start_daemon,
+        tmp_path,
+        sizes,
+        "--serial",
+        "disk-zero",
+        "--serial",
+        "disk-one",
+        "--serial",
+        "disk-two",
+    )
     assert len({d.pid for d in disks}) == 1
     guests = [connect_guest(d) for d in disks]  # all connected at once
     try:
@@ -175,8 +187,16 @@ def test_fd_serves_one_disk(tmp_path: Path, two_images: tuple[str, str]) -> None
 
 def test_serial_count_must_match(tmp_path: Path, two_images: tuple[str, str]) -> None:
     s0, s1 = _sockets(tmp_path, 2)
-    disks = ["--socket-path", s0, "--blk-file", two_images[0],
-             "--socket-path", s1, "--blk-file", two_images[1]]
+    disks = [
+        "--socket-path",
+        s0,
+        "--blk-file",
+        two_images[0],
+        "--socket-path",
+        s1,
+        "--blk-file",
+        two_images[1],
+    ]
     r = run_cli(*disks, "--serial", "only-one")
     assert_usage_error(r, "1 --serial for 2 disks")
     r = run_cli(*disks, "--serial", "a", "--serial", "b", "--serial", "c")
@@ -203,20 +223,39 @@ def test_refused_second_disk_leaves_no_trace(tmp_path: Path) -> None:
     new, tiny = tmp_path / "new.img", tmp_path / "tiny.img"
     tiny.write_bytes(bytes(100))
     for bad, needle in ((tmp_path, "not a regular file"), (tiny, "smaller than one sector")):
-        r = run_cli("--socket-path", s0, "--blk-file", str(new), "--socket-path", s1,
-                    "--blk-file", str(bad), "--size", "1M")
+        r = run_cli(
+            "--socket-path",
+            s0,
+            "--blk-file",
+            str(new),
+            "--socket-path",
+            s1,
+            "--blk-file",
+            str(bad),
+            "--size",
+            "1M",
+        )
         assert_usage_error(r, str(bad), needle)
         assert not new.exists()
         assert not os.path.lexists(s0) and not os.path.lexists(s1)
 
 
-def test_second_socket_in_use_leaves_no_trace(start_daemon: StartDaemon,
-                                              tmp_path: Path) -> None:
+def test_second_socket_in_use_leaves_no_trace(start_daemon: StartDaemon, tmp_path: Path) -> None:
     busy = start_daemon()
     s0 = str(tmp_path / "free.sock")
     new0, new1 = tmp_path / "new0.img", tmp_path / "new1.img"
-    r = run_cli("--socket-path", s0, "--blk-file", str(new0),
-                "--socket-path", str(busy.socket_path), "--blk-file", str(new1), "--size", "1M")
+    r = run_cli(
+        "--socket-path",
+        s0,
+        "--blk-file",
+        str(new0),
+        "--socket-path",
+        str(busy.socket_path),
+        "--blk-file",
+        str(new1),
+        "--size",
+        "1M",
+    )
     assert_usage_error(r, str(busy.socket_path), "in use")
     assert not os.path.lexists(s0)
     assert not new0.exists() and not new1.exists()

@@ -100,8 +100,12 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
     where.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a tmpfs needs root")
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m,mode=0700", "tmpfs",
-                        str(where)], check=False, capture_output=True, text=True)
+    r = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_MIB}m,mode=0700", "tmpfs", str(where)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs: {r.stderr.strip()}")
     try:
@@ -118,12 +122,16 @@ def full_disk_daemon(small_fs: Path, start_daemon: StartDaemon) -> Daemon:
     with open(small_fs / "filler", "wb") as f:
         f.write(b"\x5a" * FILLER)
     # the log and the socket stay in tmp_path: only the image is on the small tmpfs
-    return start_daemon("--size", f"{IMAGE_MIB}M", image=small_fs / "disk.img",
-                        image_size=None)
+    return start_daemon("--size", f"{IMAGE_MIB}M", image=small_fs / "disk.img", image_size=None)
 
 
-def start_under_shim(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch,
-                     env: dict[str, str], *args: str, image: Path) -> Daemon:
+def start_under_shim(
+    start_daemon: StartDaemon,
+    monkeypatch: pytest.MonkeyPatch,
+    env: dict[str, str],
+    *args: str,
+    image: Path,
+) -> Daemon:
     """Start the daemon with ``env`` (LD_PRELOAD and the shim's variables) added; the
     test process itself never runs under the shim."""
     with monkeypatch.context() as m:
@@ -132,8 +140,9 @@ def start_under_shim(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch,
         return start_daemon(*args, image=image)
 
 
-def fresh_image(tmp_path: Path, name: str, size: int = IMAGE_MIB * MiB,
-                filled: int = 16 * MiB) -> Path:
+def fresh_image(
+    tmp_path: Path, name: str, size: int = IMAGE_MIB * MiB, filled: int = 16 * MiB
+) -> Path:
     """A sparse image whose first ``filled`` bytes hold pattern(name)."""
     img = tmp_path / f"{name}.img"
     with open(img, "wb") as f:
@@ -147,8 +156,9 @@ def fresh_image(tmp_path: Path, name: str, size: int = IMAGE_MIB * MiB,
 # =========================================================================================
 
 
-def fill_until_enospc(g: Guest, start_sector: int, chunk: int = 256 * KiB,
-                      limit: int = 64) -> tuple[int, dict[int, bytes]]:
+def fill_until_enospc(
+    g: Guest, start_sector: int, chunk: int = 256 * KiB, limit: int = 64
+) -> tuple[int, dict[int, bytes]]:
     """Sequential writes from ``start_sector`` until one fails; returns the index of the
     failed write and what the successful ones wrote (sector -> data)."""
     written: dict[int, bytes] = {}
@@ -164,7 +174,8 @@ def fill_until_enospc(g: Guest, start_sector: int, chunk: int = 256 * KiB,
 
 
 def test_enospc_fails_only_the_request_that_does_not_fit(
-        full_disk_daemon: Daemon, small_fs: Path) -> None:
+    full_disk_daemon: Daemon, small_fs: Path
+) -> None:
     d = full_disk_daemon
     chunk = 256 * KiB
     with connect_guest(d, ram_size=32 * MiB) as g:
@@ -182,14 +193,14 @@ def test_enospc_fails_only_the_request_that_does_not_fit(
         for k, sector in enumerate(old):
             data = pattern(f"over{sector}", 64 * KiB)
             reqs.append(("over", blk.submit_write(sector, data, segs=3)))
-            written[sector] = data + written[sector][len(data):]
+            written[sector] = data + written[sector][len(data) :]
             reqs.append(("new", blk.submit_write(new_sectors[k], pattern(k, 64 * KiB))))
         for sector in list(written)[4:8]:
             reqs.append(("read", blk.submit_read(sector, chunk, segs=2)))
         reqs.append(("hole", blk.submit_read(60 * MiB // SECTOR, 16 * KiB)))
         reqs.append(("flush", blk.submit_flush()))
         done = blk.kick_and_wait([r for _, r in reqs])
-        for (kind, req), c in zip(reqs, done):
+        for (kind, req), c in zip(reqs, done, strict=False):
             want = VIRTIO_BLK_S_IOERR if kind == "new" else VIRTIO_BLK_S_OK
             assert c.status == want, f"{kind} request at sector {req.sector}: {c}"
             if kind == "read":
@@ -232,8 +243,9 @@ def test_enospc_log_is_rate_limited(full_disk_daemon: Daemon) -> None:
         t_first = time.monotonic()
         failures = 40
         for k in range(failures):  # one request per pass: each is a separate report
-            c = one(g.blk, g.blk.submit_write((40 * MiB + k * 4 * KiB) // SECTOR,
-                                              pattern(k, 4 * KiB)))
+            c = one(
+                g.blk, g.blk.submit_write((40 * MiB + k * 4 * KiB) // SECTOR, pattern(k, 4 * KiB))
+            )
             assert c.status == VIRTIO_BLK_S_IOERR
         lines = warnings(d, "No space left on device")
         # all within one window (the machine would have to stall for seconds otherwise)
@@ -243,8 +255,10 @@ def test_enospc_log_is_rate_limited(full_disk_daemon: Daemon) -> None:
         assert not SUPPRESSED.search(d.log_text())
         # the next failure after the window brings the count of what was held back
         time.sleep(max(0.0, t_first + LOG_WINDOW + 0.2 - time.monotonic()))
-        assert one(g.blk, g.blk.submit_write(50 * MiB // SECTOR, pattern(99, 4 * KiB))
-                   ).status == VIRTIO_BLK_S_IOERR
+        assert (
+            one(g.blk, g.blk.submit_write(50 * MiB // SECTOR, pattern(99, 4 * KiB))).status
+            == VIRTIO_BLK_S_IOERR
+        )
         line = d.wait_log(SUPPRESSED)[0]
         m = SUPPRESSED.search(line)
         assert m is not None and " WARNING " in line
@@ -273,27 +287,32 @@ def touches_bad(sector: int, nbytes: int) -> bool:
 
 
 def test_eio_fails_only_requests_touching_the_bad_range(
-        start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        eio_shim: Path) -> None:
+    start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path
+) -> None:
     img = fresh_image(tmp_path, "eio")
     original = host_read(img, 0, 16 * MiB)
-    d = start_under_shim(start_daemon, monkeypatch,
-                         shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN),
-                         "--num-queues", "2", image=img)
+    d = start_under_shim(
+        start_daemon,
+        monkeypatch,
+        shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN),
+        "--num-queues",
+        "2",
+        image=img,
+    )
     expect = bytearray(original)
     with connect_guest(d, queues=2) as g:
         # (kind, sector, bytes, segs) -- around, across and inside the bad range
         layout = [
-            ("read", BAD_SECTOR - 16, 8 * KiB, 1),             # just before: ok
-            ("read", BAD_SECTOR - 8, 8 * KiB, 2),              # across the start
-            ("read", BAD_SECTOR + 8, 4 * KiB, 1),              # inside
+            ("read", BAD_SECTOR - 16, 8 * KiB, 1),  # just before: ok
+            ("read", BAD_SECTOR - 8, 8 * KiB, 2),  # across the start
+            ("read", BAD_SECTOR + 8, 4 * KiB, 1),  # inside
             ("read", BAD_SECTOR + BAD_LEN // SECTOR - 8, 8 * KiB, 3),  # across the end
-            ("read", BAD_SECTOR + BAD_LEN // SECTOR, 8 * KiB, 1),      # just after: ok
-            ("read", 0, 64 * KiB, 4),                           # far away
-            ("write", BAD_SECTOR - 32, 16 * KiB, 2),            # ends right before: ok
-            ("write", BAD_SECTOR + 16, 4 * KiB, 1),             # inside
-            ("write", BAD_SECTOR - 8, 1 * MiB, 3),              # covers it
-            ("write", BAD_SECTOR + BAD_LEN // SECTOR, 8 * KiB, 1),     # right after: ok
+            ("read", BAD_SECTOR + BAD_LEN // SECTOR, 8 * KiB, 1),  # just after: ok
+            ("read", 0, 64 * KiB, 4),  # far away
+            ("write", BAD_SECTOR - 32, 16 * KiB, 2),  # ends right before: ok
+            ("write", BAD_SECTOR + 16, 4 * KiB, 1),  # inside
+            ("write", BAD_SECTOR - 8, 1 * MiB, 3),  # covers it
+            ("write", BAD_SECTOR + BAD_LEN // SECTOR, 8 * KiB, 1),  # right after: ok
             ("flush", 0, 0, 1),
         ]
         for rnd in range(3):
@@ -310,30 +329,29 @@ def test_eio_fails_only_requests_touching_the_bad_range(
                         batch.append((kind, sector, n, None, blk.submit_read(sector, n, segs)))
                     else:
                         data = pattern(f"{rnd}/{qi}/{sector}", n)
-                        batch.append((kind, sector, n, data,
-                                      blk.submit_write(sector, data, segs)))
+                        batch.append((kind, sector, n, data, blk.submit_write(sector, data, segs)))
                 batches.append(batch)
                 blk.queue.publish()
             for blk in g.drivers:  # both queues busy at once
                 blk.queue.kick()
-            for blk, batch in zip(g.drivers, batches):
+            for blk, batch in zip(g.drivers, batches, strict=False):
                 done = blk.wait([r for *_, r in batch])
-                for (kind, sector, n, wrote, _r), c in zip(batch, done):
+                for (kind, sector, n, wrote, _r), c in zip(batch, done, strict=False):
                     bad = kind != "flush" and touches_bad(sector, n)
                     want = VIRTIO_BLK_S_IOERR if bad else VIRTIO_BLK_S_OK
                     assert c.status == want, f"round {rnd} {kind} {sector}+{n}: {c}"
                     if kind == "read" and not bad:
-                        assert c.data == bytes(expect[sector * SECTOR:sector * SECTOR + n])
+                        assert c.data == bytes(expect[sector * SECTOR : sector * SECTOR + n])
                     if kind == "write" and not bad:
                         assert wrote is not None
-                        expect[sector * SECTOR:sector * SECTOR + n] = wrote
+                        expect[sector * SECTOR : sector * SECTOR + n] = wrote
         # the image: every successful write landed, nothing else changed (the failed
         # writes included: the shim fails a call before it moves a byte)
         assert host_read(img, 0, 16 * MiB) == bytes(expect)
-        assert host_read(img, BAD_START, BAD_LEN) == original[BAD_START:BAD_START + BAD_LEN]
+        assert host_read(img, BAD_START, BAD_LEN) == original[BAD_START : BAD_START + BAD_LEN]
         assert g.blk.flush() == VIRTIO_BLK_S_OK
         for blk in g.drivers:
-            assert blk.read(0, 4 * KiB) == bytes(expect[:4 * KiB])
+            assert blk.read(0, 4 * KiB) == bytes(expect[: 4 * KiB])
     d.wait_disconnects(1)
     lines = warnings(d, "host I/O error: Input/output error")
     assert lines, d.log_text()
@@ -344,12 +362,16 @@ def test_eio_fails_only_requests_touching_the_bad_range(
     assert re.search(r"counters since start: .*\bioerr=30\b", d.log_text()), d.log_text()
 
 
-def test_eio_log_is_rate_limited(start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch,
-                                 tmp_path: Path, eio_shim: Path) -> None:
+def test_eio_log_is_rate_limited(
+    start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path
+) -> None:
     img = fresh_image(tmp_path, "eio-log")
-    d = start_under_shim(start_daemon, monkeypatch,
-                         shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN, ops="r"),
-                         image=img)
+    d = start_under_shim(
+        start_daemon,
+        monkeypatch,
+        shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN, ops="r"),
+        image=img,
+    )
     with connect_guest(d) as g:
         t0 = time.monotonic()
         for k in range(30):
@@ -364,17 +386,22 @@ def test_eio_log_is_rate_limited(start_daemon: StartDaemon, monkeypatch: pytest.
 
 
 def test_held_back_count_is_logged_when_the_queue_stops(
-        start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-        eio_shim: Path) -> None:
+    start_daemon: StartDaemon, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path
+) -> None:
     img = fresh_image(tmp_path, "eio-held")
-    d = start_under_shim(start_daemon, monkeypatch,
-                         shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN),
-                         image=img)
+    d = start_under_shim(
+        start_daemon,
+        monkeypatch,
+        shim_env(eio_shim, img, start=BAD_START, length=BAD_LEN),
+        image=img,
+    )
     failures = 20
     with connect_guest(d) as g:
         for k in range(failures):
-            assert one(g.blk, g.blk.submit_read(BAD_SECTOR + k % 8, 4 * KiB)
-                       ).status == VIRTIO_BLK_S_IOERR
+            assert (
+                one(g.blk, g.blk.submit_read(BAD_SECTOR + k % 8, 4 * KiB)).status
+                == VIRTIO_BLK_S_IOERR
+            )
         shown = len(warnings(d, "Input/output error"))
         assert shown <= LOG_BURST
     d.wait_disconnects(1)
@@ -395,8 +422,8 @@ def loose_daemons() -> Iterator[list[Daemon]]:
 
 
 def test_failed_flush_is_ioerr_and_io_goes_on(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path,
-        loose_daemons: list[Daemon]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path, loose_daemons: list[Daemon]
+) -> None:
     img = fresh_image(tmp_path, "sync")
     with monkeypatch.context() as m:
         for k, v in shim_env(eio_shim, img, fail_sync=True).items():
@@ -418,8 +445,8 @@ def test_failed_flush_is_ioerr_and_io_goes_on(
 
 
 def test_failed_flush_at_exit_is_one_log_line(
-        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path,
-        loose_daemons: list[Daemon]) -> None:
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path, loose_daemons: list[Daemon]
+) -> None:
     """SIGTERM when the image cannot be made durable: the daemon says so in one line
     and still removes its socket (exit status non-zero: the data may not be on disk)."""
     img = fresh_image(tmp_path, "exit-sync")
@@ -445,16 +472,19 @@ def test_failed_flush_at_exit_is_one_log_line(
 
 
 @pytest.mark.parametrize("short", [1000, 512 + 7])
-def test_short_reads_and_writes_are_resumed(start_daemon: StartDaemon,
-                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                            eio_shim: Path, short: int) -> None:
+def test_short_reads_and_writes_are_resumed(
+    start_daemon: StartDaemon,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    eio_shim: Path,
+    short: int,
+) -> None:
     """Every preadv/pwritev of the image moves at most ``short`` bytes (not a multiple of
     a sector, so the resumption point falls inside iovecs): each request must still
     complete whole, with the right bytes, and report OK."""
     img = fresh_image(tmp_path, f"short{short}")
     expect = bytearray(host_read(img, 0, 16 * MiB))
-    d = start_under_shim(start_daemon, monkeypatch, shim_env(eio_shim, img, short=short),
-                         image=img)
+    d = start_under_shim(start_daemon, monkeypatch, shim_env(eio_shim, img, short=short), image=img)
     rng = random.Random(short)
     with connect_guest(d) as g:
         for rnd in range(4):
@@ -464,8 +494,10 @@ def test_short_reads_and_writes_are_resumed(start_daemon: StartDaemon,
                 sector = rng.randrange(0, (16 * MiB - n) // SECTOR)
                 segs = rng.choice((1, 2, 5))
                 if rng.random() < 0.5 and not any(
-                        s * SECTOR < (sector * SECTOR + n) and sector * SECTOR < s * SECTOR + m
-                        for s, m, dd, _ in reqs if dd is not None):
+                    s * SECTOR < (sector * SECTOR + n) and sector * SECTOR < s * SECTOR + m
+                    for s, m, dd, _ in reqs
+                    if dd is not None
+                ):
                     data = rng.randbytes(n)
                     reqs.append((sector, n, data, g.blk.submit_write(sector, data, segs)))
                 else:
@@ -474,14 +506,17 @@ def test_short_reads_and_writes_are_resumed(start_daemon: StartDaemon,
             # overlaps them: compare reads only against ranges no write of the batch touches
             before = bytes(expect)
             done = g.blk.kick_and_wait([r for *_, r in reqs], timeout=10.0)
-            for (sector, n, wrote, _r), c in zip(reqs, done):
+            for (sector, n, wrote, _r), c in zip(reqs, done, strict=False):
                 assert c.status == VIRTIO_BLK_S_OK, (rnd, sector, n, c)
                 off = sector * SECTOR
                 if wrote is not None:
-                    expect[off:off + n] = wrote
-                elif not any(s * SECTOR < off + n and off < s * SECTOR + m
-                             for s, m, dd, _ in reqs if dd is not None):
-                    assert c.data == before[off:off + n], (rnd, sector, n)
+                    expect[off : off + n] = wrote
+                elif not any(
+                    s * SECTOR < off + n and off < s * SECTOR + m
+                    for s, m, dd, _ in reqs
+                    if dd is not None
+                ):
+                    assert c.data == before[off : off + n], (rnd, sector, n)
         assert host_read(img, 0, 16 * MiB) == bytes(expect)
         assert g.blk.flush() == VIRTIO_BLK_S_OK
     d.wait_disconnects(1)

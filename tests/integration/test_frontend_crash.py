@@ -42,8 +42,15 @@ SECTOR = 512
 # How each of the 100 front ends dies (see crash_frontend.py). Most are killed by the
 # test at a random moment of streaming I/O ("queued": while a second one waits in the
 # listen backlog, which is killed there first); the rest at the other phases.
-SCHEDULE = (["io"] * 55 + ["queued"] * 5 + ["setup"] * 12 + ["kick"] * 12 + ["memtable"] * 6
-            + ["queue"] * 5 + ["partial"] * 5)
+SCHEDULE = (
+    ["io"] * 55
+    + ["queued"] * 5
+    + ["setup"] * 12
+    + ["kick"] * 12
+    + ["memtable"] * 6
+    + ["queue"] * 5
+    + ["partial"] * 5
+)
 
 
 @dataclass(frozen=True)
@@ -73,8 +80,9 @@ def figures(pid: int) -> Figures:
         for line in f:
             k, _, v = line.partition(":")
             status[k] = v.strip()
-    return Figures(fds, maps, mapped // KiB, int(status["Threads"]),
-                   int(status["VmRSS"].split()[0]))
+    return Figures(
+        fds, maps, mapped // KiB, int(status["Threads"]), int(status["VmRSS"].split()[0])
+    )
 
 
 def settled(pid: int, want: Figures, timeout: float = 3.0) -> Figures:
@@ -86,8 +94,9 @@ def settled(pid: int, want: Figures, timeout: float = 3.0) -> Figures:
     return now
 
 
-def read_token(proc: subprocess.Popen[bytes], token: bytes, timeout: float,
-               seen: bytearray) -> None:
+def read_token(
+    proc: subprocess.Popen[bytes], token: bytes, timeout: float, seen: bytearray
+) -> None:
     """Wait until ``token`` appears on the child's (unbuffered) stdout."""
     assert proc.stdout is not None
     deadline = time.monotonic() + timeout
@@ -100,8 +109,10 @@ def read_token(proc: subprocess.Popen[bytes], token: bytes, timeout: float,
             chunk = os.read(proc.stdout.fileno(), 4096)
             if not chunk:
                 proc.wait()
-                raise AssertionError(f"front end exited with {proc.returncode} before "
-                                     f"{token!r}; stdout {bytes(seen)!r}")
+                raise AssertionError(
+                    f"front end exited with {proc.returncode} before "
+                    f"{token!r}; stdout {bytes(seen)!r}"
+                )
             seen += chunk
 
 
@@ -110,17 +121,39 @@ class CrashingFrontEnd:
 
     def __init__(self, d: Daemon, phase: str, seed: int, errlog: Path) -> None:
         self.phase, self.seed, self.errlog = phase, seed, errlog
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])]),
+        )
         depth = random.Random(seed).choice((16, 24, 32))
-        argv = [sys.executable, "-m", "tests.integration.crash_frontend", str(d.socket_path),
-                "--phase", phase, "--seed", str(seed), "--queues", str(QUEUES),
-                "--depth", str(depth), "--ram-mib", str(RAM_MIB)]
+        argv = [
+            sys.executable,
+            "-m",
+            "tests.integration.crash_frontend",
+            str(d.socket_path),
+            "--phase",
+            phase,
+            "--seed",
+            str(seed),
+            "--queues",
+            str(QUEUES),
+            "--depth",
+            str(depth),
+            "--ram-mib",
+            str(RAM_MIB),
+        ]
         with open(errlog, "ab") as err:
             err.write(f"--- {phase} seed {seed}\n".encode())
             err.flush()
-            self.proc = subprocess.Popen(argv, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.PIPE, stderr=err, bufsize=0)
+            self.proc = subprocess.Popen(
+                argv,
+                cwd=REPO,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                bufsize=0,
+            )
         self.seen = bytearray()
 
     def wait_for(self, token: bytes, timeout: float = 10.0) -> None:
@@ -144,7 +177,8 @@ class CrashingFrontEnd:
             proc.stdout.close()
         assert rc == -signal.SIGKILL, (
             f"front end ({self.phase}, seed {self.seed}) exited with {rc}, not killed; "
-            f"stderr:\n{self.errlog.read_text()[-3000:]}")
+            f"stderr:\n{self.errlog.read_text()[-3000:]}"
+        )
         return self.seen.split()[-1].decode()
 
 
@@ -227,12 +261,15 @@ def test_frontend_killed_100_times(start_daemon: StartDaemon, tmp_path: Path) ->
         d.wait_disconnects(connections, timeout=10.0)
     elapsed = time.monotonic() - t0
     after = settled(d.pid, idle)
-    report = (f"idle {idle}, after {KILLS} kills {after} ({elapsed:.1f}s); "
-              f"phase@last step before the kill: {dict(sorted(landed.items()))}")
+    report = (
+        f"idle {idle}, after {KILLS} kills {after} ({elapsed:.1f}s); "
+        f"phase@last step before the kill: {dict(sorted(landed.items()))}"
+    )
     print(report)
     # the random kills in "setup" must mostly land before the front end was ready
-    assert sum(n for k, n in landed.items() if k.startswith("setup@")
-               and not k.endswith("READY")) >= 3, report
+    assert (
+        sum(n for k, n in landed.items() if k.startswith("setup@") and not k.endswith("READY")) >= 3
+    ), report
     assert d.proc.poll() is None, d.log_text()
     assert after.exact() == idle.exact(), report
     assert after.rss_kib - idle.rss_kib < RSS_TOLERANCE // KiB, report

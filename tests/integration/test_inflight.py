@@ -41,7 +41,7 @@ from vhost.protocol import GetInflightFd, InflightReply, SetInflightFd
 SECTOR = 512
 QSIZE = 128
 HEADER = struct.Struct("<QHHHH")  # features, version, desc_num, last_batch_head, used_idx
-DESC = struct.Struct("<B5xHQ")    # inflight, padding, next, counter
+DESC = struct.Struct("<B5xHQ")  # inflight, padding, next, counter
 
 
 def region_size(queue_size: int) -> int:
@@ -65,8 +65,7 @@ class Region:
     def header(self) -> tuple[int, int, int, int, int]:
         return HEADER.unpack_from(self.map, self.base)
 
-    def set_header(self, version: int, desc_num: int, last_batch_head: int,
-                   used_idx: int) -> None:
+    def set_header(self, version: int, desc_num: int, last_batch_head: int, used_idx: int) -> None:
         HEADER.pack_into(self.map, self.base, 0, version, desc_num, last_batch_head, used_idx)
 
     def desc(self, i: int) -> tuple[int, int, int]:
@@ -137,7 +136,11 @@ def test_region_is_offered_set_up_and_kept_current(daemon: Daemon, vm: Vm) -> No
     assert vm.region is not None
     r = vm.region.reply
     assert (r.mmap_size, r.mmap_offset, r.num_queues, r.queue_size) == (
-        region_size(QSIZE), 0, 1, QSIZE)
+        region_size(QSIZE),
+        0,
+        1,
+        QSIZE,
+    )
     assert os.fstat(r.fd).st_size == r.mmap_size  # type: ignore[arg-type]
     daemon.wait_log("inflight region of")
     data = {s: pattern(s, 4096) for s in range(0, 80, 8)}
@@ -257,7 +260,10 @@ def test_replay_follows_counters_not_heads(daemon: Daemon, vm: Vm) -> None:
     vm.queue.kick()
     vm.blk.wait(reqs)
     assert [vm.queue.read_used_elem(i)[0] for i in range(3)] == [
-        reqs[C].head, reqs[B].head, reqs[A].head]
+        reqs[C].head,
+        reqs[B].head,
+        reqs[A].head,
+    ]
     # new requests get counters above the replayed ones
     r = vm.blk.submit_write(5, pattern(9, 512))
     assert vm.blk.kick_and_wait([r])[0].ok
@@ -324,9 +330,14 @@ def test_set_inflight_fd_bad_region_is_refused(daemon: Daemon, vm: Vm, bad: str)
     try:
         size = region_size(QSIZE)
         os.ftruncate(fd, size // 2 if bad == "file-short" else size + 8192)
-        msg = SetInflightFd(size - 64 if bad == "size-short" else size,
-                            100 if bad == "offset-unaligned" else 0,
-                            3 if bad == "queues" else 1, QSIZE, fd, need_reply=True)
+        msg = SetInflightFd(
+            size - 64 if bad == "size-short" else size,
+            100 if bad == "offset-unaligned" else 0,
+            3 if bad == "queues" else 1,
+            QSIZE,
+            fd,
+            need_reply=True,
+        )
         reply = fe.request(msg)
     finally:
         os.close(fd)
@@ -343,8 +354,8 @@ def test_set_inflight_fd_bad_region_is_refused(daemon: Daemon, vm: Vm, bad: str)
 
 # --- real kills ---------------------------------------------------------------------------
 
-SLOTS = 512          # 4 KiB blocks written over and over
-DEPTH = 40           # x 3 descriptors each: fits the 128-entry ring
+SLOTS = 512  # 4 KiB blocks written over and over
+DEPTH = 40  # x 3 descriptors each: fits the 128-entry ring
 KILLS = int(os.environ.get("VHOST_INFLIGHT_KILLS", "12"))
 
 
@@ -386,7 +397,7 @@ class Writer(threading.Thread):
                 if blk.unexpected_used:
                     self.errors.append(f"unexpected used entries {blk.unexpected_used}")
                     return
-        except Exception as e:  # noqa: BLE001 -- any failure in the thread is the test's
+        except Exception as e:
             self.errors.append(repr(e))
 
 
@@ -420,8 +431,7 @@ def test_kill_and_restart_loses_nothing(tmp_path: Path, vm: Vm) -> None:
             assert disk_read(d, slot * 4096, 4096) == data, f"block {slot} lost its last write"
         assert vm.region is not None and vm.region.marked() == []
         resubmitted = sum(_resubmitted(x) for x in daemons)
-        print(f"\n{KILLS} kills, {writer.completed} writes, {resubmitted} resubmitted "
-              "at restarts")
+        print(f"\n{KILLS} kills, {writer.completed} writes, {resubmitted} resubmitted at restarts")
     finally:
         writer.stop.set()
         if vm.fe is not None:

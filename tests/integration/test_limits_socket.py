@@ -67,7 +67,7 @@ PAGE = 4096
 POISON = 0xA5
 UNKNOWN = 999  # a request code nobody implements
 IMAGE_SIZE = max(MAX_DISCARD_SECTORS, MAX_WRITE_ZEROES_SECTORS) * SECTOR + 2 * MiB
-assert IMAGE_SIZE >= MAX_REQUEST_BYTES + 2 * MiB
+assert MAX_REQUEST_BYTES + 2 * MiB <= IMAGE_SIZE
 
 
 # =========================================================================================
@@ -101,8 +101,14 @@ def check_io_works(d: Daemon, sector: int = 4242) -> None:
         assert g.blk.discard([(sector, len(data) // SECTOR, 0)]) == VIRTIO_BLK_S_OK
 
 
-def run_chain(blk: BlkDriver, rtype: int, sector: int, data: Sequence[tuple[int, int]],
-              writable: bool, timeout: float = 30.0) -> Completion:
+def run_chain(
+    blk: BlkDriver,
+    rtype: int,
+    sector: int,
+    data: Sequence[tuple[int, int]],
+    writable: bool,
+    timeout: float = 30.0,
+) -> Completion:
     """One request: a header, the given (gpa, len) data buffers (they may overlap), a
     status byte; in an indirect table so that it takes one ring slot."""
     ram = blk.ram
@@ -128,14 +134,16 @@ def test_payload_size_on_the_socket(blk_daemon: Daemon) -> None:
         fe.negotiate()
         # at the bound: framed and answered (a failure ack: nobody implements it)
         body = bytes(range(256)) * (MAX_PAYLOAD_SIZE // 256) + bytes(MAX_PAYLOAD_SIZE % 256)
-        assert fe.request(Unknown(UNKNOWN, VERSION, body, (), need_reply=True)) == \
-            U64Reply(UNKNOWN, 1)
+        assert fe.request(Unknown(UNKNOWN, VERSION, body, (), need_reply=True)) == U64Reply(
+            UNKNOWN, 1
+        )
         assert fe.get_queue_num() == MAX_BLK_QUEUES  # the connection goes on
         # one past: the header alone gets the connection dropped
         fe.raw_send(struct.pack("<III", UNKNOWN, VERSION, MAX_PAYLOAD_SIZE + 1))
         assert fe.is_closed_by_peer(5.0)
-    blk_daemon.wait_log(f"payload size {MAX_PAYLOAD_SIZE + 1} exceeds the maximum "
-                    f"{MAX_PAYLOAD_SIZE}")
+    blk_daemon.wait_log(
+        f"payload size {MAX_PAYLOAD_SIZE + 1} exceeds the maximum {MAX_PAYLOAD_SIZE}"
+    )
     check_io_works(blk_daemon)
 
 
@@ -157,8 +165,9 @@ def test_fds_per_message_on_the_socket(blk_daemon: Daemon) -> None:
     regions = MEM_TABLE_MAX_REGIONS
     assert regions == MAX_FDS_PER_MESSAGE  # SET_MEM_TABLE is the message with the most
     # at the bound: a memory table of that many regions, one fd each, is mapped and used
-    with connect_guest(blk_daemon, regions=regions, ram_size=regions * 4 * MiB,
-                       buf_regions=[regions - 1]) as g:
+    with connect_guest(
+        blk_daemon, regions=regions, ram_size=regions * 4 * MiB, buf_regions=[regions - 1]
+    ) as g:
         assert blk_daemon.memfd_maps() == idle["memfd_maps"] + regions
         data = os.urandom(8192)
         assert g.blk.write(100, data) == VIRTIO_BLK_S_OK
@@ -194,13 +203,14 @@ def test_a_full_ring_of_requests_completes(blk_daemon: Daemon) -> None:
     base = 8192
     with connect_guest(blk_daemon, queue_size=MAX_QUEUE_SIZE) as g:
         blob = os.urandom(MAX_QUEUE_SIZE * SECTOR)
-        writes = [g.blk.submit_write(base + k, blob[k * SECTOR:(k + 1) * SECTOR],
-                                     indirect=True) for k in range(MAX_QUEUE_SIZE)]
+        writes = [
+            g.blk.submit_write(base + k, blob[k * SECTOR : (k + 1) * SECTOR], indirect=True)
+            for k in range(MAX_QUEUE_SIZE)
+        ]
         assert g.queue.num_free == 0
         assert all(c.ok for c in g.blk.kick_and_wait(writes, 30.0))
         assert disk_read(blk_daemon, base * SECTOR, len(blob)) == blob
-        reads = [g.blk.submit_read(base + k, SECTOR, indirect=True)
-                 for k in range(MAX_QUEUE_SIZE)]
+        reads = [g.blk.submit_read(base + k, SECTOR, indirect=True) for k in range(MAX_QUEUE_SIZE)]
         assert g.queue.num_free == 0
         done = g.blk.kick_and_wait(reads, 30.0)
         assert all(c.ok for c in done)
@@ -248,7 +258,7 @@ def test_request_bytes(blk_daemon: Daemon) -> None:
         buf = ram.alloc(SIZE_MAX, PAGE)
         tail = ram.alloc(SECTOR, PAGE)
         at_bound = [(buf, SIZE_MAX)] * SEG_MAX
-        past = at_bound + [(tail, SECTOR)]
+        past = [*at_bound, (tail, SECTOR)]
 
         ram.write(buf, one)
         c = run_chain(blk, VIRTIO_BLK_T_OUT, 0, at_bound, writable=False)
@@ -281,8 +291,10 @@ def test_request_bytes(blk_daemon: Daemon) -> None:
 # MAX_DISCARD_SEG / MAX_WRITE_ZEROES_SEG and MAX_DISCARD_SECTORS / MAX_WRITE_ZEROES_SECTORS
 # =========================================================================================
 
-KINDS = {"discard": (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS),
-         "write-zeroes": (MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS)}
+KINDS = {
+    "discard": (MAX_DISCARD_SEG, MAX_DISCARD_SECTORS),
+    "write-zeroes": (MAX_WRITE_ZEROES_SEG, MAX_WRITE_ZEROES_SECTORS),
+}
 
 
 @pytest.mark.parametrize("kind", list(KINDS))
@@ -310,7 +322,7 @@ def test_segments_per_request(blk_daemon: Daemon, kind: str) -> None:
             expect = bytearray(data)
             for s, count, _f in segments(max_seg):
                 off = (s - base) * SECTOR
-                expect[off:off + count * SECTOR] = bytes(count * SECTOR)
+                expect[off : off + count * SECTOR] = bytes(count * SECTOR)
             assert disk_read(blk_daemon, base * SECTOR, span) == bytes(expect)
         assert blk.discard([(base, span // SECTOR, 0)]) == VIRTIO_BLK_S_OK  # the queue goes on
 
@@ -351,8 +363,7 @@ def test_switch_serves_max_engine_pairs(tmp_path: Path) -> None:
     test of the CLI), and the last pair of the last port is served like the first."""
     nports, pairs = ports_and_queues(MAX_ENGINE_PAIRS, MAX_QUEUE_PAIRS)
     assert nports * pairs == MAX_ENGINE_PAIRS
-    d = spawn_net(tmp_path, "pairs", "--switch", "sw0", "--num-queues", str(pairs),
-                  ports=nports)
+    d = spawn_net(tmp_path, "pairs", "--switch", "sw0", "--num-queues", str(pairs), ports=nports)
     ports: list[NetPort] = []
     try:
         ports = [NetPort(s, pairs=None, queue_size=64) for s in d.sockets]

@@ -123,10 +123,17 @@ def switch(tmp_path: Path) -> Iterator[Switch]:
     socket file left."""
     sock_dir = Path(tempfile.mkdtemp(prefix="vu-dpdk-"))  # short: sun_path holds 108 bytes
     try:
-        d = spawn_net(sock_dir, "switch", "--switch", "sw0", "-v",
-                      sockets=[sock_dir / "a.sock", sock_dir / "b.sock"],
-                      exec_prefix=["taskset", "-c", str(dpdk.BACKEND_CPU)],
-                      log_path=tmp_path / "vhost-user-net.log", start_new_session=True)
+        d = spawn_net(
+            sock_dir,
+            "switch",
+            "--switch",
+            "sw0",
+            "-v",
+            sockets=[sock_dir / "a.sock", sock_dir / "b.sock"],
+            exec_prefix=["taskset", "-c", str(dpdk.BACKEND_CPU)],
+            log_path=tmp_path / "vhost-user-net.log",
+            start_new_session=True,
+        )
         try:
             yield Switch(str(d.sockets[0]), str(d.sockets[1]), d)
             assert d.alive(), f"daemon died; log:\n{d.log_text()}"
@@ -141,14 +148,27 @@ def switch(tmp_path: Path) -> Iterator[Switch]:
         shutil.rmtree(sock_dir, ignore_errors=True)
 
 
-def _testpmd(socks: list[str], macs: list[bytes], forward_mode: str, log_path: Path,
-             extra_args: tuple[str, ...] = ()) -> dpdk.TestPmd:
+def _testpmd(
+    socks: list[str],
+    macs: list[bytes],
+    forward_mode: str,
+    log_path: Path,
+    extra_args: tuple[str, ...] = (),
+) -> dpdk.TestPmd:
     """testpmd with one ``net_virtio_user`` port per socket, MACs fixed, on cpu 1."""
-    vdevs = [f"net_virtio_user{i},path={s},queues=1,mac={_mac_text(m)}"
-             for i, (s, m) in enumerate(zip(socks, macs, strict=True))]
-    return dpdk.TestPmd(vdevs, lcores=dpdk.FRONTEND_LCORES, forward_mode=forward_mode,
-                        txpkts=FRAME_SIZE, extra_args=extra_args, log_path=log_path,
-                        name="frontend")
+    vdevs = [
+        f"net_virtio_user{i},path={s},queues=1,mac={_mac_text(m)}"
+        for i, (s, m) in enumerate(zip(socks, macs, strict=True))
+    ]
+    return dpdk.TestPmd(
+        vdevs,
+        lcores=dpdk.FRONTEND_LCORES,
+        forward_mode=forward_mode,
+        txpkts=FRAME_SIZE,
+        extra_args=extra_args,
+        log_path=log_path,
+        name="frontend",
+    )
 
 
 @contextlib.contextmanager
@@ -173,8 +193,9 @@ def _running(pmd: dpdk.TestPmd) -> Iterator[dpdk.TestPmd]:
 def our_port(sock: str) -> NetPort:
     """The driver on one daemon socket: receiveq0 and transmitq0 of QUEUE_SIZE entries,
     every feature offered taken, its RAM in one region."""
-    return NetPort(Path(sock), features=ALL_FEATURES, queue_size=QUEUE_SIZE, ram_size=16 * MiB,
-                   regions=1)
+    return NetPort(
+        Path(sock), features=ALL_FEATURES, queue_size=QUEUE_SIZE, ram_size=16 * MiB, regions=1
+    )
 
 
 def post_free_rx(port: NetPort) -> int:
@@ -237,8 +258,13 @@ def test_testpmd_tx_reaches_our_port(switch: Switch, tmp_path: Path) -> None:
     they fill: far more frames arrive than the ring holds)."""
     with our_port(switch.b_sock) as nic:
         post_free_rx(nic)
-        pmd = _testpmd([switch.a_sock], [TESTPMD_MAC], "txonly", tmp_path / "testpmd.log",
-                       extra_args=(f"--eth-peer=0,{_mac_text(BROADCAST)}",))
+        pmd = _testpmd(
+            [switch.a_sock],
+            [TESTPMD_MAC],
+            "txonly",
+            tmp_path / "testpmd.log",
+            extra_args=(f"--eth-peer=0,{_mac_text(BROADCAST)}",),
+        )
         with _running(pmd):
             pmd.start()
             got = receive_for(nic, TX_SECONDS)
@@ -247,14 +273,17 @@ def test_testpmd_tx_reaches_our_port(switch: Switch, tmp_path: Path) -> None:
             got += receive_for(nic, 0.2)  # what was still on its way
             log = pmd.log_tail(60)
 
-    print(f"\ntestpmd sent {sent['tx_packets']} frames, our port received {len(got)} "
-          f"(the switch drops what finds no rx buffer)")
+    print(
+        f"\ntestpmd sent {sent['tx_packets']} frames, our port received {len(got)} "
+        f"(the switch drops what finds no rx buffer)"
+    )
     assert sent["tx_packets"] > 0, log
     assert sent["tx_bytes"] == FRAME_SIZE * sent["tx_packets"]
     assert sent["tx_errors"] == 0
     assert len(got) > QUEUE_SIZE, (
         f"{len(got)} frames reached b.sock; testpmd log:\n{log}\n"
-        f"daemon log tail:\n{switch.log_text()[-3000:]}")
+        f"daemon log tail:\n{switch.log_text()[-3000:]}"
+    )
     assert len(got) <= sent["tx_packets"]
     num_buffers = Counter(r.hdr.num_buffers for r in got)
     assert num_buffers == {1: len(got)}, num_buffers
@@ -288,7 +317,8 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
         while rx_packets() == 0:
             assert time.monotonic() < deadline, (
                 f"{probes} probe frames, none reached testpmd; log:\n{pmd.log_tail()}\n"
-                f"daemon log tail:\n{switch.log_text()[-3000:]}")
+                f"daemon log tail:\n{switch.log_text()[-3000:]}"
+            )
             nic.send(_experimental_frame(0))
             probes += 1
             _wait_for(rx_packets, 1, timeout=0.2)
@@ -333,20 +363,24 @@ def test_our_frames_reach_testpmd(switch: Switch, tmp_path: Path) -> None:
         log = pmd.log_tail(60)
 
     got = after["rx_packets"] - before["rx_packets"]
-    print(f"\nsent {sent} frames in {elapsed:.2f} s after {probes} probe(s); "
-          f"testpmd received {got}")
+    print(
+        f"\nsent {sent} frames in {elapsed:.2f} s after {probes} probe(s); testpmd received {got}"
+    )
     # No loss is allowed: each batch finds room in testpmd's ring, and the daemon
     # uses a tx chain only after copying its frame there.
     assert sent == FRAMES_TO_TESTPMD and got == sent, (
         f"testpmd received {got} of the first {sent} frames; testpmd log:\n{log}\n"
-        f"daemon log tail:\n{switch.log_text()[-3000:]}")
+        f"daemon log tail:\n{switch.log_text()[-3000:]}"
+    )
     assert after["rx_bytes"] - before["rx_bytes"] == FRAME_SIZE * FRAMES_TO_TESTPMD
     for counter in ("rx_errors", "rx_missed", "rx_nombuf"):
         assert final[counter] == before[counter], (counter, final, log)
     assert final["rx_packets"] - after["rx_packets"] == shown, (final, verbose)
-    want = (f"src={_mac_text(OUR_MAC).upper()} - dst={_mac_text(BROADCAST).upper()} - "
-            f"pool=mb_pool_0 - type=0x{ETH_P_EXPERIMENTAL:04x} - length={FRAME_SIZE} - "
-            "nb_segs=1 ")
+    want = (
+        f"src={_mac_text(OUR_MAC).upper()} - dst={_mac_text(BROADCAST).upper()} - "
+        f"pool=mb_pool_0 - type=0x{ETH_P_EXPERIMENTAL:04x} - length={FRAME_SIZE} - "
+        "nb_segs=1 "
+    )
     frames = [ln.strip() for ln in verbose.splitlines() if ln.strip().startswith("src=")]
     assert len(frames) == shown and all(f.startswith(want) for f in frames), verbose
 
@@ -356,8 +390,9 @@ def test_testpmd_to_testpmd_through_our_switch(switch: Switch, tmp_path: Path) -
     and b.sock, io forwarding (port0 <-> port1) started with ``tx_first`` (32 frames
     per port to unknown unicast MACs, so the switch floods them); frames circle through
     the switch, both ports keep receiving, and the switch creates no frame."""
-    pmd = _testpmd([switch.a_sock, switch.b_sock], [TESTPMD_MAC, TESTPMD_MAC_B], "io",
-                   tmp_path / "testpmd.log")
+    pmd = _testpmd(
+        [switch.a_sock, switch.b_sock], [TESTPMD_MAC, TESTPMD_MAC_B], "io", tmp_path / "testpmd.log"
+    )
     with _running(pmd):
         pmd.start(tx_first=1)
         time.sleep(LOOP_SECONDS / 2)
@@ -367,8 +402,10 @@ def test_testpmd_to_testpmd_through_our_switch(switch: Switch, tmp_path: Path) -
         end = pmd.port_stats()
         log = pmd.log_tail(60)
 
-    print("\n" + ", ".join(f"port {p}: rx {s['rx_packets']} tx {s['tx_packets']}"
-                           for p, s in end.items()))
+    print(
+        "\n"
+        + ", ".join(f"port {p}: rx {s['rx_packets']} tx {s['tx_packets']}" for p, s in end.items())
+    )
     for port in (0, 1):
         other = 1 - port
         assert end[port]["rx_packets"] > 0, f"port {port} received nothing; log:\n{log}"
@@ -377,6 +414,7 @@ def test_testpmd_to_testpmd_through_our_switch(switch: Switch, tmp_path: Path) -
         # still circling in the second half: the loop did not die after a few rounds
         assert end[port]["rx_packets"] > mid[port]["rx_packets"], (
             f"port {port} stopped receiving after {mid[port]['rx_packets']} frames; "
-            f"log:\n{log}\ndaemon log tail:\n{switch.log_text()[-3000:]}")
+            f"log:\n{log}\ndaemon log tail:\n{switch.log_text()[-3000:]}"
+        )
         # with two ports, whatever one receives the other sent: nothing duplicated
         assert end[port]["rx_packets"] <= end[other]["tx_packets"], end

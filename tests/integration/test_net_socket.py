@@ -85,8 +85,7 @@ TAP_IP, GUEST_IP = "10.98.0.1", "10.98.0.2"
 STRANGER = mac_bytes("02:00:00:00:00:99")  # a MAC no port has used
 IDLE_CPU_LIMIT = 0.25  # seconds of daemon CPU allowed in one idle second
 
-needs_netns = pytest.mark.skipif(netns_supported() is not None,
-                                 reason=netns_supported() or "")
+needs_netns = pytest.mark.skipif(netns_supported() is not None, reason=netns_supported() or "")
 
 
 # =========================================================================================
@@ -208,8 +207,7 @@ def valid_udp_checksum(frame: bytes) -> bool:
 
 
 @pytest.mark.parametrize("nports", [2, 3])
-def test_broadcast_floods_to_every_other_port_not_back(start_net: StartNet,
-                                                        nports: int) -> None:
+def test_broadcast_floods_to_every_other_port_not_back(start_net: StartNet, nports: int) -> None:
     d = start_switch(start_net, nports)
     ports = ports_on(d)
     try:
@@ -279,10 +277,19 @@ def test_frame_and_fresh_header_arrive_exactly(start_net: StartNet, layout: str)
     a, b = ports = ports_on(d)
     try:
         b.post_rx(8)
-        frames = [tagged_frame(BROADCAST, a.mac, i, size) for i, size in
-                  enumerate([60, 61, 1000, 1514, 1518])]
-        junk = VnetHdr(flags=1, gso_type=0, hdr_len=54, gso_size=1448, csum_start=34,
-                       csum_offset=6, num_buffers=9).pack()
+        frames = [
+            tagged_frame(BROADCAST, a.mac, i, size)
+            for i, size in enumerate([60, 61, 1000, 1514, 1518])
+        ]
+        junk = VnetHdr(
+            flags=1,
+            gso_type=0,
+            hdr_len=54,
+            gso_size=1448,
+            csum_start=34,
+            csum_offset=6,
+            num_buffers=9,
+        ).pack()
         heads = []
         for f in frames:
             if layout == "one buffer":
@@ -291,8 +298,11 @@ def test_frame_and_fresh_header_arrive_exactly(start_net: StartNet, layout: str)
                 heads.append(a.add_tx_chain([junk, f]))
             elif layout == "five pieces":
                 cuts = [5, 13, 14, 40, len(f)]
-                heads.append(a.add_tx_chain([junk[:7], junk[7:] + f[:5]]
-                                            + [f[x:y] for x, y in itertools.pairwise(cuts)]))
+                heads.append(
+                    a.add_tx_chain(
+                        [junk[:7], junk[7:] + f[:5]] + [f[x:y] for x, y in itertools.pairwise(cuts)]
+                    )
+                )
             else:
                 heads.append(a.add_tx_chain([junk, f], indirect=True))
         a.flush_tx()
@@ -328,12 +338,13 @@ def test_mergeable_rx_spreads_a_frame_over_small_buffers(start_net: StartNet) ->
         assert first.hdr == VnetHdr(num_buffers=n)
         assert first.frame == big
         assert [h for h, _ in first.chains] == heads[:n]
-        assert [ln for _, ln in first.chains] == [64] * (n - 1) + [VNET_HDR_LEN + 1500
-                                                                    - 64 * (n - 1)]
+        assert [ln for _, ln in first.chains] == [64] * (n - 1) + [
+            VNET_HDR_LEN + 1500 - 64 * (n - 1)
+        ]
         # the chains the first frame did not need went back: the next frame starts
         # right after it, and the device took no more than those used
         assert second.hdr == VnetHdr(num_buffers=2) and second.frame == small
-        assert [h for h, _ in second.chains] == heads[n:n + 2]
+        assert [h for h, _ in second.chains] == heads[n : n + 2]
         assert_nothing_more(b)
         assert b.fe.stop_queue(0) == n + 2
     finally:
@@ -354,10 +365,15 @@ def test_random_chain_shapes_and_jumbo_frames(start_net: StartNet) -> None:
     a, b = ports = ports_on(d, ram_size=64 * MiB, queue_size=1024)
     try:
         for batch in range(4):
-            want = [tagged_frame(BROADCAST, a.mac, batch * 100 + i,
-                                 rng.choice([rng.randint(14 + 10, 200),
-                                             rng.randint(200, 9018), 9018]))
-                    for i in range(40)]
+            want = [
+                tagged_frame(
+                    BROADCAST,
+                    a.mac,
+                    batch * 100 + i,
+                    rng.choice([rng.randint(14 + 10, 200), rng.randint(200, 9018), 9018]),
+                )
+                for i in range(40)
+            ]
             heads = []
             # room for every frame even if each wastes most of its last chain
             room = sum(VNET_HDR_LEN + len(f) + 3 * 1500 for f in want)
@@ -368,14 +384,16 @@ def test_random_chain_shapes_and_jumbo_frames(start_net: StartNet) -> None:
                 room -= sum(sizes)
             b.publish(b.rxq[0])
             hdr = VnetHdr().pack()
-            sent = [a.add_tx_chain(_cut(rng, hdr + f, rng.randint(1, 8)),
-                                   indirect=rng.random() < 0.3) for f in want]
+            sent = [
+                a.add_tx_chain(_cut(rng, hdr + f, rng.randint(1, 8)), indirect=rng.random() < 0.3)
+                for f in want
+            ]
             a.flush_tx()
             a.wait_tx(sent)
             got = b.receive(len(want), timeout=10)
             assert [g.frame for g in got] == want
             used = [h for g in got for h, _ in g.chains]
-            assert used == heads[:len(used)]  # in ring order, none skipped
+            assert used == heads[: len(used)]  # in ring order, none skipped
             for g in got:
                 assert g.hdr == VnetHdr(num_buffers=len(g.chains))
                 assert g.used_bytes == VNET_HDR_LEN + len(g.frame)
@@ -388,8 +406,11 @@ def test_random_chain_shapes_and_jumbo_frames(start_net: StartNet) -> None:
 def test_ports_with_other_header_layouts(start_net: StartNet, features: str) -> None:
     """Without MRG_RXBUF a frame takes one rx chain (num_buffers 1, still 12 bytes with
     VERSION_1); without VERSION_1 too the header is 10 bytes, on rx and on tx."""
-    mask = {"mergeable": ~0, "no MRG_RXBUF": ~VIRTIO_NET_F_MRG_RXBUF,
-            "legacy header": ~(VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_VERSION_1)}[features]
+    mask = {
+        "mergeable": ~0,
+        "no MRG_RXBUF": ~VIRTIO_NET_F_MRG_RXBUF,
+        "legacy header": ~(VIRTIO_NET_F_MRG_RXBUF | VIRTIO_F_VERSION_1),
+    }[features]
     d = start_switch(start_net)
     a = NetPort(d.sockets[0])
     b = NetPort(d.sockets[1], features=ALL_FEATURES & mask)
@@ -440,8 +461,9 @@ def test_a_thousand_frames_in_batches(start_net: StartNet) -> None:
         seq = 0
         for _ in range(10):
             b.post_rx(100, 2048)
-            batch = [tagged_frame(b.mac, a.mac, seq + i, 60 + (seq + i) * 37 % 1459)
-                     for i in range(100)]
+            batch = [
+                tagged_frame(b.mac, a.mac, seq + i, 60 + (seq + i) * 37 % 1459) for i in range(100)
+            ]
             seq += 100
             a.send(*batch)
             got = b.receive(100)
@@ -467,7 +489,7 @@ def test_ring_indices_wrap_around(start_net: StartNet) -> None:
         got = b.receive(len(want))
         assert [g.frame for g in got] == want
         used = [h for g in got for h, _ in g.chains]
-        assert used == heads[:len(used)]
+        assert used == heads[: len(used)]
         for g in got:
             assert g.hdr == VnetHdr(num_buffers=math.ceil((VNET_HDR_LEN + len(g.frame)) / 256))
         assert b.fe.stop_queue(0) == (65530 + len(used)) & 0xFFFF
@@ -530,8 +552,13 @@ def test_config_space_and_queue_num(start_net: StartNet) -> None:
     with NetPort(d.socket_path) as p:
         assert p.fe.get_queue_num() == 1
         offered = p.fe.offered_features
-        for bit in (VIRTIO_F_VERSION_1, VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS,
-                    VIRTIO_NET_F_MTU, VIRTIO_NET_F_MRG_RXBUF):
+        for bit in (
+            VIRTIO_F_VERSION_1,
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MTU,
+            VIRTIO_NET_F_MRG_RXBUF,
+        ):
             assert offered & bit, hex(bit)
         assert not offered & (VIRTIO_NET_F_MQ | NET_OFFLOADS)  # one pair; a switch port
         cfg = p.config()
@@ -625,7 +652,7 @@ def _bad_tx_chain(port: NetPort, kind: str) -> int:
     if kind == "bad address":
         return q.add_chain([(HOLE_GPA, len(hdr + frame), False)])
     assert kind == "descriptor loop"
-    (gpa, data), = _stage(port, [hdr + frame])
+    ((gpa, data),) = _stage(port, [hdr + frame])
     head = q.add_chain([(gpa, len(data), False), (gpa, len(data), False)])
     d0, d1 = q.chain_of(head)
     q.write_desc(d1, gpa, len(data), VRING_DESC_F_NEXT, d0)  # ...and back to the first
@@ -797,8 +824,9 @@ def test_a_switch_holds_at_most_64_queue_pairs(start_net: StartNet, tmp_path: Pa
 
 
 @needs_netns
-def test_tap_is_created_and_frames_cross_both_ways(netns: NetNs, start_tap: StartNet,
-                                                   agent: MakeAgent) -> None:
+def test_tap_is_created_and_frames_cross_both_ways(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     assert TAP not in netns.link_names()
     d = start_tap("--tap", TAP)
     link = netns.link(TAP)
@@ -811,13 +839,18 @@ def test_tap_is_created_and_frames_cross_both_ways(netns: NetNs, start_tap: Star
         g.post_rx(8)
         # guest -> TAP: exactly the frames sent, header stripped (none of them makes the
         # namespace's stack answer: the datagram is for an address nobody has)
-        out = [tagged_frame(BROADCAST, g.mac, 1), tagged_frame(tap_mac, g.mac, 2, 1514),
-               udp_frame(tap_mac, g.mac, GUEST_IP, "10.98.0.77", 4000, 9, b"to the tap")]
+        out = [
+            tagged_frame(BROADCAST, g.mac, 1),
+            tagged_frame(tap_mac, g.mac, 2, 1514),
+            udp_frame(tap_mac, g.mac, GUEST_IP, "10.98.0.77", 4000, 9, b"to the tap"),
+        ]
         g.send(*out)
         assert ag.take(3, 5.0) == out
         # TAP -> guest: what is injected arrives, with a plain header
-        into = [udp_frame(g.mac, tap_mac, TAP_IP, GUEST_IP, 9, 4000, b"to the guest" * 20),
-                arp_frame(1, tap_mac, TAP_IP, bytes(6), GUEST_IP)]
+        into = [
+            udp_frame(g.mac, tap_mac, TAP_IP, GUEST_IP, 9, 4000, b"to the guest" * 20),
+            arp_frame(1, tap_mac, TAP_IP, bytes(6), GUEST_IP),
+        ]
         for f in into:
             ag.send(f)
         assert_frames(g.receive(2), into)
@@ -827,8 +860,12 @@ def test_tap_is_created_and_frames_cross_both_ways(netns: NetNs, start_tap: Star
         assert reply.hdr == ZERO_HDR
         arp = parse_arp(reply.frame)
         assert arp is not None and reply.frame[:6] == g.mac
-        assert (arp.op, arp.sender_mac, arp.sender_ip, arp.target_ip) == (2, tap_mac, TAP_IP,
-                                                                          GUEST_IP)
+        assert (arp.op, arp.sender_mac, arp.sender_ip, arp.target_ip) == (
+            2,
+            tap_mac,
+            TAP_IP,
+            GUEST_IP,
+        )
         assert_nothing_more(g)
     d.check_clean_exit()
     assert TAP not in netns.link_names()  # the TAP the daemon made went with it
@@ -889,8 +926,10 @@ def test_multi_queue_tap(netns: NetNs, start_tap: StartNet, agent: MakeAgent) ->
         g.send(out[0], pair=0)
         g.send(out[1], pair=1)
         assert ag.take(2, 5.0) == out
-        into = [udp_frame(g.mac, tap_mac, TAP_IP, GUEST_IP, 1000 + i, 4000, bytes([i]) * 99)
-                for i in range(8)]
+        into = [
+            udp_frame(g.mac, tap_mac, TAP_IP, GUEST_IP, 1000 + i, 4000, bytes([i]) * 99)
+            for i in range(8)
+        ]
         for f in into:
             ag.send(f)
         got = receive_on_any(g, len(into))
@@ -901,8 +940,9 @@ def test_multi_queue_tap(netns: NetNs, start_tap: StartNet, agent: MakeAgent) ->
 
 
 @needs_netns
-def test_tap_frames_wait_for_rx_buffers_without_spinning(netns: NetNs, start_tap: StartNet,
-                                                          agent: MakeAgent) -> None:
+def test_tap_frames_wait_for_rx_buffers_without_spinning(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     d = start_tap("--tap", TAP)
     tap_ready(netns)
     ag = agent(TAP)
@@ -921,8 +961,9 @@ def test_tap_frames_wait_for_rx_buffers_without_spinning(netns: NetNs, start_tap
 
 
 @needs_netns
-def test_tap_mergeable_rx_over_small_buffers(netns: NetNs, start_tap: StartNet,
-                                             agent: MakeAgent) -> None:
+def test_tap_mergeable_rx_over_small_buffers(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     d = start_tap("--tap", TAP)
     tap_ready(netns)
     ag = agent(TAP)
@@ -940,7 +981,7 @@ def test_tap_mergeable_rx_over_small_buffers(netns: NetNs, start_tap: StartNet,
         assert [h for h, _ in big.chains] == heads[:n]
         # the chains taken for a largest frame and not needed were given back
         assert small.hdr == VnetHdr(num_buffers=2) and small.frame == frames[1]
-        assert [h for h, _ in small.chains] == heads[n:n + 2]
+        assert [h for h, _ in small.chains] == heads[n : n + 2]
         assert_nothing_more(g)
         assert g.fe.stop_queue(0) == n + 2
 
@@ -950,11 +991,13 @@ def datagram_from_namespace(netns: NetNs, g: NetPort) -> tuple[RxFrame, bytes]:
     payload sent."""
     netns.ip("neigh", "replace", GUEST_IP, "lladdr", mac_text(g.mac), "dev", TAP)
     data = os.urandom(300)
-    send = ("import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-            f"s.sendto(bytes.fromhex(sys.argv[1]), ('{GUEST_IP}', 4000))")
+    send = (
+        "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        f"s.sendto(bytes.fromhex(sys.argv[1]), ('{GUEST_IP}', 4000))"
+    )
     netns.run([sys.executable, "-c", send, data.hex()])
     (got,) = g.receive(1)
-    assert got.frame[:6] == g.mac and got.frame[ETH_HLEN + 28:] == data
+    assert got.frame[:6] == g.mac and got.frame[ETH_HLEN + 28 :] == data
     return got, data
 
 
@@ -966,11 +1009,12 @@ def check_datagram(got: RxFrame, offload: bool) -> None:
         assert got.hdr == ZERO_HDR
         assert valid_udp_checksum(got.frame)
         return
-    assert got.hdr == VnetHdr(flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34,
-                              csum_offset=6, num_buffers=1)
+    assert got.hdr == VnetHdr(
+        flags=VIRTIO_NET_HDR_F_NEEDS_CSUM, csum_start=34, csum_offset=6, num_buffers=1
+    )
     done = bytearray(got.frame)
     start, at = got.hdr.csum_start, got.hdr.csum_start + got.hdr.csum_offset
-    done[at:at + 2] = inet_checksum(got.frame[start:]).to_bytes(2, "big")
+    done[at : at + 2] = inet_checksum(got.frame[start:]).to_bytes(2, "big")
     assert valid_udp_checksum(bytes(done))
 
 
@@ -985,8 +1029,9 @@ def test_tap_checksum_offload(netns: NetNs, start_tap: StartNet, offload: bool) 
 
 
 @needs_netns
-def test_tap_port_reconnects_with_other_features(netns: NetNs, start_tap: StartNet,
-                                                 agent: MakeAgent) -> None:
+def test_tap_port_reconnects_with_other_features(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     """A second guest on the same TAP port gets its own offload settings: the first took
     checksum offload, the second does not, and its datagrams come with full checksums."""
     d = start_tap("--tap", TAP)
@@ -1004,8 +1049,9 @@ def test_tap_port_reconnects_with_other_features(netns: NetNs, start_tap: StartN
         assert ag.take(1, 5.0) == [f]
 
 
-def starve_then_refill(netns: NetNs, ag: PacketAgent, g: NetPort,
-                       kick: bool | None) -> tuple[bytes, list[RxFrame]]:
+def starve_then_refill(
+    netns: NetNs, ag: PacketAgent, g: NetPort, kick: bool | None
+) -> tuple[bytes, list[RxFrame]]:
     """The guest posts 256 bytes of rx buffers, a 600-byte frame comes, the guest posts
     2560 bytes more (kicking as ``kick`` says): the frame, and what the guest got."""
     g.post_rx(4, 64)  # 256 bytes: less than the frame below
@@ -1018,8 +1064,9 @@ def starve_then_refill(netns: NetNs, ag: PacketAgent, g: NetPort,
 
 
 @needs_netns
-def test_tap_frame_waits_rather_than_being_truncated(netns: NetNs, start_tap: StartNet,
-                                                    agent: MakeAgent) -> None:
+def test_tap_frame_waits_rather_than_being_truncated(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     """Fixed: the frame used to be read into the 256 bytes there were, and cut."""
     d = start_tap("--tap", TAP)
     tap_ready(netns)
@@ -1031,8 +1078,9 @@ def test_tap_frame_waits_rather_than_being_truncated(netns: NetNs, start_tap: St
 
 
 @needs_netns
-def test_tap_starved_rx_wakes_for_an_event_idx_driver(netns: NetNs, start_tap: StartNet,
-                                                      agent: MakeAgent) -> None:
+def test_tap_starved_rx_wakes_for_an_event_idx_driver(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     """As above, but the guest kicks only when the device's avail_event says so (what
     Linux's virtqueue_kick_prepare does). Fixed: the starved queue asked for a kick at
     its rewound last_avail_idx, behind avail->idx, so the driver never kicked."""
@@ -1047,7 +1095,8 @@ def test_tap_starved_rx_wakes_for_an_event_idx_driver(netns: NetNs, start_tap: S
 
 @needs_netns
 def test_tap_rx_buffers_too_small_for_a_frame_do_not_truncate_it(
-        netns: NetNs, start_tap: StartNet, agent: MakeAgent) -> None:
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     """200 rx buffers of 16 bytes (each at least a header, as the spec asks): the 64
     chains one frame may take hold 1024 bytes. A 1400-byte frame must arrive whole or
     not at all (dropped and counted). Fixed: it arrived cut to 1012 bytes."""
@@ -1062,8 +1111,7 @@ def test_tap_rx_buffers_too_small_for_a_frame_do_not_truncate_it(
         ag.send(small)
         got = g.receive(1)
         got += g.drain_rx()
-        assert [x.frame for x in got] in ([big, small], [small]), \
-            [len(x.frame) for x in got]
+        assert [x.frame for x in got] in ([big, small], [small]), [len(x.frame) for x in got]
     counters = disconnect_counters(d, "tap0-a.sock#2")
     assert counters["rx_packets"] == len(got)
     assert counters["rx_bytes"] == sum(len(x.frame) for x in got)
@@ -1072,7 +1120,8 @@ def test_tap_rx_buffers_too_small_for_a_frame_do_not_truncate_it(
 
 @needs_netns
 def test_tap_frame_that_exactly_fits_small_buffers_is_delivered(
-        netns: NetNs, start_tap: StartNet, agent: MakeAgent) -> None:
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent
+) -> None:
     """64 chains of 16 bytes hold 1024 bytes: a 1012-byte frame and its header fill them
     exactly, nothing is cut, and it must arrive (num_buffers 64). Fixed: any frame that
     filled the buffers to the last byte was dropped as possibly cut."""
@@ -1089,8 +1138,9 @@ def test_tap_frame_that_exactly_fits_small_buffers_is_delivered(
 
 @needs_netns
 @pytest.mark.parametrize("count", [1, 100])
-def test_tap_zero_length_rx_buffers_do_not_spin(netns: NetNs, start_tap: StartNet,
-                                                agent: MakeAgent, count: int) -> None:
+def test_tap_zero_length_rx_buffers_do_not_spin(
+    netns: NetNs, start_tap: StartNet, agent: MakeAgent, count: int
+) -> None:
     """Fixed: readv into no room returned 0, the chains went back and the TAP fd, with a
     frame waiting, was polled again: the engine spun (one chain: it never starved; more
     than the 64 chains a frame may take: it was not out of buffers)."""
@@ -1110,8 +1160,7 @@ def test_tap_zero_length_rx_buffers_do_not_spin(netns: NetNs, start_tap: StartNe
 
 
 @needs_netns
-def test_tap_deleted_under_the_daemon_does_not_spin(netns: NetNs,
-                                                    start_tap: StartNet) -> None:
+def test_tap_deleted_under_the_daemon_does_not_spin(netns: NetNs, start_tap: StartNet) -> None:
     """Fixed: the deleted TAP's fd kept reporting POLLERR and the engine spun; now it is
     logged and left alone."""
     d = start_tap("--tap", TAP)
@@ -1131,8 +1180,14 @@ def test_tap_deleted_under_the_daemon_does_not_spin(netns: NetNs,
 def test_tap_name_longer_than_ifnamsiz(netns: NetNs, tmp_path: Path) -> None:
     """Fixed: a 21-character name was cut to 15 and that TAP made (and logged as the
     long name)."""
-    r = run_cli("--socket-path", "a.sock", "--tap", "vtap-name-is-too-long",
-                exec_prefix=netns.exec_args([]), cwd=tmp_path)
+    r = run_cli(
+        "--socket-path",
+        "a.sock",
+        "--tap",
+        "vtap-name-is-too-long",
+        exec_prefix=netns.exec_args([]),
+        cwd=tmp_path,
+    )
     assert_usage_error(r, "vtap-name-is-too-long", "15")
     assert netns.link_names() == ["lo"]
     assert list(tmp_path.iterdir()) == []
@@ -1143,8 +1198,9 @@ def test_tap_name_longer_than_ifnamsiz(netns: NetNs, tmp_path: Path) -> None:
 # =========================================================================================
 
 
-def run_cli(*args: str, exec_prefix: list[str] | None = None,
-            cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, exec_prefix: list[str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return run_program("net", *args, exec_prefix=exec_prefix or (), cwd=cwd)
 
 
@@ -1167,8 +1223,10 @@ SWITCH_USAGE_ERRORS: dict[str, tuple[list[str], str]] = {
     "mac not hex": (["--switch", "s", "--mac", "52:54:00:12:34:zz"], "bad MAC"),
     "mac one-digit parts": (["--switch", "s", "--mac", "2:54:0:12:34:56:"], "bad MAC"),
     "multicast mac": (["--switch", "s", "--mac", "01:00:5e:00:00:01"], "multicast"),
-    "mac with two sockets": (["--switch", "s", "--mac", "52:54:00:12:34:56", "--socket-path",
-                              "b.sock"], "--mac"),
+    "mac with two sockets": (
+        ["--switch", "s", "--mac", "52:54:00:12:34:56", "--socket-path", "b.sock"],
+        "--mac",
+    ),
     "mtu too small": (["--switch", "s", "--mtu", "67"], "--mtu 67"),
     "mtu too large": (["--switch", "s", "--mtu", "65518"], "--mtu 65518"),
     "no queues": (["--switch", "s", "--num-queues", "0"], "--num-queues 0"),
@@ -1192,18 +1250,26 @@ TAP_USAGE_ERRORS: dict[str, list[str]] = {
 
 
 @needs_netns
-def test_tap_that_cannot_be_attached(netns: NetNs, start_tap: StartNet,
-                                     tmp_path: Path) -> None:
+def test_tap_that_cannot_be_attached(netns: NetNs, start_tap: StartNet, tmp_path: Path) -> None:
     """An existing single-queue TAP asked for two queue pairs, and a TAP another daemon
     holds: exit 2, one line naming the TAP and the kernel's reason."""
     netns.add_tap(TAP, TAP_CIDR)
-    r = run_cli("--socket-path", "a.sock", "--tap", TAP, "--num-queues", "2",
-                exec_prefix=netns.exec_args([]), cwd=tmp_path)
+    r = run_cli(
+        "--socket-path",
+        "a.sock",
+        "--tap",
+        TAP,
+        "--num-queues",
+        "2",
+        exec_prefix=netns.exec_args([]),
+        cwd=tmp_path,
+    )
     assert_usage_error(r, f"--tap {TAP}: Invalid argument")
     start_tap("--tap", TAP)
     netns.wait_carrier(TAP)
-    r = run_cli("--socket-path", "b.sock", "--tap", TAP, exec_prefix=netns.exec_args([]),
-                cwd=tmp_path)
+    r = run_cli(
+        "--socket-path", "b.sock", "--tap", TAP, exec_prefix=netns.exec_args([]), cwd=tmp_path
+    )
     assert_usage_error(r, f"--tap {TAP}: Device or resource busy")
     assert not (tmp_path / "b.sock").exists()
 
@@ -1212,8 +1278,13 @@ def test_tap_that_cannot_be_attached(netns: NetNs, start_tap: StartNet,
 @pytest.mark.parametrize("case", list(TAP_USAGE_ERRORS))
 def test_tap_usage_errors(netns: NetNs, tmp_path: Path, case: str) -> None:
     """Run inside a namespace: had the check failed, the TAP would be made there."""
-    r = run_cli("--socket-path", "a.sock", *TAP_USAGE_ERRORS[case],
-                exec_prefix=netns.exec_args([]), cwd=tmp_path)
+    r = run_cli(
+        "--socket-path",
+        "a.sock",
+        *TAP_USAGE_ERRORS[case],
+        exec_prefix=netns.exec_args([]),
+        cwd=tmp_path,
+    )
     assert_usage_error(r, "--tap")
     assert list(tmp_path.iterdir()) == []
     assert netns.link_names() == ["lo"]
@@ -1227,9 +1298,14 @@ def test_inherited_listening_socket(tmp_path: Path) -> None:
     listener.listen(4)
     fd = listener.fileno()
     try:
-        d = spawn([*device_command("net"), "--fd", str(fd), "--switch", "s"],
-                  tmp_path / "fd.log", [path], owns_sockets=False, pass_fds=(fd,),
-                  ready=Ready.STARTED)
+        d = spawn(
+            [*device_command("net"), "--fd", str(fd), "--switch", "s"],
+            tmp_path / "fd.log",
+            [path],
+            owns_sockets=False,
+            pass_fds=(fd,),
+            ready=Ready.STARTED,
+        )
     finally:
         listener.close()  # the daemon holds its own copy
     try:

@@ -169,7 +169,7 @@ class Console:
             if not TICK_RE.match(line) and not line.startswith("FIOJSON ")
         ]
         last = [f"{t.seen:.2f} {t}" for t in self.ticks[-ticks:]]
-        return "\n".join(other[-n:] + ["--- last I/O monitor ticks (host time) ---"] + last)
+        return "\n".join([*other[-n:], "--- last I/O monitor ticks (host time) ---", *last])
 
 
 @dataclass
@@ -199,8 +199,15 @@ def start_incarnation(
     """Start ``vhost-user-blk --socket-path S --blk-file I ARGS`` without probing it
     (see the module docstring), with ``env`` added to the environment; its log goes
     to ``<workdir>/crash<n>.daemon.log``."""
-    d = spawn_blk_for_qemu(workdir, f"crash{n}", *args, image=image, socket_path=socket_path,
-                           ready=Ready.STARTED, env=env)
+    d = spawn_blk_for_qemu(
+        workdir,
+        f"crash{n}",
+        *args,
+        image=image,
+        socket_path=socket_path,
+        ready=Ready.STARTED,
+        env=env,
+    )
     return Incarnation(n, d, time.monotonic())
 
 

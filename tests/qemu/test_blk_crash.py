@@ -34,6 +34,7 @@ Environment:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import time
@@ -314,7 +315,7 @@ class CrashRun:
             text = inc.log_text()
             lines = text.splitlines()
             if len(lines) > 150:  # the message dumps of -v: keep the start and the end
-                text = "\n".join(lines[:40] + ["[...]"] + lines[-100:])
+                text = "\n".join([*lines[:40], "[...]", *lines[-100:]])
             parts.append(
                 f"--- daemon #{inc.n} (pid {inc.daemon.pid}, exit "
                 f"{inc.daemon.proc.poll()}), {inc.daemon.log_path} ---\n{text}"
@@ -329,10 +330,8 @@ def _bad_kmsg(lines: list[str]) -> list[str]:
 def _stop_for_evidence(run: CrashRun) -> None:
     """SIGTERM the live daemon so it logs where each ring stood (a hang's evidence)."""
     if run.incarnations and run.daemon.daemon.alive():
-        try:
+        with contextlib.suppress(AssertionError):
             run.daemon.daemon.terminate(10)
-        except AssertionError:
-            pass
 
 
 @pytest.mark.parametrize(

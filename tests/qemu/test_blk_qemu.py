@@ -279,8 +279,8 @@ result mq "$(ls /sys/block/$NAME/mq | wc -l)"
 result cpus "$(grep -c ^processor /proc/cpuinfo)"
 # completions signalled per queue: the MSI-X vector of virtqueue req.N, all CPUs
 irqs() {
-    awk -v q="$1" 'NR == 1 {n = NF} $NF == q {s = 0; for (i = 2; i <= n + 1; i++) s += $i; print s}' \
-        /proc/interrupts
+    awk -v q="$1" 'NR == 1 {n = NF}
+        $NF == q {s = 0; for (i = 2; i <= n + 1; i++) s += $i; print s}' /proc/interrupts
 }
 a0=$(irqs virtio0-req.0); a1=$(irqs virtio0-req.1)
 # blk-mq maps CPU n to hardware queue n: one job pinned to each CPU

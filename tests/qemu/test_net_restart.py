@@ -247,9 +247,15 @@ class RestartableNet:
         # -v: the per-queue "stopped:" lines checked below are DEBUG for rx rings
         argv = sockets_argv(cmd, self.sockets, *backend, "-v")
         # No probe connection: the only front end an incarnation sees is QEMU.
-        self.launch = Launch(tuple(argv), tuple(self.sockets), ready=Ready.STARTED,
-                             popen=ns.popen, start_new_session=True, env=this_tree_env(),
-                             stop_timeout=QEMU_STOP_TIMEOUT)
+        self.launch = Launch(
+            tuple(argv),
+            tuple(self.sockets),
+            ready=Ready.STARTED,
+            popen=ns.popen,
+            start_new_session=True,
+            env=this_tree_env(),
+            stop_timeout=QEMU_STOP_TIMEOUT,
+        )
         self.lives: list[Daemon] = []
 
     @property
@@ -425,7 +431,7 @@ def test_daemon_killed_and_restarted(
         t_loop = time.monotonic() - t0
         marks = [len(g.output()) for g in guests]
         for r in range(1, RESTARTS + 1):
-            for g, since in zip(guests, marks):
+            for g, since in zip(guests, marks, strict=False):
                 wait_oks(g, since, OK_BEFORE_KILL, RESUME_TIMEOUT, f"round {r}: before the kill")
             # the kill: pings and bulk TCP in flight
             kill_marks = [len(g.output()) for g in guests]
@@ -434,7 +440,7 @@ def test_daemon_killed_and_restarted(
             stale = [assert_stale(sock) for sock in daemon.sockets]
             down = [
                 wait_console(g, m, FAIL_RE, 15.0, f"round {r}: traffic stops after the kill")[0]
-                for g, m in zip(guests, kill_marks)
+                for g, m in zip(guests, kill_marks, strict=False)
             ]
             # the same command line again: it replaces the stale socket files
             t_restart = time.monotonic()
@@ -442,13 +448,15 @@ def test_daemon_killed_and_restarted(
             b = daemon.start()
             t_listen = time.monotonic() - t_restart
             fresh = [file_id(sock) for sock in daemon.sockets]
-            assert all(a != b for a, b in zip(stale, fresh)), "stale socket files not replaced"
+            assert all(a != b for a, b in zip(stale, fresh, strict=False)), (
+                "stale socket files not replaced"
+            )
             b.wait_log(
                 re.compile(r"net\d\.sock#1: front end connected"), len(guests), RESUME_TIMEOUT
             )
             t_conn = time.monotonic() - t_restart
             resume = []
-            for g, m in zip(guests, marks):
+            for g, m in zip(guests, marks, strict=False):
                 wait_console(g, m, OK_RE, RESUME_TIMEOUT, f"round {r}: traffic resumes")
                 resume.append(time.monotonic() - t_restart)
             rounds.append(

@@ -78,7 +78,6 @@ BLK_DISCARD_SEG = struct.Struct("<QII")  # sector, num_sectors, flags
 STATUS_UNTOUCHED = 0xFF
 
 
-
 @dataclass(frozen=True)
 class Completion:
     """How a virtio-blk request ended. status is None if the device left it untouched."""
@@ -411,10 +410,18 @@ class Guest:
         self.close()
 
 
-def connect_guest(d: Daemon, *, queues: int | None = 1, queue_size: int = 128,
-                  features: int = ALL_FEATURES, regions: int = 2, ram_size: int = RAM_SIZE,
-                  add_mem_reg: bool = False, start_idx: int = 0,
-                  buf_regions: Sequence[int] = (0,)) -> Guest:
+def connect_guest(
+    d: Daemon,
+    *,
+    queues: int | None = 1,
+    queue_size: int = 128,
+    features: int = ALL_FEATURES,
+    regions: int = 2,
+    ram_size: int = RAM_SIZE,
+    add_mem_reg: bool = False,
+    start_idx: int = 0,
+    buf_regions: Sequence[int] = (0,),
+) -> Guest:
     """Connect to ``d``, negotiate ``features`` (masked by what is offered), describe
     the RAM (SET_MEM_TABLE, or one ADD_MEM_REG per region) and set up ``queues``
     queues (None: as many as GET_QUEUE_NUM says)."""
@@ -428,8 +435,10 @@ def connect_guest(d: Daemon, *, queues: int | None = 1, queue_size: int = 128,
         else:
             fe.set_mem_table()
         n = fe.queue_num if queues is None else queues
-        drivers = [BlkDriver(fe.setup_queue(i, queue_size, start_idx=start_idx),
-                             buf_regions=buf_regions) for i in range(n)]
+        drivers = [
+            BlkDriver(fe.setup_queue(i, queue_size, start_idx=start_idx), buf_regions=buf_regions)
+            for i in range(n)
+        ]
     except BaseException:
         fe.close()
         ram.close()

@@ -109,18 +109,30 @@ def installed_command(device: str) -> list[str] | None:
     return [found] if found else None
 
 
-def run_program(device: str, *args: str, module: bool = False, exec_prefix: Sequence[str] = (),
-                cwd: Path | None = None, pass_fds: Sequence[int] = (),
-                timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+def run_program(
+    device: str,
+    *args: str,
+    module: bool = False,
+    exec_prefix: Sequence[str] = (),
+    cwd: Path | None = None,
+    pass_fds: Sequence[int] = (),
+    timeout: float = 20.0,
+) -> subprocess.CompletedProcess[str]:
     """Run ``DEVICE``'s program with ``args`` to its end (no stdin, output as text): what
     the tests of its options and of ``--print-capabilities`` do."""
-    return subprocess.run([*exec_prefix, *device_command(device, module=module), *args],
-                          capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                          pass_fds=tuple(pass_fds), stdin=subprocess.DEVNULL, check=False)
+    return subprocess.run(
+        [*exec_prefix, *device_command(device, module=module), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        pass_fds=tuple(pass_fds),
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
 
 
-def check_usage_error(r: subprocess.CompletedProcess[str], program: str,
-                      *needles: str) -> None:
+def check_usage_error(r: subprocess.CompletedProcess[str], program: str, *needles: str) -> None:
     """The backend program convention for bad arguments: exit status 2, one line on
     stderr (``PROGRAM: error: ...``, naming each of ``needles``), nothing on stdout, no
     traceback."""
@@ -212,9 +224,16 @@ class Launch:
         as :attr:`ready` says; on a failed start-up it is killed and the error raised."""
         env = {**os.environ, **self.env} if self.env is not None else None
         with open(log_path, "wb") as log:
-            proc = self.popen(list(self.argv), stdin=subprocess.DEVNULL, stdout=log,
-                              stderr=log, pass_fds=self.pass_fds, umask=self.umask,
-                              start_new_session=self.start_new_session, env=env)
+            proc = self.popen(
+                list(self.argv),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                pass_fds=self.pass_fds,
+                umask=self.umask,
+                start_new_session=self.start_new_session,
+                env=env,
+            )
         d = Daemon(self, proc, log_path, list(self.sockets), self.image)
         try:
             _wait_ready(d, self.ready, time.monotonic() + self.start_timeout)
@@ -225,8 +244,9 @@ class Launch:
         return d
 
 
-def spawn(argv: Sequence[str], log_path: Path, sockets: Sequence[Path] = (),
-          **options: Any) -> Daemon:
+def spawn(
+    argv: Sequence[str], log_path: Path, sockets: Sequence[Path] = (), **options: Any
+) -> Daemon:
     """``Launch(argv, sockets, **options).start(log_path)``."""
     return Launch(tuple(argv), tuple(sockets), **options).start(log_path)
 
@@ -243,8 +263,9 @@ def _connect_once(path: Path) -> bool:
 def _wait_accepts(d: Daemon, path: Path, deadline: float) -> None:
     while not _connect_once(path):
         if not d.alive():
-            raise AssertionError(f"{d.label} exited with {d.proc.returncode} at start-up; "
-                                 f"log:\n{d.log_text()}")
+            raise AssertionError(
+                f"{d.label} exited with {d.proc.returncode} at start-up; log:\n{d.log_text()}"
+            )
         if time.monotonic() > deadline:
             raise AssertionError(f"{path} never accepted; log:\n{d.log_text()}")
         time.sleep(0.01)
@@ -331,19 +352,22 @@ class Daemon:
 
     def view(self) -> Daemon:
         """This daemon, with a log (and disconnect count) starting now."""
-        return dataclasses.replace(self, log_start=self.log_path.stat().st_size,
-                                   probe_disconnects=0, checked=False)
+        return dataclasses.replace(
+            self, log_start=self.log_path.stat().st_size, probe_disconnects=0, checked=False
+        )
 
     def log_lines(self, needle: Needle) -> list[str]:
         """The log lines containing ``needle`` (a substring, or a regex searched for)."""
-        return [ln for ln in self.log_text().splitlines()
-                if (needle.search(ln) if isinstance(needle, re.Pattern) else needle in ln)]
+        return [
+            ln
+            for ln in self.log_text().splitlines()
+            if (needle.search(ln) if isinstance(needle, re.Pattern) else needle in ln)
+        ]
 
     def log_count(self, needle: Needle) -> int:
         return len(self.log_lines(needle))
 
-    def wait_log(self, needle: Needle, count: int = 1,
-                 timeout: float | None = None) -> list[str]:
+    def wait_log(self, needle: Needle, count: int = 1, timeout: float | None = None) -> list[str]:
         """Wait until ``count`` log lines contain ``needle``; returns them. Fails at the
         deadline, or as soon as the daemon has exited without logging them."""
         t = self.launch.wait_timeout if timeout is None else timeout
@@ -357,7 +381,8 @@ class Daemon:
                 state = f"exited with {self.proc.returncode}" if exited else "running"
                 raise AssertionError(
                     f"expected {count} log line(s) of {self.label} with {needle!r}, got "
-                    f"{len(lines)} within {t}s ({state}); log:\n{self.log_text()}")
+                    f"{len(lines)} within {t}s ({state}); log:\n{self.log_text()}"
+                )
             time.sleep(0.01)
 
     def wait_disconnects(self, n: int, timeout: float | None = None) -> None:
@@ -382,8 +407,11 @@ class Daemon:
         return len(os.listdir(f"/proc/{self.pid}/task"))
 
     def resources(self) -> dict[str, int]:
-        return {"fds": self.fd_count(), "memfd_maps": self.memfd_maps(),
-                "threads": self.thread_count()}
+        return {
+            "fds": self.fd_count(),
+            "memfd_maps": self.memfd_maps(),
+            "threads": self.thread_count(),
+        }
 
     def settled_resources(self, expect: dict[str, int], timeout: float = 2.0) -> dict[str, int]:
         """The resources once they equal ``expect``, or as they are after ``timeout``
@@ -413,8 +441,10 @@ class Daemon:
         """SIGTERM and wait; kills it and fails on timeout. Returns the exit status."""
         t = self.launch.stop_timeout if timeout is None else timeout
         if not self._sigterm_and_wait(t):
-            raise AssertionError(f"{self.label} {self.pid} did not exit within {t}s of "
-                                 f"SIGTERM; log:\n{self.log_text()}")
+            raise AssertionError(
+                f"{self.label} {self.pid} did not exit within {t}s of "
+                f"SIGTERM; log:\n{self.log_text()}"
+            )
         return self.proc.returncode
 
     def stop(self, timeout: float | None = None) -> int:
@@ -459,11 +489,17 @@ def borrowed(shared: Daemon) -> Iterator[Daemon]:
 # =========================================================================================
 
 
-def blk_argv(command: Sequence[str], image: Path, *args: str, socket_path: Path | None = None,
-             listen_fd: int | None = None) -> list[str]:
+def blk_argv(
+    command: Sequence[str],
+    image: Path,
+    *args: str,
+    socket_path: Path | None = None,
+    listen_fd: int | None = None,
+) -> list[str]:
     """``COMMAND (--socket-path S | --fd N) --blk-file IMAGE ARGS``."""
-    where = ["--fd", str(listen_fd)] if listen_fd is not None else ["--socket-path",
-                                                                     str(socket_path)]
+    where = (
+        ["--fd", str(listen_fd)] if listen_fd is not None else ["--socket-path", str(socket_path)]
+    )
     return [*command, *where, "--blk-file", str(image), *args]
 
 
@@ -480,11 +516,19 @@ def make_image(path: Path, size: int) -> None:
             f.truncate(size)
 
 
-def spawn_blk(directory: Path, name: str, *args: str, image_size: int | None = IMAGE_SIZE,
-              image: Path | None = None, socket_path: Path | None = None,
-              listen_fd: int | None = None, pass_fds: Sequence[int] = (),
-              command: Sequence[str] | None = None, log_path: Path | None = None,
-              **options: Any) -> Daemon:
+def spawn_blk(
+    directory: Path,
+    name: str,
+    *args: str,
+    image_size: int | None = IMAGE_SIZE,
+    image: Path | None = None,
+    socket_path: Path | None = None,
+    listen_fd: int | None = None,
+    pass_fds: Sequence[int] = (),
+    command: Sequence[str] | None = None,
+    log_path: Path | None = None,
+    **options: Any,
+) -> Daemon:
     """Start ``vhost-user-blk`` with ``args`` added, files named after ``name`` in
     ``directory`` (``NAME.sock``, ``NAME.img``, ``NAME.log``). The image is created
     sparse with ``image_size`` bytes unless it exists (``image_size=None``: leave it
@@ -496,25 +540,38 @@ def spawn_blk(directory: Path, name: str, *args: str, image_size: int | None = I
     img = image or directory / f"{name}.img"
     if image_size is not None:
         make_image(img, image_size)
-    argv = blk_argv(command or device_command("blk"), img, *args, socket_path=sock,
-                    listen_fd=listen_fd)
+    argv = blk_argv(
+        command or device_command("blk"), img, *args, socket_path=sock, listen_fd=listen_fd
+    )
     inherit = tuple(pass_fds) or (() if listen_fd is None else (listen_fd,))
-    launch = Launch(tuple(argv), (sock,), owns_sockets=listen_fd is None, image=img,
-                    pass_fds=inherit, **options)
+    launch = Launch(
+        tuple(argv), (sock,), owns_sockets=listen_fd is None, image=img, pass_fds=inherit, **options
+    )
     return launch.start(log_path or directory / f"{name}.log")
 
 
-def spawn_device(device: str, directory: Path, name: str, *args: str, ports: int = 1,
-                 sockets: Sequence[Path] | None = None, exec_prefix: Sequence[str] = (),
-                 command: Sequence[str] | None = None, log_path: Path | None = None,
-                 **options: Any) -> Daemon:
+def spawn_device(
+    device: str,
+    directory: Path,
+    name: str,
+    *args: str,
+    ports: int = 1,
+    sockets: Sequence[Path] | None = None,
+    exec_prefix: Sequence[str] = (),
+    command: Sequence[str] | None = None,
+    log_path: Path | None = None,
+    **options: Any,
+) -> Daemon:
     """Start ``DEVICE``'s program with ``ports`` sockets named after ``name`` in
     ``directory`` (``NAME-a.sock``, ``NAME-b.sock``, ...; or ``sockets``) and ``args``
     added; ``exec_prefix`` runs it inside a namespace (``ip netns exec NS``) or pinned
     (``taskset -c N``), both of which exec, so the pid is the daemon's own. ``command``
     replaces the console script; ``options`` go to :class:`Launch`."""
-    socks = list(sockets) if sockets is not None else [
-        directory / f"{name}-{chr(ord('a') + i)}.sock" for i in range(ports)]
+    socks = (
+        list(sockets)
+        if sockets is not None
+        else [directory / f"{name}-{chr(ord('a') + i)}.sock" for i in range(ports)]
+    )
     argv = [*exec_prefix, *sockets_argv(command or device_command(device), socks, *args)]
     launch = Launch(tuple(argv), tuple(socks), **options)
     return launch.start(log_path or directory / f"{name}.log")
@@ -532,25 +589,42 @@ def spawn_rng(directory: Path, name: str, *args: str, **options: Any) -> Daemon:
     return spawn_device("rng", directory, name, *args, **options)
 
 
-def spawn_blk_for_qemu(workdir: Path, name: str, *args: str, image: Path | None = None,
-                       image_size: int | None = None, socket_path: Path | None = None,
-                       ready: Ready = Ready.FIRST_CONNECTION,
-                       env: Mapping[str, str] | None = None) -> Daemon:
+def spawn_blk_for_qemu(
+    workdir: Path,
+    name: str,
+    *args: str,
+    image: Path | None = None,
+    image_size: int | None = None,
+    socket_path: Path | None = None,
+    ready: Ready = Ready.FIRST_CONNECTION,
+    env: Mapping[str, str] | None = None,
+) -> Daemon:
     """``vhost-user-blk --socket-path SOCKET --blk-file IMAGE ARGS`` for a QEMU guest (or
     a benchmark): in its own session, with the longer timeouts of TCG guests, up once
     its connection #1 is logged (see :class:`Ready`). The log goes to
     ``<workdir>/<name>.daemon.log``; ``socket_path`` defaults to ``<workdir>/<name>.sock``
     and ``image`` to ``<workdir>/<name>.img``, created sparse with ``image_size`` bytes
     when that is given and the file is missing."""
-    return spawn_blk(workdir, name, *args, image_size=image_size, image=image,
-                     socket_path=socket_path, command=available_command("blk"),
-                     log_path=workdir / f"{name}.daemon.log", ready=ready, env=env,
-                     start_new_session=True, stop_timeout=QEMU_STOP_TIMEOUT,
-                     wait_timeout=QEMU_WAIT_TIMEOUT)
+    return spawn_blk(
+        workdir,
+        name,
+        *args,
+        image_size=image_size,
+        image=image,
+        socket_path=socket_path,
+        command=available_command("blk"),
+        log_path=workdir / f"{name}.daemon.log",
+        ready=ready,
+        env=env,
+        start_new_session=True,
+        stop_timeout=QEMU_STOP_TIMEOUT,
+        wait_timeout=QEMU_WAIT_TIMEOUT,
+    )
 
 
-def spawn_net_for_qemu(ns: NetNs, workdir: Path, *, tap: str | None = None,
-                       switch: str | None = None, ports: int = 1) -> Daemon:
+def spawn_net_for_qemu(
+    ns: NetNs, workdir: Path, *, tap: str | None = None, switch: str | None = None, ports: int = 1
+) -> Daemon:
     """``vhost-user-net --socket-path SOCK... --tap TAP | --switch NAME`` inside ``ns``
     (a TAP is opened in the back end's namespace, and the namespace kills it when it
     goes), sockets ``<workdir>/net<i>.sock``, log ``<workdir>/vhost-user-net.log``;
@@ -559,11 +633,18 @@ def spawn_net_for_qemu(ns: NetNs, workdir: Path, *, tap: str | None = None,
     if command is None or (tap is None) == (switch is None):
         raise ValueError("needs the vhost-user-net command, and one of tap and switch")
     backend = ["--tap", tap] if tap is not None else ["--switch", str(switch)]
-    return spawn_net(workdir, "vhost-user-net", *backend,
-                     sockets=[workdir / f"net{i}.sock" for i in range(ports)],
-                     command=command, popen=ns.popen, ready=Ready.ACCEPTS,
-                     start_new_session=True, stop_timeout=QEMU_STOP_TIMEOUT,
-                     wait_timeout=QEMU_WAIT_TIMEOUT)
+    return spawn_net(
+        workdir,
+        "vhost-user-net",
+        *backend,
+        sockets=[workdir / f"net{i}.sock" for i in range(ports)],
+        command=command,
+        popen=ns.popen,
+        ready=Ready.ACCEPTS,
+        start_new_session=True,
+        stop_timeout=QEMU_STOP_TIMEOUT,
+        wait_timeout=QEMU_WAIT_TIMEOUT,
+    )
 
 
 # =========================================================================================
@@ -585,8 +666,12 @@ class DaemonGroup:
 
     def start(self, *args: str, name: str | None = None, **options: Any) -> Daemon:
         """Start one with ``args``; the same ``name`` gives the same file names."""
-        d = self.spawner(self.directory, name or f"{self.prefix}{len(self.started)}", *args,
-                         **{**self.defaults, **options})
+        d = self.spawner(
+            self.directory,
+            name or f"{self.prefix}{len(self.started)}",
+            *args,
+            **{**self.defaults, **options},
+        )
         self.started.append(d)
         return d
 
@@ -607,8 +692,9 @@ class DaemonGroup:
 
 
 @contextlib.contextmanager
-def daemons(spawner: Callable[..., Daemon], directory: Path, prefix: str,
-            **defaults: Any) -> Iterator[DaemonGroup]:
+def daemons(
+    spawner: Callable[..., Daemon], directory: Path, prefix: str, **defaults: Any
+) -> Iterator[DaemonGroup]:
     """A :class:`DaemonGroup` for a fixture: yield its ``start``; at the end every
     daemon must exit cleanly, or the test fails with every daemon's complaint."""
     group = DaemonGroup(spawner, directory, prefix, dict(defaults))

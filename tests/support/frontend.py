@@ -113,8 +113,7 @@ PF_CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 PF_INFLIGHT_SHMFD = int(ProtocolFeature.INFLIGHT_SHMFD)
 #: the protocol features this front end knows how to drive
 FRONTEND_PROTOCOL_FEATURES = (
-    PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | PF_RESET_DEVICE
-    | PF_INFLIGHT_SHMFD
+    PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | PF_RESET_DEVICE | PF_INFLIGHT_SHMFD
 )
 
 
@@ -125,6 +124,7 @@ def _as_mask(bit_or_mask: int) -> int:
 
 
 F_PROTOCOL_FEATURES = _as_mask(VHOST_USER_F_PROTOCOL_FEATURES)
+
 
 def _align_up(v: int, a: int) -> int:
     return (v + a - 1) // a * a
@@ -599,8 +599,15 @@ class DriverQueue:
 # =========================================================================================
 
 Reply: TypeAlias = U64Reply | VringStateReply | ConfigReply | InflightReply
-_REPLYING = (GetFeatures, GetProtocolFeatures, GetVringBase, GetQueueNum, GetConfig, GetMaxMemSlots,
-             GetInflightFd)
+_REPLYING = (
+    GetFeatures,
+    GetProtocolFeatures,
+    GetVringBase,
+    GetQueueNum,
+    GetConfig,
+    GetMaxMemSlots,
+    GetInflightFd,
+)
 _HDR = struct.Struct("<III")
 
 
@@ -875,8 +882,9 @@ class FrontEnd:
         self.announce_queue(index, q, start_idx, enable=enable, log=log)
         return q
 
-    def announce_queue(self, index: int, q: DriverQueue, base: int, *, enable: bool = True,
-                       log: bool = False) -> None:
+    def announce_queue(
+        self, index: int, q: DriverQueue, base: int, *, enable: bool = True, log: bool = False
+    ) -> None:
         """Describe an existing ring to the back end (what QEMU does for a running guest
         when it reconnects; after a back-end crash it sends the used index as base)."""
         ack = self.request_ack
@@ -913,8 +921,15 @@ class FrontEnd:
     def set_inflight_fd(self, region: InflightReply) -> None:
         """SET_INFLIGHT_FD with a region from get_inflight_fd (the fd stays the caller's)."""
         assert region.fd is not None
-        self.request_ack(SetInflightFd(region.mmap_size, region.mmap_offset,
-                                       region.num_queues, region.queue_size, region.fd))
+        self.request_ack(
+            SetInflightFd(
+                region.mmap_size,
+                region.mmap_offset,
+                region.num_queues,
+                region.queue_size,
+                region.fd,
+            )
+        )
 
     def stop_queue(self, index: int) -> int:
         """GET_VRING_BASE: stops the ring; returns the back end's next avail index."""

@@ -46,8 +46,14 @@ VIRTIO_NET_F_MQ = 1 << 22
 VIRTIO_F_VERSION_1 = 1 << 32
 VIRTIO_NET_S_LINK_UP = 1
 #: checksum and segmentation offloads (offered on a TAP port only)
-NET_OFFLOADS = (VIRTIO_NET_F_CSUM | VIRTIO_NET_F_GUEST_CSUM | VIRTIO_NET_F_GUEST_TSO4
-                | VIRTIO_NET_F_GUEST_TSO6 | VIRTIO_NET_F_HOST_TSO4 | VIRTIO_NET_F_HOST_TSO6)
+NET_OFFLOADS = (
+    VIRTIO_NET_F_CSUM
+    | VIRTIO_NET_F_GUEST_CSUM
+    | VIRTIO_NET_F_GUEST_TSO4
+    | VIRTIO_NET_F_GUEST_TSO6
+    | VIRTIO_NET_F_HOST_TSO4
+    | VIRTIO_NET_F_HOST_TSO6
+)
 #: everything offered except the offloads: headers stay all-zero but for num_buffers
 NO_OFFLOADS = ALL_FEATURES & ~NET_OFFLOADS
 
@@ -112,29 +118,58 @@ def inet_checksum(data: bytes) -> int:
 
 
 def ipv4_packet(src: str, dst: str, proto: int, payload: bytes, ident: int = 1) -> bytes:
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x4000, 64, proto,
-                      0, socket.inet_aton(src), socket.inet_aton(dst))
+    hdr = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(payload),
+        ident,
+        0x4000,
+        64,
+        proto,
+        0,
+        socket.inet_aton(src),
+        socket.inet_aton(dst),
+    )
     csum = inet_checksum(hdr)
     return hdr[:10] + struct.pack("!H", csum) + hdr[12:] + payload
 
 
-def udp_frame(dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str, sport: int,
-              dport: int, data: bytes) -> bytes:
+def udp_frame(
+    dst_mac: bytes, src_mac: bytes, src_ip: str, dst_ip: str, sport: int, dport: int, data: bytes
+) -> bytes:
     """A complete Ethernet/IPv4/UDP frame with both checksums filled in."""
     length = 8 + len(data)
-    pseudo = socket.inet_aton(src_ip) + socket.inet_aton(dst_ip) + struct.pack("!BBH", 0, 17,
-                                                                              length)
+    pseudo = (
+        socket.inet_aton(src_ip) + socket.inet_aton(dst_ip) + struct.pack("!BBH", 0, 17, length)
+    )
     udp = struct.pack("!HHHH", sport, dport, length, 0) + data
     csum = inet_checksum(pseudo + udp) or 0xFFFF
     udp = udp[:6] + struct.pack("!H", csum) + udp[8:]
     return eth_frame(dst_mac, src_mac, ETH_P_IP, ipv4_packet(src_ip, dst_ip, 17, udp))
 
 
-def arp_frame(op: int, sender_mac: bytes, sender_ip: str, target_mac: bytes,
-              target_ip: str, dst: bytes = BROADCAST) -> bytes:
+def arp_frame(
+    op: int,
+    sender_mac: bytes,
+    sender_ip: str,
+    target_mac: bytes,
+    target_ip: str,
+    dst: bytes = BROADCAST,
+) -> bytes:
     """ARP over Ethernet/IPv4 (op 1 request, 2 reply), padded to the 60-byte minimum."""
-    arp = struct.pack("!HHBBH6s4s6s4s", 1, ETH_P_IP, 6, 4, op, sender_mac,
-                      socket.inet_aton(sender_ip), target_mac, socket.inet_aton(target_ip))
+    arp = struct.pack(
+        "!HHBBH6s4s6s4s",
+        1,
+        ETH_P_IP,
+        6,
+        4,
+        op,
+        sender_mac,
+        socket.inet_aton(sender_ip),
+        target_mac,
+        socket.inet_aton(target_ip),
+    )
     return eth_frame(dst, sender_mac, ETH_P_ARP, arp).ljust(60, b"\0")
 
 
@@ -173,8 +208,15 @@ class VnetHdr:
     num_buffers: int = 0
 
     def pack(self) -> bytes:
-        return VNET_HDR.pack(self.flags, self.gso_type, self.hdr_len, self.gso_size,
-                             self.csum_start, self.csum_offset, self.num_buffers)
+        return VNET_HDR.pack(
+            self.flags,
+            self.gso_type,
+            self.hdr_len,
+            self.gso_size,
+            self.csum_start,
+            self.csum_offset,
+            self.num_buffers,
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> VnetHdr:
@@ -207,6 +249,7 @@ def parse_net_config(data: bytes) -> NetConfig:
 # The guest's virtio-net driver
 # =========================================================================================
 
+
 @dataclass(frozen=True)
 class RxFrame:
     """A received frame: its header, the frame after it, and the (head, used len) of each
@@ -230,9 +273,17 @@ class NetPort:
     Receiving relies on the daemon's call notifications: a device that publishes used
     entries without signalling makes :meth:`receive` time out."""
 
-    def __init__(self, socket_path: Path, *, features: int = ALL_FEATURES,
-                 pairs: int | None = 1, queue_size: int = 256, ram_size: int = 16 * MiB,
-                 regions: int = 2, start_idx: int = 0) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        *,
+        features: int = ALL_FEATURES,
+        pairs: int | None = 1,
+        queue_size: int = 256,
+        ram_size: int = 16 * MiB,
+        regions: int = 2,
+        start_idx: int = 0,
+    ) -> None:
         self.ram = GuestRam(ram_size, regions)
         self.fe = FrontEnd(socket_path, self.ram)
         self.rxq: list[DriverQueue] = []
@@ -249,8 +300,7 @@ class NetPort:
             n = self.fe.queue_num if pairs is None else pairs
             for k in range(n):
                 self.rxq.append(self.fe.setup_queue(2 * k, queue_size, start_idx=start_idx))
-                self.txq.append(self.fe.setup_queue(2 * k + 1, queue_size,
-                                                    start_idx=start_idx))
+                self.txq.append(self.fe.setup_queue(2 * k + 1, queue_size, start_idx=start_idx))
                 self._rx_bufs.append({})
                 self._tx_bufs.append({})
                 self._rx_backlog.append(deque())
@@ -269,8 +319,7 @@ class NetPort:
 
     @property
     def hdr_len(self) -> int:
-        return VNET_HDR_LEN if self.features & (VIRTIO_F_VERSION_1
-                                                | VIRTIO_NET_F_MRG_RXBUF) else 10
+        return VNET_HDR_LEN if self.features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
 
     def config(self) -> NetConfig:
         return parse_net_config(self.fe.get_config(CONFIG.size))
@@ -283,21 +332,35 @@ class NetPort:
         return self._mac
 
     # --- rx ------------------------------------------------------------------------------
-    def add_rx_chain(self, sizes: Sequence[int], *, pair: int = 0,
-                     writable: Sequence[bool] | None = None, indirect: bool = False) -> int:
+    def add_rx_chain(
+        self,
+        sizes: Sequence[int],
+        *,
+        pair: int = 0,
+        writable: Sequence[bool] | None = None,
+        indirect: bool = False,
+    ) -> int:
         """Queue (unpublished) one rx chain of buffers of ``sizes`` bytes, poisoned;
         ``writable`` (default all True) makes a hostile chain possible."""
         flags = list(writable) if writable is not None else [True] * len(sizes)
         bufs = [(self.pool.alloc(max(n, 1)), n) for n in sizes]
         for gpa, n in bufs:
             self.ram.fill(gpa, n, POISON)
-        head = self.rxq[pair].add_chain([(g, n, w) for (g, n), w in zip(bufs, flags, strict=True)],
-                                        indirect)
+        head = self.rxq[pair].add_chain(
+            [(g, n, w) for (g, n), w in zip(bufs, flags, strict=True)], indirect
+        )
         self._rx_bufs[pair][head] = bufs
         return head
 
-    def post_rx(self, count: int, size: int = 2048, *, pair: int = 0, segs: int = 1,
-                kick: bool | None = None) -> list[int]:
+    def post_rx(
+        self,
+        count: int,
+        size: int = 2048,
+        *,
+        pair: int = 0,
+        segs: int = 1,
+        kick: bool | None = None,
+    ) -> list[int]:
         """Make ``count`` rx chains of ``size`` bytes (split in ``segs`` buffers)
         available, and kick as :meth:`publish` decides."""
         base, extra = divmod(size, segs)
@@ -348,8 +411,10 @@ class NetPort:
                 out += self.ram.read(gpa, take)
             self.pool.free(gpa, max(n, 1))
         if len(out) != length:
-            raise AssertionError(f"rx chain {head}: used len {length} but the chain holds "
-                                 f"{sum(n for _, n in bufs)} bytes")
+            raise AssertionError(
+                f"rx chain {head}: used len {length} but the chain holds "
+                f"{sum(n for _, n in bufs)} bytes"
+            )
         return bytes(out)
 
     def _next_frame(self, pair: int) -> RxFrame | None:
@@ -360,7 +425,7 @@ class NetPort:
         if head not in self._rx_bufs[pair]:
             raise AssertionError(f"device used rx head {head}, not an outstanding chain")
         first_bufs = self._rx_bufs[pair][head]
-        hdr_bytes = b"".join(self.ram.read(g, n) for g, n in first_bufs)[:self.hdr_len]
+        hdr_bytes = b"".join(self.ram.read(g, n) for g, n in first_bufs)[: self.hdr_len]
         hdr = VnetHdr.unpack(hdr_bytes.ljust(VNET_HDR_LEN, b"\0"))
         count = hdr.num_buffers if self.mergeable else 1
         if count < 1 or count > self.rxq[pair].in_flight + len(backlog):
@@ -371,7 +436,7 @@ class NetPort:
         data = b"".join(self._chain_data(pair, h, n) for h, n in chains)
         if self.hdr_len == 10:
             hdr = VnetHdr.unpack(data[:10] + b"\0\0")
-        return RxFrame(hdr, data[self.hdr_len:], tuple(chains))
+        return RxFrame(hdr, data[self.hdr_len :], tuple(chains))
 
     def receive(self, count: int = 1, *, pair: int = 0, timeout: float = 5.0) -> list[RxFrame]:
         """Wait for ``count`` frames on rx queue ``pair`` (woken by call notifications)."""
@@ -389,8 +454,10 @@ class NetPort:
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{len(frames)} of {count} frames received within "
-                                   f"{timeout}s on rx queue {2 * pair}")
+                raise TimeoutError(
+                    f"{len(frames)} of {count} frames received within "
+                    f"{timeout}s on rx queue {2 * pair}"
+                )
             q.wait_call(left)
 
     def drain_rx(self, pair: int = 0) -> list[RxFrame]:
@@ -402,8 +469,7 @@ class NetPort:
         return frames
 
     # --- tx ------------------------------------------------------------------------------
-    def add_tx_chain(self, parts: Sequence[bytes], *, pair: int = 0,
-                     indirect: bool = False) -> int:
+    def add_tx_chain(self, parts: Sequence[bytes], *, pair: int = 0, indirect: bool = False) -> int:
         """Queue (unpublished) one device-readable chain, one buffer per part."""
         bufs = []
         for data in parts:
@@ -414,17 +480,19 @@ class NetPort:
         self._tx_bufs[pair][head] = bufs
         return head
 
-    def queue_frame(self, frame: bytes, *, hdr: VnetHdr | None = None, pair: int = 0,
-                    split: bool = False) -> int:
+    def queue_frame(
+        self, frame: bytes, *, hdr: VnetHdr | None = None, pair: int = 0, split: bool = False
+    ) -> int:
         """Queue header + frame, in one buffer or (``split``) header and frame apart."""
-        h = (hdr or VnetHdr()).pack()[:self.hdr_len]
+        h = (hdr or VnetHdr()).pack()[: self.hdr_len]
         return self.add_tx_chain([h, frame] if split else [h + frame], pair=pair)
 
     def flush_tx(self, pair: int = 0, kick: bool | None = None) -> None:
         self.publish(self.txq[pair], kick)
 
-    def send(self, *frames: bytes, pair: int = 0, split: bool = False,
-             wait: bool = True) -> list[int]:
+    def send(
+        self, *frames: bytes, pair: int = 0, split: bool = False, wait: bool = True
+    ) -> list[int]:
         """Transmit ``frames`` in one batch; with ``wait``, until the device used them."""
         heads = [self.queue_frame(f, pair=pair, split=split) for f in frames]
         self.flush_tx(pair)
@@ -432,8 +500,9 @@ class NetPort:
             self.wait_tx(heads, pair=pair)
         return heads
 
-    def wait_tx(self, heads: Sequence[int], *, pair: int = 0,
-                timeout: float = 5.0) -> dict[int, int]:
+    def wait_tx(
+        self, heads: Sequence[int], *, pair: int = 0, timeout: float = 5.0
+    ) -> dict[int, int]:
         """Wait until the device returned every chain in ``heads``; their used lens."""
         q = self.txq[pair]
         want = set(heads)
@@ -451,8 +520,10 @@ class NetPort:
                 continue
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"tx chains {sorted(want - got.keys())} not used within "
-                                   f"{timeout}s on tx queue {2 * pair + 1}")
+                raise TimeoutError(
+                    f"tx chains {sorted(want - got.keys())} not used within "
+                    f"{timeout}s on tx queue {2 * pair + 1}"
+                )
             q.wait_call(left)
 
     # --- lifetime ------------------------------------------------------------------------
@@ -463,6 +534,7 @@ class NetPort:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

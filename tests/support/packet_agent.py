@@ -71,12 +71,19 @@ class PacketAgent:
     NS``) on interface ``ifname``."""
 
     def __init__(self, exec_prefix: Sequence[str], ifname: str, timeout: float = 10.0) -> None:
-        code = ("import sys; from tests.support.packet_agent import packet_agent_main; "
-                "packet_agent_main(sys.argv[1])")
-        self.proc = subprocess.Popen([*exec_prefix, sys.executable, "-c", code, ifname],
-                                     cwd=REPO_ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                     text=True, start_new_session=True)
+        code = (
+            "import sys; from tests.support.packet_agent import packet_agent_main; "
+            "packet_agent_main(sys.argv[1])"
+        )
+        self.proc = subprocess.Popen(
+            [*exec_prefix, sys.executable, "-c", code, ifname],
+            cwd=REPO_ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         self.timeout = timeout
         try:
             self._reply()
@@ -108,8 +115,7 @@ class PacketAgent:
     def take(self, count: int = 0, timeout: float = 0.0) -> list[bytes]:
         """Frames that arrived on the interface since the last take (waiting up to
         ``timeout`` for ``count`` of them)."""
-        r = self._call({"op": "take", "count": count, "timeout": timeout},
-                       timeout + self.timeout)
+        r = self._call({"op": "take", "count": count, "timeout": timeout}, timeout + self.timeout)
         return [bytes.fromhex(h) for h in r["frames"]]
 
     def close(self) -> None:
@@ -120,6 +126,7 @@ class PacketAgent:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()

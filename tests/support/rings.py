@@ -41,8 +41,9 @@ INDIRECT = VRING_DESC_F_INDIRECT
 
 
 def as_region(r: RamRegion) -> Region:
-    return Region(guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.uva,
-                  mmap_offset=r.mmap_offset)
+    return Region(
+        guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.uva, mmap_offset=r.mmap_offset
+    )
 
 
 class Ring:
@@ -74,8 +75,11 @@ class Ring:
         assert rc == 0, CORE_ERRORS.text(rc)
         # our address of each region's first byte, to map iovecs back to guest addresses
         self._hosts = [
-            (self.mem.translate_gpa(r.guest_phys_addr, r.memory_size), r.guest_phys_addr,
-             r.memory_size)
+            (
+                self.mem.translate_gpa(r.guest_phys_addr, r.memory_size),
+                r.guest_phys_addr,
+                r.memory_size,
+            )
             for r in self.mem.regions
         ]
 
@@ -94,18 +98,27 @@ class Ring:
         indirect: bool = True,
     ) -> int:
         """vu_vq_setup; ring addresses are uvas and default to the DriverQueue's rings."""
-        return int(lib.vu_vq_setup(
-            self.vq, self.mem.handle, self.num if num is None else num,
-            self.uva(self.q.desc_gpa) if desc is None else desc,
-            self.uva(self.q.avail_gpa) if avail is None else avail,
-            self.uva(self.q.used_gpa) if used is None else used,
-            base, int(event_idx), int(indirect)))
+        return int(
+            lib.vu_vq_setup(
+                self.vq,
+                self.mem.handle,
+                self.num if num is None else num,
+                self.uva(self.q.desc_gpa) if desc is None else desc,
+                self.uva(self.q.avail_gpa) if avail is None else avail,
+                self.uva(self.q.used_gpa) if used is None else used,
+                base,
+                int(event_idx),
+                int(indirect),
+            )
+        )
 
     def setup_ring(self, part: str, uva: int) -> int:
         """vu_vq_setup with one ring ("desc", "avail" or "used") moved to ``uva``."""
-        return self.setup(desc=uva if part == "desc" else None,
-                          avail=uva if part == "avail" else None,
-                          used=uva if part == "used" else None)
+        return self.setup(
+            desc=uva if part == "desc" else None,
+            avail=uva if part == "avail" else None,
+            used=uva if part == "used" else None,
+        )
 
     def close(self) -> None:
         self.mem.close()
@@ -203,6 +216,12 @@ ADJ_COUNT = 31  # with the RAM region: 32, the table's limit
 
 def adjacent_regions() -> list[Region]:
     """31 tiny regions, each starting where the previous ends (in gpa), separate mmaps."""
-    return [Region(guest_phys_addr=ADJ_GPA + k * PIECE, memory_size=PIECE,
-                   userspace_addr=GuestRam.UVA_BASE + 0x1000_0000 + k * PIECE,
-                   mmap_offset=1 * MiB + k * PIECE) for k in range(ADJ_COUNT)]
+    return [
+        Region(
+            guest_phys_addr=ADJ_GPA + k * PIECE,
+            memory_size=PIECE,
+            userspace_addr=GuestRam.UVA_BASE + 0x1000_0000 + k * PIECE,
+            mmap_offset=1 * MiB + k * PIECE,
+        )
+        for k in range(ADJ_COUNT)
+    ]

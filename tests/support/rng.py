@@ -55,8 +55,9 @@ class RngDriver:
     per-region :class:`BufferPool` s (round-robin over ``buf_regions``), filled with
     ``poison`` before they are offered and freed when they come back."""
 
-    def __init__(self, queue: DriverQueue, *, buf_regions: Sequence[int] = (0,),
-                 poison: int = POISON) -> None:
+    def __init__(
+        self, queue: DriverQueue, *, buf_regions: Sequence[int] = (0,), poison: int = POISON
+    ) -> None:
         self.queue = queue
         self.ram = queue.ram
         self.pools = [BufferPool(self.ram, r) for r in buf_regions]
@@ -82,8 +83,9 @@ class RngDriver:
         if self.queue.next_head() in self.done:
             # that head came back and nobody took its completion yet: a second chain on
             # it would make the two indistinguishable
-            raise RuntimeError(f"head {self.queue.next_head()} would be reused before its "
-                               "completion was taken")
+            raise RuntimeError(
+                f"head {self.queue.next_head()} would be reused before its completion was taken"
+            )
         bufs: list[tuple[BufferPool, int, int]] = []
         for n in _split(size, segs):
             pool = self._pool()
@@ -137,8 +139,9 @@ class RngDriver:
         self.done.clear()
         return got
 
-    def wait(self, heads: Sequence[int], timeout: float = 5.0, *,
-             poll_interval: float | None = None) -> list[RngCompletion]:
+    def wait(
+        self, heads: Sequence[int], timeout: float = 5.0, *, poll_interval: float | None = None
+    ) -> list[RngCompletion]:
         """Wait until every chain in ``heads`` came back and take their completions, in
         the order of ``heads`` (others stay for a later :meth:`wait` or :meth:`collect`).
         Relies on call notifications (a device that never signals times out) unless
@@ -157,12 +160,12 @@ class RngDriver:
                 missing = [h for h in heads if h not in self.done]
                 raise TimeoutError(
                     f"{len(missing)} of {len(heads)} virtio-rng chains not returned within "
-                    f"{timeout}s (heads {missing[:16]}); used_idx={self.queue.used_idx()}")
+                    f"{timeout}s (heads {missing[:16]}); used_idx={self.queue.used_idx()}"
+                )
             self.queue.wait_call(left if poll_interval is None else min(left, poll_interval))
         return [self.done.pop(h) for h in heads]
 
-    def read(self, n: int, *, segs: int = 1, indirect: bool = False,
-             timeout: float = 5.0) -> bytes:
+    def read(self, n: int, *, segs: int = 1, indirect: bool = False, timeout: float = 5.0) -> bytes:
         """Offer one chain of ``n`` bytes, kick, wait for it; the bytes the device says
         it wrote (it may write fewer than ``n``)."""
         (head,) = self.post([n], segs=segs, indirect=indirect)
@@ -205,9 +208,15 @@ class Rng:
         self.close()
 
 
-def connect_rng(d: Daemon, *, features: int = ALL_FEATURES, queue_size: int = 128,
-                regions: int = 2, ram_size: int = 16 * MiB,
-                buf_regions: Sequence[int] = (0,)) -> Rng:
+def connect_rng(
+    d: Daemon,
+    *,
+    features: int = ALL_FEATURES,
+    queue_size: int = 128,
+    regions: int = 2,
+    ram_size: int = 16 * MiB,
+    buf_regions: Sequence[int] = (0,),
+) -> Rng:
     """Connect to ``d``, negotiate ``features`` (masked by what is offered), send the
     memory table and set up requestq."""
     ram = GuestRam(ram_size, regions)

@@ -37,8 +37,7 @@ def raw(request: int, payload: bytes = b"", flags: int = VERSION) -> bytes:
 
 def region_bytes(r: MemoryRegion) -> bytes:
     """A memory region as SET_MEM_TABLE and ADD_MEM_REG carry it."""
-    return struct.pack("<QQQQ", r.guest_phys_addr, r.memory_size, r.userspace_addr,
-                       r.mmap_offset)
+    return struct.pack("<QQQQ", r.guest_phys_addr, r.memory_size, r.userspace_addr, r.mmap_offset)
 
 
 def is_open(fd: int) -> bool:

@@ -11,6 +11,7 @@ than its own queue."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import os
 import threading
@@ -42,8 +43,9 @@ def chain_queue(ring: Ring) -> ChainQueue:
     return ChainQueue(ring.vq, "test/vq0", ring.mem)
 
 
-def add(ring: Ring, readable: bytes = b"", writable: int = 0, *, splits: int = 1,
-        region: int = 0) -> tuple[int, list[tuple[int, int]]]:
+def add(
+    ring: Ring, readable: bytes = b"", writable: int = 0, *, splits: int = 1, region: int = 0
+) -> tuple[int, list[tuple[int, int]]]:
     """A chain of ``readable`` (one buffer) then ``writable`` bytes in ``splits`` buffers;
     returns (head, writable (gpa, len) pieces)."""
     bufs: list[tuple[int, int, bool]] = []
@@ -114,7 +116,9 @@ def test_read_without_a_size_is_bounded(ring: Ring) -> None:
     a, b = cq.pop()
     assert (a.head, b.head) == (at, past)
     assert a.read() == ring.ram.read(buf, half) * 2
-    with pytest.raises(ChainError, match=f"more than read\\(\\) copies at once \\({MAX_READ_BYTES}\\)"):
+    with pytest.raises(
+        ChainError, match=f"more than read\\(\\) copies at once \\({MAX_READ_BYTES}\\)"
+    ):
         b.read()
     assert len(b.read(MAX_READ_BYTES + 1)) == MAX_READ_BYTES + 1
     cq.push([a, b])
@@ -315,7 +319,7 @@ def test_views_raise_once_the_chain_is_finished(ring: Ring) -> None:
     with pytest.raises(ValueError):
         bytes(view)
     with pytest.raises(ChainError):
-        c.writable
+        _ = c.writable
     assert guest_bytes(ring, pieces) == b"\xa5" * 8
 
 
@@ -359,7 +363,7 @@ def test_finish_all_gives_back_the_tail_and_completes_the_rest(ring: Ring) -> No
     cq = chain_queue(ring)
     heads = [add(ring, bytes([k]), 4)[0] for k in range(4)]
     ring.q.publish()
-    c0, c1, c2, c3 = cq.pop()
+    c0, c1, _c2, _c3 = cq.pop()
     c0.write(b"held")
     c1.write(b"done")
     cq.push([c1])
@@ -379,8 +383,9 @@ class Served:
         self.ring = ring
         self.q = Virtqueue(0, "served/vq0")
         self.q.set_num(ring.num)
-        self.q.set_rings(ring.uva(ring.q.desc_gpa), ring.uva(ring.q.avail_gpa),
-                         ring.uva(ring.q.used_gpa))
+        self.q.set_rings(
+            ring.uva(ring.q.desc_gpa), ring.uva(ring.q.avail_gpa), ring.uva(ring.q.used_gpa)
+        )
         self.q.set_kick(os.dup(ring.q.kick_fd))
         self.q.set_call(os.dup(ring.q.call_fd))
         self.q.enabled = True
@@ -418,8 +423,10 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 def on_loop(lp: asyncio.AbstractEventLoop, fn: Callable[[], Any]) -> Any:
     """Run fn on the loop's thread (where a loop server lives) and return its result."""
+
     async def call() -> Any:
         return fn()
+
     return asyncio.run_coroutine_threadsafe(call(), lp).result(5)
 
 
@@ -466,14 +473,14 @@ def test_a_delay_brings_the_handler_back_without_a_kick(
         return None
 
     start = lambda: s.q.serve_chains(ring.mem, s.features, one_at_a_time, worker)  # noqa: E731
-    for k in range(4):
+    for _k in range(4):
         add(ring, b"x", 8)
     ring.q.publish()
     on_loop(loop, start) if worker == "loop" else start()
     try:
         used = s.wait_used(4)
         assert [n for _, n in used] == [2, 2, 2, 2]
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(times)]
         assert len(gaps) == 3 and min(gaps) >= 0.015, gaps
     finally:
         on_loop(loop, s.q.stop) if worker == "loop" else s.q.stop()
@@ -481,8 +488,9 @@ def test_a_delay_brings_the_handler_back_without_a_kick(
 
 
 @pytest.mark.parametrize("worker", ["loop", "thread"])
-def test_stop_finishes_held_chains(ring: Ring, loop: asyncio.AbstractEventLoop,
-                                   worker: str) -> None:
+def test_stop_finishes_held_chains(
+    ring: Ring, loop: asyncio.AbstractEventLoop, worker: str
+) -> None:
     """A device that holds chains (to answer later): the stop gives them back to the ring
     and releases their views, so the next server takes them again."""
     s = Served(ring)

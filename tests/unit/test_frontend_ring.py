@@ -4,6 +4,7 @@ fake back end thread on a socketpair)."""
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import select
@@ -397,10 +398,8 @@ class FakeBlkDevice(threading.Thread):
         p.register(self.q.kick_fd, select.POLLIN)
         while not self.stopping.is_set():
             if p.poll(20):
-                try:
+                with contextlib.suppress(BlockingIOError):
                     os.eventfd_read(self.q.kick_fd)
-                except BlockingIOError:
-                    pass
                 self.process()
 
     def walk(self, head: int) -> list[tuple[int, int, bool]]:

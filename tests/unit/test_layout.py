@@ -32,9 +32,10 @@ def imports_of(path: Path) -> set[str]:
 
 
 def test_the_core_imports_no_device() -> None:
-    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p)
-                                                  if m.split(".")[0] == "devices")
-                 for p in (ROOT / "vhost").glob("**/*.py*")}
+    offenders = {
+        str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if m.split(".")[0] == "devices")
+        for p in (ROOT / "vhost").glob("**/*.py*")
+    }
     assert {k: v for k, v in offenders.items() if v} == {}
 
 
@@ -81,8 +82,9 @@ def _tests_of(module_name: str, names: list[str]) -> list[str]:
     return missing
 
 
-@pytest.mark.parametrize("folder", [d for d in DEVICE_DIRS if (d / "limits.py").exists()],
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "folder", [d for d in DEVICE_DIRS if (d / "limits.py").exists()], ids=lambda p: p.name
+)
 def test_every_bound_of_a_device_has_tests(folder: Path) -> None:
     """Each row of a device's bounds table (its limits.py) names tests: in
     tests/unit/test_limits.py's ROWS, or in the device's own tests/test_limits.py ROWS."""
@@ -115,15 +117,21 @@ def test_the_typed_stubs_are_current() -> None:
 
 
 def test_python_m_vhost_lists_every_device() -> None:
-    out = subprocess.run([sys.executable, "-m", "vhost"], capture_output=True, text=True,
-                         check=True, cwd=ROOT).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "vhost"], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
     for folder in DEVICE_DIRS:
         assert f"  {folder.name} " in out, out
 
 
 def test_python_m_vhost_refuses_an_unknown_device() -> None:
-    r = subprocess.run([sys.executable, "-m", "vhost", "no-such-device"], capture_output=True,
-                       text=True, check=False, cwd=ROOT)
+    r = subprocess.run(
+        [sys.executable, "-m", "vhost", "no-such-device"],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
+    )
     assert r.returncode == 2 and r.stdout == ""
     assert "no device 'no-such-device' is registered" in r.stderr
     assert "Traceback" not in r.stderr

@@ -17,6 +17,7 @@ tests.support.frontend.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import re
@@ -145,7 +146,9 @@ ROWS: dict[str, list[str]] = {
         "test_net_cli_refuses_one_engine_pair_more",
         f"{SOCKET_TESTS}::test_switch_serves_max_engine_pairs",
     ],
-    "MAC table NET_MAC_BUCKETS x NET_MAC_WAYS": ["test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest"],
+    "MAC table NET_MAC_BUCKETS x NET_MAC_WAYS": [
+        "test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest"
+    ],
     "NET_RX_BUDGET": ["test_rx_budget_frames_per_pass"],
     # not a row: the paragraph under the table
     "a stop waits for at most one request": [
@@ -243,8 +246,9 @@ def open_fds() -> int:
 def memfd_maps(name: str) -> int:
     """Mappings of memfds called ``name`` in this process."""
     with open("/proc/self/maps") as f:
-        return sum(f"/memfd:{name} " in line or line.rstrip().endswith(f"/memfd:{name}")
-                   for line in f)
+        return sum(
+            f"/memfd:{name} " in line or line.rstrip().endswith(f"/memfd:{name}") for line in f
+        )
 
 
 def ack(reply: p.Reply | None) -> int:
@@ -285,9 +289,10 @@ def test_payload_one_byte_longer_is_refused_from_the_header(make_fd: MakeFd) -> 
     fd = make_fd()
     reader = p.MessageReader()
     reader.feed(header(UNKNOWN, p.VERSION, MAX_PAYLOAD_SIZE + 1), [fd])
-    with pytest.raises(p.ProtocolError,
-                       match=f"payload size {MAX_PAYLOAD_SIZE + 1} exceeds the maximum "
-                             f"{MAX_PAYLOAD_SIZE}"):
+    with pytest.raises(
+        p.ProtocolError,
+        match=f"payload size {MAX_PAYLOAD_SIZE + 1} exceeds the maximum {MAX_PAYLOAD_SIZE}",
+    ):
         reader.next_message()
     assert not is_open(fd)
 
@@ -331,8 +336,11 @@ def test_bytes_without_a_message_are_refused_one_past_the_bound(make_fd: MakeFd)
 
 def mem_table(ram: GuestRam) -> bytes:
     regions = ram.regions()
-    return raw(p.Request.SET_MEM_TABLE, struct.pack("<II", len(regions), 0)
-               + b"".join(region_bytes(r) for r in regions), p.VERSION | p.FLAG_NEED_REPLY)
+    return raw(
+        p.Request.SET_MEM_TABLE,
+        struct.pack("<II", len(regions), 0) + b"".join(region_bytes(r) for r in regions),
+        p.VERSION | p.FLAG_NEED_REPLY,
+    )
 
 
 def test_max_fds_with_one_message_are_accepted() -> None:
@@ -383,8 +391,11 @@ def test_mem_table_with_one_region_more_is_refused(make_fd: MakeFd) -> None:
     region = p.MemoryRegion(0, PAGE, 0x7F00_0000_0000, 0)
     payload = struct.pack("<II", n, 0) + region_bytes(region) * n
     fds = [make_fd() for _ in range(min(n, MAX_FDS_PER_MESSAGE))]
-    reject(raw(p.Request.SET_MEM_TABLE, payload), fds,
-           match=rf"{n} regions, expected 1\.\.{MEM_TABLE_MAX_REGIONS}")
+    reject(
+        raw(p.Request.SET_MEM_TABLE, payload),
+        fds,
+        match=rf"{n} regions, expected 1\.\.{MEM_TABLE_MAX_REGIONS}",
+    )
     with pytest.raises(ValueError):  # and the front end's encoder will not make one
         p.encode_message(p.SetMemTable((region,) * n, (0,) * n))
 
@@ -406,8 +417,10 @@ def test_config_of_max_config_size_in_the_session(blk_session: Session) -> None:
 @pytest.mark.parametrize("code", [p.Request.GET_CONFIG, p.Request.SET_CONFIG])
 def test_config_one_byte_larger_is_refused(code: p.Request) -> None:
     size = MAX_CONFIG_SIZE + 1
-    reject(raw(code, struct.pack("<III", 0, size, 0) + bytes(size)),
-           match=f"config size {size} exceeds the maximum {MAX_CONFIG_SIZE}")
+    reject(
+        raw(code, struct.pack("<III", 0, size, 0) + bytes(size)),
+        match=f"config size {size} exceeds the maximum {MAX_CONFIG_SIZE}",
+    )
     with pytest.raises(ValueError):
         p.encode_message(p.GetConfig(0, size, 0, bytes(size)))
 
@@ -419,15 +432,22 @@ def test_config_one_byte_larger_is_refused(code: p.Request) -> None:
 
 def test_mem_slots_fill_up_and_one_more_fails(blk_session: Session) -> None:
     name = "limits-slots"
-    assert blk_session.handle(p.GetMaxMemSlots()) == p.U64Reply(p.Request.GET_MAX_MEM_SLOTS,
-                                                                MAX_MEM_SLOTS)
+    assert blk_session.handle(p.GetMaxMemSlots()) == p.U64Reply(
+        p.Request.GET_MAX_MEM_SLOTS, MAX_MEM_SLOTS
+    )
     memfd = os.memfd_create(name, os.MFD_CLOEXEC)
     try:
         os.ftruncate(memfd, (MAX_MEM_SLOTS + 1) * PAGE)
         # one page each, with a page of hole between them (no two are gpa-adjacent)
-        regions = [p.MemoryRegion(guest_phys_addr=(1 << 32) + 2 * k * PAGE, memory_size=PAGE,
-                                  userspace_addr=0x7E00_0000_0000 + k * PAGE,
-                                  mmap_offset=k * PAGE) for k in range(MAX_MEM_SLOTS + 1)]
+        regions = [
+            p.MemoryRegion(
+                guest_phys_addr=(1 << 32) + 2 * k * PAGE,
+                memory_size=PAGE,
+                userspace_addr=0x7E00_0000_0000 + k * PAGE,
+                mmap_offset=k * PAGE,
+            )
+            for k in range(MAX_MEM_SLOTS + 1)
+        ]
 
         def add(region: p.MemoryRegion) -> tuple[int, int]:
             fd = os.dup(memfd)
@@ -570,8 +590,10 @@ def test_direct_prefix_and_indirect_table_add_up_to_queue_size(
     a = ring.buf(16)
     for entries, ok in ((num - prefix, True), (num - prefix + 1, False)):
         table = chained_table(ring, entries, a)
-        ring.descs({i: (a, 16, NEXT, i + 1) for i in range(prefix)}
-                   | {prefix: (table, entries * DESC_SIZE, INDIRECT, 0)})
+        ring.descs(
+            {i: (a, 16, NEXT, i + 1) for i in range(prefix)}
+            | {prefix: (table, entries * DESC_SIZE, INDIRECT, 0)}
+        )
         ring.offer(0)
         if ok:
             assert ring.pop_ok() == ([(a, 16)] * num, [])
@@ -610,8 +632,9 @@ def test_chain_iovecs(make: Callable[..., Ring], indirect: bool) -> None:
     span = ADJ_COUNT * PIECE
 
     def offer(last_pieces: int, head: int) -> None:
-        entries = ([(ADJ_GPA, span, WRITE | NEXT, k + 1) for k in range(full)]
-                   + [(ADJ_GPA, last_pieces * PIECE, WRITE, 0)])
+        entries = [(ADJ_GPA, span, WRITE | NEXT, k + 1) for k in range(full)] + [
+            (ADJ_GPA, last_pieces * PIECE, WRITE, 0)
+        ]
         if indirect:
             table = ring.table(entries)
             ring.descs({head: (table, len(entries) * DESC_SIZE, INDIRECT, 0)})
@@ -724,18 +747,29 @@ def test_blk_queues_in_the_device_and_session(tmp_path: Path) -> None:
         s.close()
         dev.close()
     image.unlink()
-    with pytest.raises(ValueError, match=f"--num-queues {MAX_BLK_QUEUES + 1} is not in "
-                                         f"1..{MAX_BLK_QUEUES}"):
+    with pytest.raises(
+        ValueError, match=f"--num-queues {MAX_BLK_QUEUES + 1} is not in 1..{MAX_BLK_QUEUES}"
+    ):
         BlkDevice(BlkOptions(str(image), size=MiB, num_queues=MAX_BLK_QUEUES + 1))
     assert not image.exists()  # refused before the image was made
 
 
-def test_blk_cli_refuses_one_queue_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]
-                                        ) -> None:
+def test_blk_cli_refuses_one_queue_more(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sock, image = tmp_path / "blk.sock", tmp_path / "disk.img"
     with pytest.raises(SystemExit) as exc:
-        run(devices.blk.DEVICE, ["--socket-path", str(sock), "--blk-file", str(image), "--size", "1M",
-                  "--num-queues", str(MAX_BLK_QUEUES + 1)])
+        run(
+            devices.blk.DEVICE,
+            [
+                "--socket-path",
+                str(sock),
+                "--blk-file",
+                str(image),
+                "--size",
+                "1M",
+                "--num-queues",
+                str(MAX_BLK_QUEUES + 1),
+            ],
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--num-queues" in err[0] and str(MAX_BLK_QUEUES) in err[0], err
@@ -747,8 +781,9 @@ def test_blk_cli_refuses_one_queue_more(tmp_path: Path, capsys: pytest.CaptureFi
 # =========================================================================================
 
 
-def test_net_cli_refuses_one_engine_pair_more(tmp_path: Path,
-                                              capsys: pytest.CaptureFixture[str]) -> None:
+def test_net_cli_refuses_one_engine_pair_more(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     ports, queues = ports_and_queues(MAX_ENGINE_PAIRS + 1, MAX_QUEUE_PAIRS)
     assert ports * queues == MAX_ENGINE_PAIRS + 1
     socks = [a for i in range(ports) for a in ("--socket-path", str(tmp_path / f"p{i}.sock"))]
@@ -765,8 +800,9 @@ def test_net_queue_pairs_in_the_device() -> None:
     """A port has at most MAX_QUEUE_PAIRS queue pairs: 2 x that many queues at the bound,
     one pair more refused when the port is made."""
     switch = Switch("limits")
-    dev = NetDevice(NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS),
-                    switch=switch)
+    dev = NetDevice(
+        NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS), switch=switch
+    )
     s = Session(dev, "pairs")
     try:
         assert s.handle(p.GetQueueNum()) == p.U64Reply(p.Request.GET_QUEUE_NUM, MAX_QUEUE_PAIRS)
@@ -776,10 +812,12 @@ def test_net_queue_pairs_in_the_device() -> None:
     finally:
         s.close()
         dev.close()
-    with pytest.raises(ValueError, match=f"--num-queues {MAX_QUEUE_PAIRS + 1} is not in "
-                                         f"1..{MAX_QUEUE_PAIRS}"):
-        NetDevice(NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS + 1),
-                  switch=switch)
+    with pytest.raises(
+        ValueError, match=f"--num-queues {MAX_QUEUE_PAIRS + 1} is not in 1..{MAX_QUEUE_PAIRS}"
+    ):
+        NetDevice(
+            NetOptions(mac=b"\x02" + bytes(5), num_queue_pairs=MAX_QUEUE_PAIRS + 1), switch=switch
+        )
 
 
 # =========================================================================================
@@ -795,8 +833,9 @@ COARSE = getattr(time, "CLOCK_MONOTONIC_COARSE", 6)  # the clock net.c stamps MA
 class EngineRun:
     """A struct net_engine over one queue pair of a test Ring, its loop in a thread."""
 
-    def __init__(self, *, switch_mode: bool, rx: Ring | None = None, tx: Ring | None = None,
-                 tap_fd: int = -1) -> None:
+    def __init__(
+        self, *, switch_mode: bool, rx: Ring | None = None, tx: Ring | None = None, tap_fd: int = -1
+    ) -> None:
         self.port = net_c.ffi.new("struct net_port *")
         self.port.hdr_len = VNET_HDR
         self.port.max_frame = 1500 + 18
@@ -817,10 +856,8 @@ class EngineRun:
 
     def start(self) -> None:
         self.e.stop = 0
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self.stop_fd)
-        except BlockingIOError:
-            pass
 
         def run() -> None:
             self.rc = int(net_c.lib.net_run(self.e))
@@ -857,9 +894,7 @@ def mac_bucket(mac: bytes, buckets: int) -> int:
     return h % buckets
 
 
-def test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest(
-    make: Callable[..., Ring]
-) -> None:
+def test_mac_table_bucket_holds_its_ways_and_replaces_the_oldest(make: Callable[..., Ring]) -> None:
     """The switch learns a source MAC per frame into a fixed table of buckets x ways:
     a bucket holds NET_MAC_WAYS MACs; one more replaces the one learnt longest ago
     (and nothing in any other bucket)."""
@@ -936,8 +971,10 @@ def test_rx_budget_frames_per_pass(make: Callable[..., Ring], extra: int, passes
             try:
                 host.send(bytes(VNET_HDR) + last)
             except BlockingIOError:
-                pytest.skip(f"the socket buffer cannot hold {frames} frames (no "
-                            "CAP_NET_ADMIN for SO_SNDBUFFORCE)")
+                pytest.skip(
+                    f"the socket buffer cannot hold {frames} frames (no "
+                    "CAP_NET_ADMIN for SO_SNDBUFFORCE)"
+                )
         run.start()
         wait_until(lambda: ring.q.used_idx() == frames, f"{frames} frames received")
         run.stop()

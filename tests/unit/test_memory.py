@@ -24,8 +24,9 @@ ERR_MMAP = -20
 
 
 def as_region(r: RamRegion) -> Region:
-    return Region(guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.uva,
-                  mmap_offset=r.mmap_offset)
+    return Region(
+        guest_phys_addr=r.gpa, memory_size=r.size, userspace_addr=r.uva, mmap_offset=r.mmap_offset
+    )
 
 
 def nregions(mem: GuestMemory) -> int:

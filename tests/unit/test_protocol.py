@@ -354,7 +354,7 @@ def test_feed_after_error_closes_fds_and_raises(make_fd: MakeFd) -> None:
     with pytest.raises(ProtocolError, match="version 2"):
         reader.next_message()
     fd = make_fd()
-    with pytest.raises(ProtocolError, match="earlier error.*version 2"):
+    with pytest.raises(ProtocolError, match=r"earlier error.*version 2"):
         reader.feed(b"x", [fd])
     assert not is_open(fd)
 

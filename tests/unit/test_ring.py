@@ -65,8 +65,13 @@ def test_single_buffer(ring: Ring) -> None:
 
 
 def test_chain_readable_then_writable(ring: Ring) -> None:
-    bufs = [(ring.buf(16), 16, False), (ring.buf(512, 1), 512, False),
-            (ring.buf(4096), 4096, True), (ring.buf(100, 1), 100, True), (ring.buf(1), 1, True)]
+    bufs = [
+        (ring.buf(16), 16, False),
+        (ring.buf(512, 1), 512, False),
+        (ring.buf(4096), 4096, True),
+        (ring.buf(100, 1), 100, True),
+        (ring.buf(1), 1, True),
+    ]
     head = ring.q.add_chain(bufs)
     ring.q.publish()
     readable, writable = ring.pop_ok()
@@ -95,11 +100,13 @@ def test_indirect_chain(ring: Ring) -> None:
 def test_direct_descriptors_before_an_indirect_one(ring: Ring) -> None:
     a, b, c, d = ring.buf(10), ring.buf(20), ring.buf(30, 1), ring.buf(40)
     table = ring.table([(c, 30, NEXT, 1), (d, 40, WRITE, 0)])
-    ring.descs({
-        5: (a, 10, NEXT, 2),
-        2: (b, 20, NEXT, 7),
-        7: (table, 2 * DESC_SIZE, INDIRECT, 0),
-    })
+    ring.descs(
+        {
+            5: (a, 10, NEXT, 2),
+            2: (b, 20, NEXT, 7),
+            7: (table, 2 * DESC_SIZE, INDIRECT, 0),
+        }
+    )
     ring.offer(5)
     assert ring.pop_ok() == ([(a, 10), (b, 20), (c, 30)], [(d, 40)])
     assert ring.chain.head == 5
@@ -116,13 +123,15 @@ def test_write_flag_on_the_indirect_descriptor_is_ignored(ring: Ring) -> None:
 
 def test_zero_length_descriptors_are_skipped(ring: Ring) -> None:
     a, b = ring.buf(16), ring.buf(8)
-    ring.descs({
-        0: (1 << 63, 0, NEXT, 1),  # nowhere, but empty: not even the address is looked at
-        1: (a, 16, NEXT, 2),
-        2: (ring.ram.layout[0].end + 0x1000, 0, WRITE | NEXT, 3),  # in the gap, empty
-        3: (b, 8, WRITE | NEXT, 4),
-        4: (0, 0, WRITE, 0),
-    })
+    ring.descs(
+        {
+            0: (1 << 63, 0, NEXT, 1),  # nowhere, but empty: not even the address is looked at
+            1: (a, 16, NEXT, 2),
+            2: (ring.ram.layout[0].end + 0x1000, 0, WRITE | NEXT, 3),  # in the gap, empty
+            3: (b, 8, WRITE | NEXT, 4),
+            4: (0, 0, WRITE, 0),
+        }
+    )
     ring.offer(0)
     assert ring.pop_ok() == ([(a, 16)], [(b, 8)])
     c = ring.chain
@@ -265,9 +274,16 @@ def test_next_out_of_range_inside_indirect(ring: Ring, bad_next: int) -> None:
 
 
 ADDR_CASES = [
-    "outside memory", "below region 1", "in the gap", "crossing region 0 end",
-    "crossing region 1 end", "starting one past the end", "past 2**64", "past 2**64 by one",
-    "ending at 2**64", "length 2**32-1",
+    "outside memory",
+    "below region 1",
+    "in the gap",
+    "crossing region 0 end",
+    "crossing region 1 end",
+    "starting one past the end",
+    "past 2**64",
+    "past 2**64 by one",
+    "ending at 2**64",
+    "length 2**32-1",
 ]
 
 
@@ -358,16 +374,19 @@ def test_indirect_table_as_long_as_the_queue(ring: Ring) -> None:
     assert ring.pop_ok() == ([(a, 16)] * 7, [(a, 16)])
 
 
-@pytest.mark.parametrize("prefix, entries, ok", [(2, 6, True), (3, 6, False), (7, 2, False),
-                                                 (7, 1, True)])
+@pytest.mark.parametrize(
+    "prefix, entries, ok", [(2, 6, True), (3, 6, False), (7, 2, False), (7, 1, True)]
+)
 def test_direct_prefix_and_indirect_table_together(
     ring: Ring, prefix: int, entries: int, ok: bool
 ) -> None:
     # The chain may hold num (8) buffers in all; the descriptor naming the table is not one.
     a = ring.buf(16)
     table = ring.table([(a, 16, NEXT, k + 1) for k in range(entries - 1)] + [(a, 16, 0, 0)])
-    ring.descs({i: (a, 16, NEXT, i + 1) for i in range(prefix)}
-               | {prefix: (table, entries * DESC_SIZE, INDIRECT, 0)})
+    ring.descs(
+        {i: (a, 16, NEXT, i + 1) for i in range(prefix)}
+        | {prefix: (table, entries * DESC_SIZE, INDIRECT, 0)}
+    )
     ring.offer(0)
     if ok:
         assert ring.pop_ok() == ([(a, 16)] * (prefix + entries), [])
@@ -380,8 +399,9 @@ def test_loop_in_indirect_table_behind_a_prefix_counts_as_too_long(ring: Ring) -
     # table's own read budget (its 4 entries) does.
     a = ring.buf(16)
     table = ring.table([(a, 16, NEXT, 0)] * 4)
-    ring.descs({i: (a, 16, NEXT, i + 1) for i in range(6)}
-               | {6: (table, 4 * DESC_SIZE, INDIRECT, 0)})
+    ring.descs(
+        {i: (a, 16, NEXT, i + 1) for i in range(6)} | {6: (table, 4 * DESC_SIZE, INDIRECT, 0)}
+    )
     ring.offer(0)
     ring.refused(E.CHAIN_TOO_LONG, head=0)
 
@@ -405,8 +425,13 @@ def test_indirect_table_length(ring: Ring, length: int) -> None:
 
 def test_indirect_table_outside_guest_memory(ring: Ring) -> None:
     r0, r1 = ring.ram.layout
-    for addr, entries in [(r0.end + 0x1000, 1), (r0.end - DESC_SIZE, 2), (r1.end - 8, 1),
-                          (1 << 63, 4), (U64 - DESC_SIZE, 2)]:
+    for addr, entries in [
+        (r0.end + 0x1000, 1),
+        (r0.end - DESC_SIZE, 2),
+        (r1.end - 8, 1),
+        (1 << 63, 4),
+        (U64 - DESC_SIZE, 2),
+    ]:
         ring.descs({0: (addr, entries * DESC_SIZE, INDIRECT, 0)})
         ring.offer(0)
         ring.refused(E.INDIRECT_ADDR, head=0, detail=addr)
@@ -424,8 +449,14 @@ def test_indirect_table_at_a_region_end_is_fine(ring: Ring) -> None:
 
 def test_readable_after_writable(ring: Ring) -> None:
     a = ring.buf(16)
-    ring.descs({0: (a, 16, NEXT, 5), 5: (a, 16, WRITE | NEXT, 2), 2: (a, 16, NEXT, 3),
-                3: (a, 16, WRITE, 0)})
+    ring.descs(
+        {
+            0: (a, 16, NEXT, 5),
+            5: (a, 16, WRITE | NEXT, 2),
+            2: (a, 16, NEXT, 3),
+            3: (a, 16, WRITE, 0),
+        }
+    )
     ring.offer(0)
     ring.refused(E.DIRECTION, head=0, detail=2)
 
@@ -535,8 +566,10 @@ def test_too_many_iovecs(make: Callable[..., Ring]) -> None:
 
 def test_too_many_iovecs_in_an_indirect_table(make: Callable[..., Ring]) -> None:
     ring = make(num=128, regions=1, extra=adjacent_regions())
-    table = ring.table([(ADJ_GPA, ADJ_COUNT * PIECE, WRITE | NEXT, k + 1) for k in range(66)]
-                       + [(ADJ_GPA, 3 * PIECE, WRITE, 0)])
+    table = ring.table(
+        [(ADJ_GPA, ADJ_COUNT * PIECE, WRITE | NEXT, k + 1) for k in range(66)]
+        + [(ADJ_GPA, 3 * PIECE, WRITE, 0)]
+    )
     ring.descs({9: (table, 67 * DESC_SIZE, INDIRECT, 0)})
     ring.offer(9)
     ring.refused(E.TOO_MANY_IOV, head=9, detail=ADJ_GPA)
@@ -606,8 +639,9 @@ def test_bad_head_breaks_the_ring(ring: Ring) -> None:
     assert ring.vq.broken
 
 
-@pytest.mark.parametrize("bad", [_bad_next, _bad_addr, _loop, _direction, _nested,
-                                 _indirect_len, _too_long])
+@pytest.mark.parametrize(
+    "bad", [_bad_next, _bad_addr, _loop, _direction, _nested, _indirect_len, _too_long]
+)
 def test_good_chain_after_a_bad_one(ring: Ring, bad: BadChain) -> None:
     code = bad(ring)
     good_out, good_in = ring.buf(40, 1), ring.buf(50)
@@ -640,7 +674,10 @@ def test_push_and_flush(make: Callable[..., Ring], base: int) -> None:
     ring.flush()
     assert ring.q.used_idx() == (base + 3) & 0xFFFF
     assert [ring.q.read_used_elem((base + k) % 4) for k in range(3)] == [
-        (3, 77), (0, 1), (2, 0xFFFF_FFFF)]
+        (3, 77),
+        (0, 1),
+        (2, 0xFFFF_FFFF),
+    ]
 
 
 def test_used_ring_position_wraps_with_the_ring(make: Callable[..., Ring]) -> None:
@@ -688,8 +725,9 @@ def test_need_event_matches_the_rule() -> None:
     rng = random.Random(20240601)
     edges = [0, 1, 2, 0x7FFF, 0x8000, 0x8001, 0xFFFE, 0xFFFF]
     triples = [(e, n, o) for e in edges for n in edges for o in edges]
-    triples += [(rng.randrange(65536), rng.randrange(65536), rng.randrange(65536))
-                for _ in range(20000)]
+    triples += [
+        (rng.randrange(65536), rng.randrange(65536), rng.randrange(65536)) for _ in range(20000)
+    ]
     for old in (0, 65530):  # small steps, as a device makes them
         for step in range(8):
             triples += [(e & 0xFFFF, (old + step) & 0xFFFF, old) for e in range(old - 3, old + 12)]

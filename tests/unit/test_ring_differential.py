@@ -72,6 +72,7 @@ U32 = 1 << 32
 U16 = 0xFFFF
 T = TypeVar("T")
 
+
 def budget_seconds(fuzz_minutes: float) -> float:
     if os.environ.get("VHOST_FUZZ_SECONDS"):
         return float(os.environ["VHOST_FUZZ_SECONDS"])
@@ -137,7 +138,9 @@ class World:
     def __init__(self) -> None:
         self.ram = GuestRam(size=2 * PER_REGION, regions=2)
         assert [(r.gpa, r.size, r.mmap_offset) for r in self.ram.layout] == [
-            (R0.gpa, R0.size, R0.offset), (R1.gpa, R1.size, R1.offset)]
+            (R0.gpa, R0.size, R0.offset),
+            (R1.gpa, R1.size, R1.offset),
+        ]
         self.mem = GuestMemory()
         for r in self.ram.layout:
             self.mem.add(_as_region(r), self.ram.fd)
@@ -196,8 +199,10 @@ class World:
 
     def c_iovs(self, chain: Any, first: int, count: int) -> list[tuple[int, int]]:
         iov = chain.iov
-        return [(self.gpa_of(int(ffi.cast("uintptr_t", iov[i].iov_base))), int(iov[i].iov_len))
-                for i in range(first, first + count)]
+        return [
+            (self.gpa_of(int(ffi.cast("uintptr_t", iov[i].iov_base))), int(iov[i].iov_len))
+            for i in range(first, first + count)
+        ]
 
     def pieces(self, buffers: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
         out: list[tuple[int, int]] = []
@@ -215,7 +220,7 @@ class World:
             assert_same_chain(self, c, self.expected[self.handled])
             self.handled += 1
             return used_len(int(c.in_bytes))
-        except Exception as e:  # noqa: BLE001 -- cannot raise into C: re-raised after the pass
+        except Exception as e:
             if self.handler_failure is None:
                 self.handler_failure = e
             return 0
@@ -272,23 +277,33 @@ class FuzzStats:
     def summary(self) -> str:
         total = sum(self.chains.values())
         accepted = self.chains["accepted"]
-        codes = ", ".join(f"{name} {n}" for name, n in self.chains.most_common()
-                          if name != "accepted")
-        return (f"ring fuzz: {total} chains ({accepted} accepted, {total - accepted} rejected"
-                f" by code: {codes or 'none'}); {self.distinct} distinct (table, head),"
-                f" {self.examples} examples, passes "
-                f"{dict(self.passes)}, signal decisions {dict(self.signals)}, "
-                f"{self.avail_idx} avail indexes refused, {self.broken_queues} queues broken,"
-                f" {self.seconds:.1f} s;"
-                f" C module {vhost._native.__file__}")
+        codes = ", ".join(
+            f"{name} {n}" for name, n in self.chains.most_common() if name != "accepted"
+        )
+        return (
+            f"ring fuzz: {total} chains ({accepted} accepted, {total - accepted} rejected"
+            f" by code: {codes or 'none'}); {self.distinct} distinct (table, head),"
+            f" {self.examples} examples, passes "
+            f"{dict(self.passes)}, signal decisions {dict(self.signals)}, "
+            f"{self.avail_idx} avail indexes refused, {self.broken_queues} queues broken,"
+            f" {self.seconds:.1f} s;"
+            f" C module {vhost._native.__file__}"
+        )
 
     def to_json(self) -> str:
-        return json.dumps({"chains": dict(self.chains), "passes": dict(self.passes),
-                           "signals": dict(self.signals), "examples": self.examples,
-                           "distinct": self.distinct,
-                           "avail_idx": self.avail_idx, "broken_queues": self.broken_queues,
-                           "seconds": self.seconds,
-                           "native": vhost._native.__file__})
+        return json.dumps(
+            {
+                "chains": dict(self.chains),
+                "passes": dict(self.passes),
+                "signals": dict(self.signals),
+                "examples": self.examples,
+                "distinct": self.distinct,
+                "avail_idx": self.avail_idx,
+                "broken_queues": self.broken_queues,
+                "seconds": self.seconds,
+                "native": vhost._native.__file__,
+            }
+        )
 
 
 class _SummaryPlugin:
@@ -353,8 +368,11 @@ def weighted(*options: tuple[int, st.SearchStrategy[T]]) -> st.SearchStrategy[T]
     the list drawn from, where hypothesis draws more often than anywhere else, so the
     rare options stay rare."""
     (w0, usual), rest = options[0], options[1:]
-    slots = ((usual,) * ((w0 + 1) // 2) + tuple(s for w, s in rest for _ in range(w))
-             + (usual,) * (w0 // 2))
+    slots = (
+        (usual,) * ((w0 + 1) // 2)
+        + tuple(s for w, s in rest for _ in range(w))
+        + (usual,) * (w0 // 2)
+    )
     return st.sampled_from(slots).flatmap(_itself)
 
 
@@ -373,7 +391,8 @@ def index_below(n: int) -> st.SearchStrategy[int]:
 
 def near(points: Sequence[int], spread: int = 64) -> st.SearchStrategy[int]:
     return st.tuples(st.sampled_from(points), st.integers(-spread, spread)).map(
-        lambda pd: min(max(pd[0] + pd[1], 0), U64 - 1))
+        lambda pd: min(max(pd[0] + pd[1], 0), U64 - 1)
+    )
 
 
 BUFFER_ADDR = st.one_of(
@@ -393,31 +412,46 @@ BUFFER_LEN = st.one_of(
     st.integers(U32 - 64, U32 - 1),
     st.integers(0, U32 - 1),
 )
-GOOD_ADDR = st.one_of(st.integers(0x10000, R0.end - 0x100), st.integers(R1.gpa, R1.end - 0x100),
-                      st.integers(R3.gpa, R3.end - 0x100))
+GOOD_ADDR = st.one_of(
+    st.integers(0x10000, R0.end - 0x100),
+    st.integers(R1.gpa, R1.end - 0x100),
+    st.integers(R3.gpa, R3.end - 0x100),
+)
 GOOD_LEN = st.integers(0, 0x100)
 # buffers that end at 2**64 (R3 is the last page), one byte short of it, one byte past it
 AT_THE_TOP = st.tuples(st.integers(1, R3_SIZE + 0x100), st.integers(-1, 1)).map(
-    lambda nd: (U64 - nd[0], nd[0] + nd[1]))
+    lambda nd: (U64 - nd[0], nd[0] + nd[1])
+)
 # a buffer that begins just before the end of R0 and runs on into R2, or past R2's end
 ACROSS_R0_R2 = st.tuples(st.integers(1, 0x40), st.integers(1, R2_SIZE + 0x40)).map(
-    lambda bn: (R0.end - bn[0], bn[0] + bn[1]))
-BUFFER = weighted((6, st.tuples(GOOD_ADDR, GOOD_LEN)), (2, st.tuples(BUFFER_ADDR, BUFFER_LEN)),
-                  (1, AT_THE_TOP), (1, ACROSS_R0_R2))
+    lambda bn: (R0.end - bn[0], bn[0] + bn[1])
+)
+BUFFER = weighted(
+    (6, st.tuples(GOOD_ADDR, GOOD_LEN)),
+    (2, st.tuples(BUFFER_ADDR, BUFFER_LEN)),
+    (1, AT_THE_TOP),
+    (1, ACROSS_R0_R2),
+)
 CHAIN_BUFFER = weighted((60, st.tuples(GOOD_ADDR, GOOD_LEN)), (1, AT_THE_TOP), (1, ACROSS_R0_R2))
 
 # Flags of a wild descriptor, weighted: mostly plain buffers with or without NEXT, some
 # INDIRECT (with and without NEXT or WRITE), now and then bits nobody defined.
-_FLAGS = ([NEXT] * 5 + [NEXT | WRITE] * 5 + [0] * 2 + [WRITE] * 2
-          + [INDIRECT, INDIRECT, INDIRECT | WRITE, INDIRECT | NEXT])
+_FLAGS = (
+    [NEXT] * 5
+    + [NEXT | WRITE] * 5
+    + [0] * 2
+    + [WRITE] * 2
+    + [INDIRECT, INDIRECT, INDIRECT | WRITE, INDIRECT | NEXT]
+)
 FLAGS = weighted((19, st.sampled_from(_FLAGS)), (1, st.integers(0, U16)))
 TABLE_FLAGS = st.sampled_from([INDIRECT, INDIRECT | WRITE])
 
 
 @functools.cache
 def next_index(entries: int) -> st.SearchStrategy[int]:
-    return weighted((6, index_below(entries)), (1, st.integers(entries, entries + 2)),
-                    (1, st.integers(0, U16)))
+    return weighted(
+        (6, index_below(entries)), (1, st.integers(entries, entries + 2)), (1, st.integers(0, U16))
+    )
 
 
 @functools.cache
@@ -431,9 +465,11 @@ def odd_table_len(num: int) -> st.SearchStrategy[int]:
 
 @functools.cache
 def table_len(num: int, entries: int) -> st.SearchStrategy[int]:
-    return weighted((12, st.just(DESC_SIZE * entries)),
-                    (2, st.sampled_from([DESC_SIZE * num, DESC_SIZE * (num + 1)])),  # the limit
-                    (3, odd_table_len(num)))
+    return weighted(
+        (12, st.just(DESC_SIZE * entries)),
+        (2, st.sampled_from([DESC_SIZE * num, DESC_SIZE * (num + 1)])),  # the limit
+        (3, odd_table_len(num)),
+    )
 
 
 Tables = tuple[tuple[int, tuple[Desc, ...]], ...]
@@ -462,9 +498,7 @@ def _to_a_table(
 
 
 @st.composite
-def wild_descriptor(
-    draw: st.DrawFn, entries: int, num: int, tables: Tables
-) -> Desc:
+def wild_descriptor(draw: st.DrawFn, entries: int, num: int, tables: Tables) -> Desc:
     flags = draw(FLAGS)
     target = indirect_target(num, tables) if flags & INDIRECT else BUFFER
     addr, length = draw(target)
@@ -472,15 +506,19 @@ def wild_descriptor(
 
 
 SHAPES = ("wild", "chain", "chain+table", "tables")
-SHAPE = weighted((3, st.just("chain")), (1, st.just("wild")), (2, st.just("chain+table")),
-                 (2, st.just("tables")))
+SHAPE = weighted(
+    (3, st.just("chain")), (1, st.just("wild")), (2, st.just("chain+table")), (2, st.just("tables"))
+)
 WILD_COUNT = weighted((3, st.just(0)), (2, st.just(1)), (1, st.just(2)))
 
 
 @functools.cache
 def first_writable(entries: int) -> st.SearchStrategy[int]:
-    return weighted((2, st.just(entries)), (1, st.just(0)),  # all readable / all writable
-                    (2, st.integers(0, entries)))
+    return weighted(
+        (2, st.just(entries)),
+        (1, st.just(0)),  # all readable / all writable
+        (2, st.integers(0, entries)),
+    )
 
 
 @st.composite
@@ -518,18 +556,27 @@ def descriptor_table(
 @functools.cache
 def table_place(k: int, entries: int) -> st.SearchStrategy[int]:
     size = DESC_SIZE * entries
-    fits = [TABLE_SLOTS[k], R1.end - size] + ([R2.gpa, R3.gpa, R3.end - size]
-                                              if size <= R2.size else [])
-    misfits = [R0.end - DESC_SIZE,  # runs on into R2 (when longer than one entry)
-               R1.end - size + DESC_SIZE, R2.end + 0x1000, R1.gpa - DESC_SIZE,
-               R3.gpa - DESC_SIZE]
-    return weighted((6, st.just(TABLE_SLOTS[k])), (2, st.sampled_from(fits)),
-                    (1, st.integers(1, 15).map(lambda d: TABLE_SLOTS[k] + d)),
-                    (2, st.sampled_from(misfits)))
+    fits = [TABLE_SLOTS[k], R1.end - size] + (
+        [R2.gpa, R3.gpa, R3.end - size] if size <= R2.size else []
+    )
+    misfits = [
+        R0.end - DESC_SIZE,  # runs on into R2 (when longer than one entry)
+        R1.end - size + DESC_SIZE,
+        R2.end + 0x1000,
+        R1.gpa - DESC_SIZE,
+        R3.gpa - DESC_SIZE,
+    ]
+    return weighted(
+        (6, st.just(TABLE_SLOTS[k])),
+        (2, st.sampled_from(fits)),
+        (1, st.integers(1, 15).map(lambda d: TABLE_SLOTS[k] + d)),
+        (2, st.sampled_from(misfits)),
+    )
 
 
-NEAR_WRAP = st.one_of(st.integers(0, U16), st.integers(0xFF00, U16), st.just(U16),
-                      st.integers(0x7FF0, 0x8010))
+NEAR_WRAP = st.one_of(
+    st.integers(0, U16), st.integers(0xFF00, U16), st.just(U16), st.integers(0x7FF0, 0x8010)
+)
 
 
 @dataclass(frozen=True)
@@ -544,8 +591,9 @@ class PassParts:
         inside = index_below(self.num)
         if not self.bad_heads:
             return inside
-        return weighted((40, inside), (1, st.integers(self.num, self.num + 2)),
-                        (1, st.integers(0, U16)))
+        return weighted(
+            (40, inside), (1, st.integers(self.num, self.num + 2)), (1, st.integers(0, U16))
+        )
 
     @functools.cached_property
     def heads(self) -> st.SearchStrategy[list[int]]:
@@ -557,24 +605,33 @@ class PassParts:
 
     @functools.cached_property
     def ahead(self) -> st.SearchStrategy[int | None]:  # None: as many as heads were written
-        return weighted((200, st.just(None)), (8, st.integers(0, self.num)),
-                        (1, st.integers(self.num + 1, self.num + 2)), (1, st.integers(0, U16)))
+        return weighted(
+            (200, st.just(None)),
+            (8, st.integers(0, self.num)),
+            (1, st.integers(self.num + 1, self.num + 2)),
+            (1, st.integers(0, U16)),
+        )
 
     @functools.cached_property
     def used_event(self) -> st.SearchStrategy[tuple[bool, int]]:
-        return weighted((4, st.tuples(st.just(True), st.integers(-2, self.num + 2))),
-                        (1, st.tuples(st.just(False), st.integers(0, U16))))
+        return weighted(
+            (4, st.tuples(st.just(True), st.integers(-2, self.num + 2))),
+            (1, st.tuples(st.just(False), st.integers(0, U16))),
+        )
 
     @functools.cached_property
     def late(self) -> st.SearchStrategy[int]:
-        return weighted((60, st.just(0)), (20, st.integers(1, self.num)),
-                        (1, st.integers(self.num + 1, U16)))
+        return weighted(
+            (60, st.just(0)), (20, st.integers(1, self.num)), (1, st.integers(self.num + 1, U16))
+        )
 
     @functools.cached_property
     def kick_at(self) -> st.SearchStrategy[tuple[str, int]]:
-        return weighted((2, st.just(("enable", 0))),
-                        (2, st.tuples(st.just("relative"), st.integers(-2, self.num + 2))),
-                        (1, st.tuples(st.just("absolute"), st.integers(0, U16))))
+        return weighted(
+            (2, st.just(("enable", 0))),
+            (2, st.tuples(st.just("relative"), st.integers(-2, self.num + 2))),
+            (1, st.tuples(st.just("absolute"), st.integers(0, U16))),
+        )
 
 
 @functools.cache
@@ -597,7 +654,7 @@ def passes(draw: st.DrawFn, num: int, bad_heads: bool) -> Pass:
         heads = tuple((start + i) % num for i in range(num))
         if bad_heads and draw(chance(30)):
             at = draw(index_below(num))
-            heads = heads[:at] + (draw(parts.bad_head),) + heads[at + 1:]
+            heads = (*heads[:at], draw(parts.bad_head), *heads[at + 1 :])
     elif how == "list":
         heads = tuple(draw(parts.heads))
     else:
@@ -614,8 +671,7 @@ def passes(draw: st.DrawFn, num: int, bad_heads: bool) -> Pass:
     )
 
 
-NUM = weighted((2, st.sampled_from([8, 16, 32])), (1, st.sampled_from([1, 2, 4])),
-               (1, st.just(64)))
+NUM = weighted((2, st.sampled_from([8, 16, 32])), (1, st.sampled_from([1, 2, 4])), (1, st.just(64)))
 TABLE_COUNT = weighted((4, st.integers(1, len(TABLE_SLOTS))), (1, st.just(0)))
 TABLE_SHAPE = weighted((3, st.just("chain")), (1, st.just("wild")))
 USED_FLAGS = weighted((3, st.just(0)), (1, st.integers(0, U16)))
@@ -630,8 +686,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         entries = draw(st.integers(1, min(num + 2, 12)))  # longer ones: by their length
         gpa = draw(table_place(k, entries))
         # entries of later tables may point at earlier ones: nested indirect
-        tables.append((gpa, draw(descriptor_table(draw(TABLE_SHAPE), entries, num,
-                                                  tuple(tables)))))
+        tables.append((gpa, draw(descriptor_table(draw(TABLE_SHAPE), entries, num, tuple(tables)))))
     descs = draw(descriptor_table(shape, num, num, tuple(tables)))
     bad_heads = draw(chance(10))  # a bad head breaks the queue: the later passes are lost
     one_pass = passes(num, bad_heads)
@@ -651,7 +706,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
 
 def pack(descs: Sequence[Desc]) -> bytes:
     return b"".join(
-        a.to_bytes(8, "little") + n.to_bytes(4, "little") + f.to_bytes(2, "little")
+        a.to_bytes(8, "little")
+        + n.to_bytes(4, "little")
+        + f.to_bytes(2, "little")
         + x.to_bytes(2, "little")
         for a, n, f, x in descs
     )
@@ -667,9 +724,17 @@ def load(w: World, s: Scenario) -> RingView:
     w.write16(USED_GPA, s.used_flags)
     w.write16(USED_GPA + 2, s.used_base)
     w.write16(avail_event_gpa(s.num), s.avail_event)
-    rc = lib.vu_vq_setup(w.vq, w.mem.handle, s.num, w.ram.uva_of(DESC_GPA),
-                         w.ram.uva_of(AVAIL_GPA), w.ram.uva_of(USED_GPA), s.base,
-                         int(s.event_idx), int(s.indirect))
+    rc = lib.vu_vq_setup(
+        w.vq,
+        w.mem.handle,
+        s.num,
+        w.ram.uva_of(DESC_GPA),
+        w.ram.uva_of(AVAIL_GPA),
+        w.ram.uva_of(USED_GPA),
+        s.base,
+        int(s.event_idx),
+        int(s.indirect),
+    )
     assert rc == 0
     return RingView(num=s.num, desc_gpa=DESC_GPA, avail_gpa=AVAIL_GPA, indirect=s.indirect)
 
@@ -757,8 +822,9 @@ def run_pass(w: World, s: Scenario, ring: RingView, dev: Device, p: Pass, out: O
         for i in range(count):
             result = pop(used_ring.read_mem, ring, (dev.last_avail + i) & U16, split=w.split)
             results.append(result)
-            entry = returned_entry(result, used_len(result.in_bytes)
-                                   if isinstance(result, Chain) else 0)
+            entry = returned_entry(
+                result, used_len(result.in_bytes) if isinstance(result, Chain) else 0
+            )
             if entry is not None:
                 used_ring.put((dev.used + len(entries)) % num, entry)
                 entries.append(entry)
@@ -768,22 +834,34 @@ def run_pass(w: World, s: Scenario, ring: RingView, dev: Device, p: Pass, out: O
     last_error = count if isinstance(count, RingError) else errors[-1] if errors else None
     took = len(results)
     old_used = dev.used
-    stats_before = (w.vq.stats.chains, w.vq.stats.bad_chains, w.vq.stats.signals,
-                    w.vq.stats.batches)
+    stats_before = (
+        w.vq.stats.chains,
+        w.vq.stats.bad_chains,
+        w.vq.stats.signals,
+        w.vq.stats.batches,
+    )
 
     if p.driver == "pop":
         signalled = c_pass_by_pop(w, count, results)
     else:
         w.expected = [r for r in results if isinstance(r, Chain)]
         rc = w.process()
-        expected_rc = (count.code if isinstance(count, RingError) else
-                       errors[-1].code if errors and breaks_queue(errors[-1]) else took)
+        expected_rc = (
+            count.code
+            if isinstance(count, RingError)
+            else errors[-1].code
+            if errors and breaks_queue(errors[-1])
+            else took
+        )
         assert rc == expected_rc, f"vu_vq_process returned {rc}, expected {expected_rc}"
         if last_error is not None:
             assert_same_error(w, last_error)
         signalled = w.vq.stats.signals - stats_before[2]
-        assert (w.vq.stats.chains - stats_before[0], w.vq.stats.bad_chains - stats_before[1],
-                w.vq.stats.batches - stats_before[3]) == (took, len(errors), int(took > 0))
+        assert (
+            w.vq.stats.chains - stats_before[0],
+            w.vq.stats.bad_chains - stats_before[1],
+            w.vq.stats.batches - stats_before[3],
+        ) == (took, len(errors), int(took > 0))
 
     out.passes.append(p.driver)
     out.chains += [name_of(r) for r in results]
@@ -797,13 +875,18 @@ def run_pass(w: World, s: Scenario, ring: RingView, dev: Device, p: Pass, out: O
     # U4 and E1/E2: published once per pass that took a slot, then one decision
     if took:
         dev.used = (dev.used + len(entries)) & U16
-        expect = should_signal(event_idx=s.event_idx, avail_flags=p.avail_flags,
-                               used_event=used_event, new_used_idx=dev.used,
-                               signalled_used=dev.signalled)
+        expect = should_signal(
+            event_idx=s.event_idx,
+            avail_flags=p.avail_flags,
+            used_event=used_event,
+            new_used_idx=dev.used,
+            signalled_used=dev.signalled,
+        )
         dev.signalled = dev.used
         assert bool(signalled) == expect, (
             f"C signalled={bool(signalled)}, reference {expect} (event_idx={s.event_idx}, "
-            f"flags={p.avail_flags:#x}, used_event={used_event}, used {old_used}->{dev.used})")
+            f"flags={p.avail_flags:#x}, used_event={used_event}, used {old_used}->{dev.used})"
+        )
         out.signals.append("signal" if expect else "quiet")
     else:
         assert not signalled
@@ -814,7 +897,9 @@ def run_pass(w: World, s: Scenario, ring: RingView, dev: Device, p: Pass, out: O
         raw = w.read_mem(at, 8)
         assert raw is not None
         assert (int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:], "little")) == (
-            head, length), f"used entry {k} of the pass"
+            head,
+            length,
+        ), f"used entry {k} of the pass"
     assert w.read16(USED_GPA) == s.used_flags  # E3: never written
 
     if dev.broken:
@@ -861,8 +946,9 @@ class UsedRingOverlay:
             assert raw is not None
             self.ring[:] = raw
             self.dirty = True
-        self.ring[8 * slot : 8 * slot + 8] = (entry[0].to_bytes(4, "little")
-                                              + entry[1].to_bytes(4, "little"))
+        self.ring[8 * slot : 8 * slot + 8] = entry[0].to_bytes(4, "little") + entry[1].to_bytes(
+            4, "little"
+        )
 
     def read_mem(self, gpa: int, n: int) -> bytes | None:
         raw = self.w.read_mem(gpa, n)
@@ -963,74 +1049,137 @@ B = 0x10000  # a good buffer in region 0
 TBL = TABLE_SLOTS[0]
 
 
-def case(descs: Sequence[Desc], tables: Sequence[tuple[int, Sequence[Desc]]] = (),
-         heads: Sequence[int] = (0,), *, num: int = 8, indirect: bool = True,
-         ahead: int | None = None, base: int = 0, driver: str = "pop") -> Scenario:
+def case(
+    descs: Sequence[Desc],
+    tables: Sequence[tuple[int, Sequence[Desc]]] = (),
+    heads: Sequence[int] = (0,),
+    *,
+    num: int = 8,
+    indirect: bool = True,
+    ahead: int | None = None,
+    base: int = 0,
+    driver: str = "pop",
+) -> Scenario:
     descs = list(descs) + [(0, 0, 0, 0)] * (num - len(descs))
-    one = Pass(tuple(heads), len(heads) if ahead is None else ahead, driver, 0, (True, 0), 0,
-               ("enable", 0))
-    return Scenario(num, indirect, False, base, 0, 0, 0, tuple(descs),
-                    tuple((gpa, tuple(t)) for gpa, t in tables), (one,))
+    one = Pass(
+        tuple(heads), len(heads) if ahead is None else ahead, driver, 0, (True, 0), 0, ("enable", 0)
+    )
+    return Scenario(
+        num,
+        indirect,
+        False,
+        base,
+        0,
+        0,
+        0,
+        tuple(descs),
+        tuple((gpa, tuple(t)) for gpa, t in tables),
+        (one,),
+    )
 
 
 ORDER_CASES: dict[str, tuple[Scenario, list[str]]] = {
-    "buffer count before direction": (case(
-        [(B, 8, WRITE | NEXT, i + 1) for i in range(7)] + [(TBL, 32, INDIRECT, 0)],
-        [(TBL, [(B, 8, WRITE | NEXT, 1), (B, 8, 0, 0)])]), ["CHAIN_TOO_LONG"]),
-    "direction before address": (case(
-        [(B, 8, WRITE | NEXT, 1), (1 << 63, 8, NEXT, 9)]), ["DIRECTION"]),
-    "direction before the empty-buffer skip": (case(
-        [(B, 8, WRITE | NEXT, 1), (1 << 63, 0, 0, 0)]), ["DIRECTION"]),
+    "buffer count before direction": (
+        case(
+            [(B, 8, WRITE | NEXT, i + 1) for i in range(7)] + [(TBL, 32, INDIRECT, 0)],
+            [(TBL, [(B, 8, WRITE | NEXT, 1), (B, 8, 0, 0)])],
+        ),
+        ["CHAIN_TOO_LONG"],
+    ),
+    "direction before address": (
+        case([(B, 8, WRITE | NEXT, 1), (1 << 63, 8, NEXT, 9)]),
+        ["DIRECTION"],
+    ),
+    "direction before the empty-buffer skip": (
+        case([(B, 8, WRITE | NEXT, 1), (1 << 63, 0, 0, 0)]),
+        ["DIRECTION"],
+    ),
     "address before next": (case([(1 << 63, 8, NEXT, 9)]), ["ADDR"]),
     "next after the buffer was taken": (case([(B, 8, NEXT, 8)]), ["NEXT"]),
-    "a revisit is checked again: direction before loop": (case(
-        [(B, 8, NEXT, 1), (B, 8, WRITE | NEXT, 0)]), ["DIRECTION"]),
-    "loop only after num reads": (case(
-        [(B, 8, NEXT, 1), (B, 8, NEXT, 2), (B, 8, NEXT, 0)]), ["LOOP"]),
-    "loop in a table behind a prefix is too long": (case(
-        [(B, 8, NEXT, i + 1) for i in range(6)] + [(TBL, 64, INDIRECT, 0)],
-        [(TBL, [(B, 8, NEXT, 0)] * 4)]), ["CHAIN_TOO_LONG"]),
-    "feature before next, length and address": (case(
-        [(1 << 63, 0, INDIRECT | NEXT, 9)], indirect=False), ["INDIRECT_FEATURE"]),
-    "nested before next": (case(
-        [(TBL, 16, INDIRECT, 0)], [(TBL, [(TBL, 17, INDIRECT | NEXT, 5)])]), ["INDIRECT_NESTED"]),
-    "nested indirect pointing at a good table": (case(
-        [(TBL, 16, INDIRECT, 0)], [(TBL, [(TABLE_SLOTS[1], 16, INDIRECT, 0)]),
-                                   (TABLE_SLOTS[1], [(B, 8, 0, 0)])]), ["INDIRECT_NESTED"]),
+    "a revisit is checked again: direction before loop": (
+        case([(B, 8, NEXT, 1), (B, 8, WRITE | NEXT, 0)]),
+        ["DIRECTION"],
+    ),
+    "loop only after num reads": (
+        case([(B, 8, NEXT, 1), (B, 8, NEXT, 2), (B, 8, NEXT, 0)]),
+        ["LOOP"],
+    ),
+    "loop in a table behind a prefix is too long": (
+        case(
+            [(B, 8, NEXT, i + 1) for i in range(6)] + [(TBL, 64, INDIRECT, 0)],
+            [(TBL, [(B, 8, NEXT, 0)] * 4)],
+        ),
+        ["CHAIN_TOO_LONG"],
+    ),
+    "feature before next, length and address": (
+        case([(1 << 63, 0, INDIRECT | NEXT, 9)], indirect=False),
+        ["INDIRECT_FEATURE"],
+    ),
+    "nested before next": (
+        case([(TBL, 16, INDIRECT, 0)], [(TBL, [(TBL, 17, INDIRECT | NEXT, 5)])]),
+        ["INDIRECT_NESTED"],
+    ),
+    "nested indirect pointing at a good table": (
+        case(
+            [(TBL, 16, INDIRECT, 0)],
+            [(TBL, [(TABLE_SLOTS[1], 16, INDIRECT, 0)]), (TABLE_SLOTS[1], [(B, 8, 0, 0)])],
+        ),
+        ["INDIRECT_NESTED"],
+    ),
     "next flag before length": (case([(TBL, 17, INDIRECT | NEXT, 1)]), ["INDIRECT_NEXT"]),
     "length before table size": (case([(TBL, 16 * 9 + 1, INDIRECT, 0)]), ["INDIRECT_LEN"]),
-    "table size before table address": (case(
-        [(R2.end + 0x1000, 16 * 9, INDIRECT, 0)]), ["CHAIN_TOO_LONG"]),
-    "table straddling two adjacent regions": (case(
-        [(R0.end - 16, 32, INDIRECT, 0)]), ["INDIRECT_ADDR"]),
-    "table in the last page of the address space": (case(
-        [(U64 - 32, 32, INDIRECT, 0)], [(U64 - 32, [(B, 8, NEXT, 1), (U64 - 8, 8, WRITE, 0)])]),
-        ["accepted"]),
+    "table size before table address": (
+        case([(R2.end + 0x1000, 16 * 9, INDIRECT, 0)]),
+        ["CHAIN_TOO_LONG"],
+    ),
+    "table straddling two adjacent regions": (
+        case([(R0.end - 16, 32, INDIRECT, 0)]),
+        ["INDIRECT_ADDR"],
+    ),
+    "table in the last page of the address space": (
+        case(
+            [(U64 - 32, 32, INDIRECT, 0)], [(U64 - 32, [(B, 8, NEXT, 1), (U64 - 8, 8, WRITE, 0)])]
+        ),
+        ["accepted"],
+    ),
     # used->ring[0] becomes (3, 1) before head 1 is walked: the table's one entry then reads
     # (addr 0, len 3, NEXT, next 0), a loop; read before that write, it was an empty buffer
-    "a table over the used ring is read after the entries written before it": (case(
-        [(0, 0, 0, 0), (USED_GPA - 4, 16, INDIRECT, 0), (0, 0, 0, 0), (B, 8, 0, 0)],
-        heads=(3, 1)), ["accepted", "LOOP"]),
-    "buffer straddling two adjacent regions": (case(
-        [(R0.end - 16, 32, WRITE, 0)]), ["accepted"]),
+    "a table over the used ring is read after the entries written before it": (
+        case(
+            [(0, 0, 0, 0), (USED_GPA - 4, 16, INDIRECT, 0), (0, 0, 0, 0), (B, 8, 0, 0)],
+            heads=(3, 1),
+        ),
+        ["accepted", "LOOP"],
+    ),
+    "buffer straddling two adjacent regions": (case([(R0.end - 16, 32, WRITE, 0)]), ["accepted"]),
     "buffer ending exactly at 2**64": (case([(U64 - 16, 16, 0, 0)]), ["accepted"]),
     "buffer one byte past 2**64": (case([(U64 - 16, 17, 0, 0)]), ["ADDR"]),
     "buffer whose length wraps the address space": (case([(U64 - 8, U32 - 1, 0, 0)]), ["ADDR"]),
-    "bad head breaks the queue: nothing after it is taken": (case(
-        [(B, 8, 0, 0)], heads=(8, 0)), ["HEAD"]),
-    "a good chain, then a bad head": (case([(B, 8, 0, 0)], heads=(0, 0xFFFF, 0)),
-                                      ["accepted", "HEAD"]),
-    "a bad head through vu_vq_process: what came before is published": (case(
-        [(B, 8, WRITE, 0), (B, 8, NEXT, 9)], heads=(0, 1, 9, 0), driver="process"),
-        ["accepted", "NEXT", "HEAD"]),
-    "avail index a full ring ahead": (case([(B, 8, 0, 0)], heads=(0,) * 8, ahead=8),
-                                      ["accepted"] * 8),
+    "bad head breaks the queue: nothing after it is taken": (
+        case([(B, 8, 0, 0)], heads=(8, 0)),
+        ["HEAD"],
+    ),
+    "a good chain, then a bad head": (
+        case([(B, 8, 0, 0)], heads=(0, 0xFFFF, 0)),
+        ["accepted", "HEAD"],
+    ),
+    "a bad head through vu_vq_process: what came before is published": (
+        case([(B, 8, WRITE, 0), (B, 8, NEXT, 9)], heads=(0, 1, 9, 0), driver="process"),
+        ["accepted", "NEXT", "HEAD"],
+    ),
+    "avail index a full ring ahead": (
+        case([(B, 8, 0, 0)], heads=(0,) * 8, ahead=8),
+        ["accepted"] * 8,
+    ),
     "avail index too far ahead": (case([(B, 8, 0, 0)], ahead=9), ["AVAIL_IDX"]),
-    "indices across the 16-bit wrap": (case(
-        [(B, 8, 0, 0), (B, 8, WRITE, 0)], heads=(0, 1, 0, 1), base=0xFFFE),
-        ["accepted"] * 4),
-    "a full ring across the 16-bit wrap, through vu_vq_process": (case(
-        [(B, 8, 0, 0)], heads=(0,) * 8, base=0xFFFB, driver="process"), ["accepted"] * 8),
+    "indices across the 16-bit wrap": (
+        case([(B, 8, 0, 0), (B, 8, WRITE, 0)], heads=(0, 1, 0, 1), base=0xFFFE),
+        ["accepted"] * 4,
+    ),
+    "a full ring across the 16-bit wrap, through vu_vq_process": (
+        case([(B, 8, 0, 0)], heads=(0,) * 8, base=0xFFFB, driver="process"),
+        ["accepted"] * 8,
+    ),
 }
 
 
@@ -1053,8 +1202,11 @@ def test_a_bad_head_breaks_the_queue(world: World, driver: str) -> None:
 
 # --- signalling: vu_need_event against the spec's interval ------------------------------------
 
-EDGES = sorted({0, 1, 2, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFD, 0xFFFE, 0xFFFF}
-               | {(0xFFFF + d) & U16 for d in range(-3, 4)} | {d for d in range(5)})
+EDGES = sorted(
+    {0, 1, 2, 0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFD, 0xFFFE, 0xFFFF}
+    | {(0xFFFF + d) & U16 for d in range(-3, 4)}
+    | {d for d in range(5)}
+)
 
 
 def test_need_event_on_the_edges() -> None:
@@ -1062,7 +1214,8 @@ def test_need_event_on_the_edges() -> None:
         for new in EDGES:
             for old in EDGES:
                 assert bool(lib.vu_need_event(event_idx, new, old)) == need_event(
-                    event_idx, new, old), (event_idx, new, old)
+                    event_idx, new, old
+                ), (event_idx, new, old)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -1070,17 +1223,27 @@ def test_need_event_on_the_edges() -> None:
 def test_need_event_anywhere(event_idx: int, new: int, old: int) -> None:
     assert bool(lib.vu_need_event(event_idx, new, old)) == need_event(event_idx, new, old)
     # and the reference against the spec's own expression (vring_need_event)
-    assert need_event(event_idx, new, old) == (
-        (new - event_idx - 1) & U16 < (new - old) & U16)
+    assert need_event(event_idx, new, old) == ((new - event_idx - 1) & U16 < (new - old) & U16)
 
 
 def test_first_decision_after_setup_signals(world: World) -> None:
     """E2's set-up rule, then a decision that does not cross used_event stays quiet."""
-    s = Scenario(8, True, True, 0, 0x10, 0, 0, tuple([(B, 8, 0, 0)] * 8), (), (
-        Pass((0, 1), 2, "process", 0, (False, 0x200), 0, ("enable", 0)),
-        Pass((2,), 1, "pop", 0, (False, 0x200), 0, ("relative", 3)),
-        Pass((3,), 1, "process", 0, (True, 0), 0, ("enable", 0)),
-    ))
+    s = Scenario(
+        8,
+        True,
+        True,
+        0,
+        0x10,
+        0,
+        0,
+        tuple([(B, 8, 0, 0)] * 8),
+        (),
+        (
+            Pass((0, 1), 2, "process", 0, (False, 0x200), 0, ("enable", 0)),
+            Pass((2,), 1, "pop", 0, (False, 0x200), 0, ("relative", 3)),
+            Pass((3,), 1, "process", 0, (True, 0), 0, ("enable", 0)),
+        ),
+    )
     out = run_scenario(world, s)
     assert out.signals == ["signal", "quiet", "signal"]
 
@@ -1100,8 +1263,15 @@ def adjacent() -> Iterator[tuple[GuestRam, GuestMemory]]:
     mem = GuestMemory()
     mem.add(_as_region(ram.layout[0]), ram.fd)
     for k in range(ADJ_COUNT):
-        mem.add(Region(ADJ_GPA + k * PIECE, PIECE, GuestRam.UVA_BASE + 0x1000_0000 + k * PIECE,
-                       0x8_0000 + k * PIECE), ram.fd)
+        mem.add(
+            Region(
+                ADJ_GPA + k * PIECE,
+                PIECE,
+                GuestRam.UVA_BASE + 0x1000_0000 + k * PIECE,
+                0x8_0000 + k * PIECE,
+            ),
+            ram.fd,
+        )
     yield ram, mem
     mem.close()
     ram.close()
@@ -1119,7 +1289,9 @@ def adjacent() -> Iterator[tuple[GuestRam, GuestMemory]]:
     ],
 )
 def test_iovec_budget_against_unmapped_bytes(
-    adjacent: tuple[GuestRam, GuestMemory], last_addr: int, last_len: int,
+    adjacent: tuple[GuestRam, GuestMemory],
+    last_addr: int,
+    last_len: int,
     expected: ErrorCode | None,
 ) -> None:
     """2046 iovecs used, 2 left: which of TOO_MANY_IOV and ADDR a last buffer gets."""
@@ -1133,13 +1305,18 @@ def test_iovec_budget_against_unmapped_bytes(
     ram.write(avail, (0).to_bytes(2, "little") + (1).to_bytes(2, "little") + bytes(2 * num + 2))
     vq = ffi.new("struct vu_vq *")
     vq.kick_fd = vq.call_fd = vq.err_fd = vq.stop_fd = -1
-    assert lib.vu_vq_setup(vq, mem.handle, num, ram.uva_of(desc), ram.uva_of(avail),
-                           ram.uva_of(used), 0, 0, 1) == 0
+    assert (
+        lib.vu_vq_setup(
+            vq, mem.handle, num, ram.uva_of(desc), ram.uva_of(avail), ram.uva_of(used), 0, 0, 1
+        )
+        == 0
+    )
     chain = ffi.new("struct vu_chain *")
     rc = lib.vu_vq_pop(vq, chain)
 
     spans = [(ram.layout[0].gpa, ram.layout[0].size)] + [
-        (ADJ_GPA + k * PIECE, PIECE) for k in range(ADJ_COUNT)]
+        (ADJ_GPA + k * PIECE, PIECE) for k in range(ADJ_COUNT)
+    ]
 
     def read_mem(gpa: int, n: int) -> bytes | None:
         return ram.read(gpa, n) if ram.layout[0].contains(gpa, n) else None
@@ -1186,8 +1363,9 @@ def _memory(blobs: dict[int, bytes]) -> Callable[[int, int], bytes | None]:
     return read_mem
 
 
-def _walk(descs: Sequence[Desc], tables: dict[int, Sequence[Desc]] | None = None,
-          **kw: Any) -> Chain | RingError:
+def _walk(
+    descs: Sequence[Desc], tables: dict[int, Sequence[Desc]] | None = None, **kw: Any
+) -> Chain | RingError:
     num = len(descs)
     blobs = {0x1000: pack(descs), 0x10_0000: bytes(0x1_0000)}
     blobs |= {gpa: pack(t) for gpa, t in (tables or {}).items()}
@@ -1195,8 +1373,9 @@ def _walk(descs: Sequence[Desc], tables: dict[int, Sequence[Desc]] | None = None
 
 
 def test_reference_accepts_a_plain_chain() -> None:
-    got = _walk([(0x10_0000, 16, NEXT, 1), (0x10_0100, 0, NEXT, 2), (0x10_0200, 8, WRITE, 0),
-                 (0, 0, 0, 0)])
+    got = _walk(
+        [(0x10_0000, 16, NEXT, 1), (0x10_0100, 0, NEXT, 2), (0x10_0200, 8, WRITE, 0), (0, 0, 0, 0)]
+    )
     assert got == Chain(0, ((0x10_0000, 16),), ((0x10_0200, 8),), 2)
     assert isinstance(got, Chain) and (got.out_bytes, got.in_bytes) == (16, 8)
 
@@ -1205,4 +1384,5 @@ def test_reference_default_split_is_one_region() -> None:
     descs = [(0x10_0000 + 0x1_0000 - 8, 16, 0, 0)]  # runs off the end of the blob
     assert _walk(descs) == RingError(ErrorCode.ADDR, 0, 0x10_FFF8)
     assert _walk([(0x10_0000, 16, INDIRECT, 0)], indirect=False) == RingError(
-        ErrorCode.INDIRECT_FEATURE, 0, 0)
+        ErrorCode.INDIRECT_FEATURE, 0, 0
+    )

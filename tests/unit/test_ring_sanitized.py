@@ -47,8 +47,15 @@ def sanitized() -> Iterator[tuple[Path, Path]]:
 
 
 def _run_python(env: dict[str, str], code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-P", "-c", code], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    return subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
 
 
 def test_the_build_is_instrumented(sanitized: tuple[Path, Path]) -> None:
@@ -62,7 +69,9 @@ def test_the_build_is_instrumented(sanitized: tuple[Path, Path]) -> None:
 def test_a_heap_overflow_in_c_is_caught(sanitized: tuple[Path, Path]) -> None:
     """The canary: a copy one byte past a heap buffer must kill the child with a report."""
     package_dir, native = sanitized
-    done = _run_python(sanitizer_env(package_dir), f"""
+    done = _run_python(
+        sanitizer_env(package_dir),
+        f"""
 import cffi
 import vhost._native as m
 assert m.__file__ == {str(native)!r}, m.__file__
@@ -76,7 +85,8 @@ iov.iov_base, iov.iov_len = dst, 4097  # one byte too long
 print("copying", flush=True)
 lib.vu_iov_copy_to(iov, 1, 0, abi.new("char[]", 4097), 4097)
 print("not caught", flush=True)
-""")
+""",
+    )
     assert "copying" in done.stdout and "not caught" not in done.stdout
     assert done.returncode != 0
     assert "AddressSanitizer: heap-buffer-overflow" in done.stderr, done.stderr[-4000:]
@@ -85,7 +95,9 @@ print("not caught", flush=True)
 def test_undefined_behaviour_in_c_is_caught(sanitized: tuple[Path, Path]) -> None:
     """The other canary: a misaligned store through an iovec pointer is UB, and fatal."""
     package_dir, _ = sanitized
-    done = _run_python(sanitizer_env(package_dir), """
+    done = _run_python(
+        sanitizer_env(package_dir),
+        """
 import os
 from vhost._native import ffi, lib
 from vhost.memory import GuestMemory, Region
@@ -98,14 +110,18 @@ iov = ffi.cast("struct iovec *", int(ffi.cast("uintptr_t", buf)) + 1)
 print("translating", flush=True)
 lib.vu_gpa_to_iov(mem.handle, 0, 16, iov, 1)
 print("not caught", flush=True)
-""")
+""",
+    )
     assert "translating" in done.stdout and "not caught" not in done.stdout
     assert done.returncode != 0
     assert "runtime error" in done.stderr and "misaligned" in done.stderr, done.stderr[-4000:]
 
 
 def test_differential_under_sanitizers(
-    sanitized: tuple[Path, Path], fuzz_minutes: float, summary: _Summary, tmp_path: Path,
+    sanitized: tuple[Path, Path],
+    fuzz_minutes: float,
+    summary: _Summary,
+    tmp_path: Path,
 ) -> None:
     package_dir, native = sanitized
     seconds = fuzz_minutes * 60 if fuzz_minutes > 0 else CI_SECONDS
@@ -115,7 +131,13 @@ def test_differential_under_sanitizers(
     env |= {"VHOST_FUZZ_SECONDS": str(seconds), "VHOST_FUZZ_REPORT": str(report)}
     done = subprocess.run(
         pytest_command(str(DIFFERENTIAL), "-q", "-x"),
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=seconds + 900, check=False)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=seconds + 900,
+        check=False,
+    )
     output = done.stdout + done.stderr
     lines = [line for line in output.splitlines() if line.startswith("ring fuzz:")]
     summary.lines += [f"sanitized (ASan+UBSan) {line}" for line in lines]

@@ -41,8 +41,9 @@ def rng(ring: Ring) -> RngDriver:
     return RngDriver(ring.q, buf_regions=(0, 1))
 
 
-def serve(ring: Ring, fill: Fill = os.urandom,
-          used_len: Callable[[int], int] | None = None) -> dict[int, bytes]:
+def serve(
+    ring: Ring, fill: Fill = os.urandom, used_len: Callable[[int], int] | None = None
+) -> dict[int, bytes]:
     """Play the device for every available chain: write ``fill(chain bytes)`` into its
     writable iovecs, push ``used_len(bytes written)`` (default: the bytes written),
     flush. Returns head -> bytes written. Fails on a chain with readable buffers."""
@@ -78,8 +79,9 @@ def test_chains_are_poisoned_and_device_writable_only(ring: Ring, rng: RngDriver
 
 @pytest.mark.parametrize("indirect", [False, True], ids=["direct", "indirect"])
 @pytest.mark.parametrize("segs", [1, 3])
-def test_what_comes_back_is_what_the_device_wrote(ring: Ring, rng: RngDriver, segs: int,
-                                                  indirect: bool) -> None:
+def test_what_comes_back_is_what_the_device_wrote(
+    ring: Ring, rng: RngDriver, segs: int, indirect: bool
+) -> None:
     heads = rng.post([64, 2, 4096], segs=segs, indirect=indirect)
     rng.kick()
     written = serve(ring)
@@ -91,8 +93,9 @@ def test_what_comes_back_is_what_the_device_wrote(ring: Ring, rng: RngDriver, se
     assert all(p.outstanding == 0 for p in rng.pools)  # every buffer freed
 
 
-def test_a_short_write_reported_as_such_is_cut_at_the_used_length(ring: Ring,
-                                                                  rng: RngDriver) -> None:
+def test_a_short_write_reported_as_such_is_cut_at_the_used_length(
+    ring: Ring, rng: RngDriver
+) -> None:
     (head,) = rng.post([64], segs=2)
     rng.kick()
     serve(ring, fill=lambda n: bytes([NOT_POISON]) * 40)
@@ -102,7 +105,8 @@ def test_a_short_write_reported_as_such_is_cut_at_the_used_length(ring: Ring,
 
 
 def test_a_device_that_reports_more_than_it_wrote_leaves_a_poisoned_tail(
-        ring: Ring, rng: RngDriver) -> None:
+    ring: Ring, rng: RngDriver
+) -> None:
     (head,) = rng.post([64], segs=3)
     rng.kick()
     serve(ring, fill=lambda n: bytes([NOT_POISON]) * 8, used_len=lambda n: 64)
@@ -131,7 +135,8 @@ def test_a_head_never_offered_is_kept_apart(ring: Ring, rng: RngDriver) -> None:
 
 
 def test_wait_takes_only_its_heads_and_a_waiting_head_is_not_reused(
-        ring: Ring, rng: RngDriver) -> None:
+    ring: Ring, rng: RngDriver
+) -> None:
     first, second = rng.post([16, 32])
     rng.kick()
     written = serve(ring)

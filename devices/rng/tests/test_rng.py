@@ -105,8 +105,13 @@ def test_a_chain_claiming_gigabytes_costs_max_chain_bytes(rng: Daemon) -> None:
         descs = q.reserve_descs(1024)
         for k, d in enumerate(descs):
             last = k == len(descs) - 1
-            q.write_desc(d, buf, MiB, VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT),
-                         0 if last else descs[k + 1])
+            q.write_desc(
+                d,
+                buf,
+                MiB,
+                VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT),
+                0 if last else descs[k + 1],
+            )
         q.put_avail(descs[0])
         q.kick()
         q.enable_cb()
@@ -204,8 +209,9 @@ def test_source_file_is_what_the_guest_reads(start_rng: StartRng, tmp_path: Path
     assert d.log_count("end of file") == 1
 
 
-def test_a_source_with_nothing_to_read_does_not_hold_a_stop(start_rng: StartRng,
-                                                            tmp_path: Path) -> None:
+def test_a_source_with_nothing_to_read_does_not_hold_a_stop(
+    start_rng: StartRng, tmp_path: Path
+) -> None:
     """A FIFO as the source: requests wait while it is empty and are served when bytes
     come; a SIGTERM while one waits ends the daemon at once and cleanly."""
     fifo = tmp_path / "fifo"
@@ -319,8 +325,14 @@ def test_indirect_table_with_a_bad_entry(guest: Rng, rng: Daemon) -> None:
 
 
 def run_rng(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*device_command("rng"), *args], capture_output=True, text=True,
-                          timeout=20, check=False, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [*device_command("rng"), *args],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_print_capabilities() -> None:
@@ -331,22 +343,37 @@ def test_print_capabilities() -> None:
 
 def test_python_m_vhost_rng_is_the_same_program() -> None:
     a = run_rng("--help")
-    b = subprocess.run([*device_command("rng", module=True), "--help"], capture_output=True,
-                       text=True, timeout=20, check=False)
+    b = subprocess.run(
+        [*device_command("rng", module=True), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        check=False,
+    )
     assert (a.returncode, a.stdout) == (b.returncode, b.stdout) == (0, a.stdout)
-    for option in ("--socket-path", "--fd", "--print-capabilities", "--source",
-                   "--max-bytes-per-second"):
+    for option in (
+        "--socket-path",
+        "--fd",
+        "--print-capabilities",
+        "--source",
+        "--max-bytes-per-second",
+    ):
         assert option in a.stdout
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--max-bytes-per-second", "0"], "--max-bytes-per-second 0"),
-    (["--max-bytes-per-second", "-5"], "--max-bytes-per-second -5"),
-    (["--source", "/nonexistent/entropy"], "/nonexistent/entropy"),
-    ([], "--socket-path"),
-], ids=["zero rate", "negative rate", "missing source", "no socket"])
-def test_bad_options_are_one_line_and_status_2(tmp_path: Path, args: list[str],
-                                               needle: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--max-bytes-per-second", "0"], "--max-bytes-per-second 0"),
+        (["--max-bytes-per-second", "-5"], "--max-bytes-per-second -5"),
+        (["--source", "/nonexistent/entropy"], "/nonexistent/entropy"),
+        ([], "--socket-path"),
+    ],
+    ids=["zero rate", "negative rate", "missing source", "no socket"],
+)
+def test_bad_options_are_one_line_and_status_2(
+    tmp_path: Path, args: list[str], needle: str
+) -> None:
     sock = tmp_path / "rng.sock"
     r = run_rng(*(["--socket-path", str(sock)] if args else []), *args)
     assert r.returncode == 2, r.stderr

@@ -33,16 +33,19 @@ echo "RESULT distinct=$(od -An -v -tu1 /tmp/a | tr -s ' ' '\\n' | grep . | sort 
 @pytest.fixture(scope="module")
 def rng_initramfs() -> Path:
     """The minimal guest with virtio-rng added to its modules (no fio)."""
-    return build.build_base_initramfs(build.default_cache_dir(),
-                                      modules=(*build.DEFAULT_MODULES, "virtio-rng"),
-                                      binaries=())
+    return build.build_base_initramfs(
+        build.default_cache_dir(), modules=(*build.DEFAULT_MODULES, "virtio-rng"), binaries=()
+    )
 
 
-def test_guest_reads_dev_hwrng(start_rng: StartRng, rng_initramfs: Path,
-                               tmp_path: Path) -> None:
+def test_guest_reads_dev_hwrng(start_rng: StartRng, rng_initramfs: Path, tmp_path: Path) -> None:
     d = start_rng()
-    args = ["-chardev", f"socket,id=rng0,path={d.socket_path}",
-            "-device", "vhost-user-rng-pci,chardev=rng0"]
+    args = [
+        "-chardev",
+        f"socket,id=rng0,path={d.socket_path}",
+        "-device",
+        "vhost-user-rng-pci,chardev=rng0",
+    ]
     g = boot_guest(rng_initramfs, WORKLOAD, tmp_path, "rng-guest", args)
     try:
         rc, text = g.run_workload(timeout=180)
