@@ -596,22 +596,13 @@ int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
     }
 }
 
-/*
- * Give back the last n chains taken, as if they had not been (Linux's
- * vhost_discard_vq_desc, libvhost-user's vu_queue_rewind): the driver's buffers stay
- * where they are and the next pop takes them again. The caller guarantees that those
- * n chains are still outstanding (none was pushed), so their slots may be read again.
- * With inflight tracking their marks are cleared: they never started.
- */
-void vu_vq_discard(struct vu_vq *vq, uint32_t n)
+/* vu_vq_discard (vu.h) with inflight tracking: the discarded heads never started, so
+ * their marks are cleared. */
+void vu_vq_discard_inflight(struct vu_vq *vq, uint32_t n)
 {
     if (n > vq->num)
         n = vq->num;
     vq->stats.chains -= n;
-    if (!vq->inflight) {
-        vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - n);
-        return;
-    }
     for (uint32_t i = 0; i < n; i++) {
         vq->last_avail_idx--;
         uint16_t head = load16(&vq->avail->ring[vq->last_avail_idx & (uint16_t)(vq->num - 1)]);

@@ -254,7 +254,26 @@ int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 void vu_vq_request_stop(struct vu_vq *vq);
 void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t detail);
-void vu_vq_discard(struct vu_vq *vq, uint32_t n);
+void vu_vq_discard_inflight(struct vu_vq *vq, uint32_t n);
+
+/*
+ * Give back the last n chains taken, as if they had not been (Linux's
+ * vhost_discard_vq_desc, libvhost-user's vu_queue_rewind): the driver's buffers stay
+ * where they are and the next pop takes them again. The caller guarantees that those
+ * n chains are still outstanding (none was pushed), so their slots may be read again.
+ * Inline: net gives back the chains a frame did not need once per frame, mostly none.
+ */
+static inline void vu_vq_discard(struct vu_vq *vq, uint32_t n)
+{
+    if (n == 0)
+        return;
+    if (vq->inflight) {
+        vu_vq_discard_inflight(vq, n);
+        return;
+    }
+    vq->last_avail_idx = (uint16_t)(vq->last_avail_idx - n);
+    vq->stats.chains -= n;
+}
 int vu_vq_pop_batch(struct vu_vq *vq, struct vu_chain_ref *out, uint32_t max_chains,
                     struct iovec *iov, uint32_t max_iov);
 int vu_vq_push_batch(struct vu_vq *vq, const uint32_t *heads, const uint32_t *lens, uint32_t n);

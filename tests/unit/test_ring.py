@@ -834,3 +834,38 @@ def test_enable_notification_without_event_idx(ring: Ring) -> None:
     assert lib.vu_vq_enable_notification(ring.vq) == 1
     assert ring.q.avail_event() == 0xBEEF  # not written without the feature
     assert ring.q.used_flags() == 0  # and notifications never disabled
+
+
+# --- giving chains back (vu_vq_discard) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("tracked", [False, True], ids=["untracked", "inflight"])
+def test_discard_gives_the_newest_chains_back(make: Callable[..., Ring], tracked: bool) -> None:
+    """Discarding n chains moves last_avail_idx back by n, so the next pops take the same
+    heads again; with inflight tracking their marks are cleared (they never started),
+    while the chain taken before them stays marked."""
+    ring = make(num=8)
+    b = ring.buf(16)
+    heads = [ring.q.add_chain([(b, 16, True)]) for _ in range(3)]
+    ring.q.publish()
+    region = None
+    if tracked:
+        size = int(lib.vu_inflight_queue_size(ring.num))
+        raw = ffi.new("char[]", size)
+        assert lib.vu_vq_set_inflight(ring.vq, raw, size) == 0
+        region = ffi.cast("struct vu_inflight_split *", raw)
+    for _ in heads:
+        ring.pop_ok()
+    chains_before = ring.vq.stats.chains
+    lib.vu_vq_discard(ring.vq, 0)  # nothing: nothing moves
+    assert ring.vq.last_avail_idx == 3
+    lib.vu_vq_discard(ring.vq, 2)
+    assert ring.vq.last_avail_idx == 1
+    assert ring.vq.stats.chains == chains_before - 2
+    if region is not None:
+        assert [region.desc[h].inflight for h in heads] == [1, 0, 0]
+    for head in heads[1:]:
+        ring.pop_ok()
+        assert ring.chain.head == head
+    if region is not None:
+        assert [region.desc[h].inflight for h in heads] == [1, 1, 1]
