@@ -1,10 +1,12 @@
 """Options of the microbenchmarks.
 
-``--baseline-tree PATH``: another checkout of this project, built in place
+``--baseline-tree=PATH``: another checkout of this project, built in place
 (``python setup.py build_ext --inplace`` there). Its back ends run as one more case,
 ``baseline-tree``, beside ours in the same run, so a change can be measured against the code
 before it (``git worktree add /tmp/before HEAD~3``): the machine is too noisy for
-figures from different runs.
+figures from different runs. Give it as ``--baseline-tree=PATH`` (one word): written
+as two, pytest takes PATH for a test root before it knows the option, and imports
+that tree's ``tests`` package instead of this one's.
 """
 
 from __future__ import annotations

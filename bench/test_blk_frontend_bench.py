@@ -6,7 +6,7 @@ The front end is Python and is the bottleneck for requests/s; the figure that
 speaks for the back end is its own CPU time per request, read from
 /proc/PID/task/*/schedstat (nanoseconds, all threads) around the measured
 rounds. Run: ``pytest bench -s`` (results also in pytest-benchmark's table and
-extra_info; ``--benchmark-json=FILE`` to keep them); ``--baseline-tree PATH`` adds the
+extra_info; ``--benchmark-json=FILE`` to keep them); ``--baseline-tree=PATH`` adds the
 daemon of another checkout as ``baseline-tree`` (bench/conftest.py).
 """
 

@@ -12,7 +12,7 @@ Back ends:
   /work/shared/FACTS.md, noisy: other work on the 2 cores moves it a lot).
 * ``ours`` -- ``vhost-user-net --socket-path a --socket-path b --switch sw0``
   pinned to cpu 0 (:func:`start_our_switch`); skipped until the command exists.
-* ``baseline-tree`` -- the same from another checkout, with ``--baseline-tree PATH``
+* ``baseline-tree`` -- the same from another checkout, with ``--baseline-tree=PATH``
   (bench/conftest.py): a change measured against the code before it, in one run.
 
 Run: ``pytest bench/test_switch_dpdk_bench.py -s`` (one line per case, then the
