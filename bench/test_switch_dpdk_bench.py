@@ -176,5 +176,10 @@ def test_switch_loop(
         f"{' '.join(f'{s:.2f}' for s in samples)}"
     )
     assert mpps > 0, f"no frames came round the loop; logs in {tmp_path}"
-    for r in results:  # frames came back whole
-        assert r.rx_bytes == size * r.rx_packets, f"{r}; logs in {tmp_path}"
+    for r in results:
+        # Frames came back whole: the bytes are a whole number of frames. testpmd reads a
+        # port's packet and byte counters apart, so they may disagree by one burst (32
+        # frames) per port while the loop runs; by more, frames were lost or cut.
+        frames, cut = divmod(r.rx_bytes, size)
+        assert cut == 0, f"{r}; logs in {tmp_path}"
+        assert abs(frames - r.rx_packets) <= 32 * len(r.per_port_rx_pps), f"{r}; {tmp_path}"
