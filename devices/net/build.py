@@ -3,27 +3,16 @@ TAP, switch) compiled with the core's ring walker (c_ext/build.py says how and w
 
 from __future__ import annotations
 
-import importlib.util
+import runpy
 from pathlib import Path
-from types import ModuleType
 
 HERE = Path(__file__).resolve().parent
-
-
-def _core_build() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "_vhost_core_build", HERE.parents[1] / "c_ext" / "build.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-core = _core_build()
+# the core's build script: its cdef, sources and make_device_ffi (run, not imported:
+# c_ext/ is not a package, and setuptools runs this file the same way)
+core = runpy.run_path(str(HERE.parents[1] / "c_ext" / "build.py"))
 
 CDEF = (
-    core.error_defines(HERE / "net.h", "NET_ERRORS")
+    core["error_defines"](HERE / "net.h", "NET_ERRORS")
     + """
 #define NET_MAX_PAIRS ...
 #define NET_MAC_BUCKETS ...
@@ -55,7 +44,7 @@ const struct vu_error_info *net_error_table(uint32_t *n);
 """
 )
 
-ffibuilder = core.make_device_ffi("devices.net._net", CDEF, HERE / "net.h", [HERE / "net.c"])
+ffibuilder = core["make_device_ffi"]("devices.net._net", CDEF, HERE / "net.h", [HERE / "net.c"])
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)
