@@ -53,6 +53,9 @@ class Device(abc.ABC):
     chain_worker: ChainWorker = "loop"
     #: the texts of the error codes the device's C records (the core's by default)
     errors: ErrorTable = CORE_ERRORS
+    #: offer protocol feature RARP: the device can announce a migrated guest's MAC
+    #: (:meth:`announce`, on VHOST_USER_SEND_RARP)
+    supports_rarp: bool = False
 
     @property
     @abc.abstractmethod
@@ -110,6 +113,12 @@ class Device(abc.ABC):
     def stop_queue(self, q: Virtqueue) -> int:
         """Stop serving it (the batch in progress completes); return last_avail_idx."""
         return q.stop()
+
+    def announce(self, mac: bytes) -> None:
+        """The guest with MAC ``mac`` (6 bytes) now runs behind this device (after a live
+        migration, when the guest itself cannot announce: VHOST_USER_SEND_RARP). Only
+        called when :attr:`supports_rarp` is true."""
+        raise NotImplementedError(f"{type(self).__name__} cannot announce a MAC")
 
     # --- state and lifetime ---
     def queue_stats(self, queue_index: int) -> dict[str, Any]:

@@ -127,6 +127,8 @@ _SINGLE_REGION_PAD = struct.Struct("<Q")
 _CONFIG_HEAD = struct.Struct("<III")
 # VhostUserInflight: mmap_size, mmap_offset, num_queues, queue_size (+ 4 bytes of C padding)
 _INFLIGHT = struct.Struct("<QQHH4x")
+# VhostUserLog: mmap_size, mmap_offset
+_LOG = struct.Struct("<QQ")
 
 
 class ProtocolError(Exception):
@@ -347,6 +349,37 @@ class SetInflightFd:
 
 
 @dataclass(frozen=True)
+class SetLogBase:
+    """The dirty-page log (LOG_SHMFD): ``size`` bytes at ``offset`` in ``fd``, one bit per
+    4 KiB guest page. ``fd`` is None when the front end attached none (an error the
+    session reports; the codec only checks the shape)."""
+
+    request: ClassVar[Request] = Request.SET_LOG_BASE
+    size: int
+    offset: int
+    fd: int | None
+    need_reply: bool = False
+
+
+@dataclass(frozen=True)
+class SetLogFd:
+    """An eventfd the back end signals after it updated the log (legacy; QEMU sends none)."""
+
+    request: ClassVar[Request] = Request.SET_LOG_FD
+    fd: int
+    need_reply: bool = False
+
+
+@dataclass(frozen=True)
+class SendRarp:
+    """After a migration: announce the guest's MAC on its new host (a net device)."""
+
+    request: ClassVar[Request] = Request.SEND_RARP
+    mac: bytes  # 6 bytes
+    need_reply: bool = False
+
+
+@dataclass(frozen=True)
 class Unknown:
     """Any request this codec does not parse, passed through raw.
 
@@ -388,6 +421,9 @@ Message: TypeAlias = (
     | RemMemReg
     | GetInflightFd
     | SetInflightFd
+    | SetLogBase
+    | SetLogFd
+    | SendRarp
     | Unknown
 )
 
@@ -397,7 +433,8 @@ Message: TypeAlias = (
 
 @dataclass(frozen=True)
 class U64Reply:
-    """GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, and REPLY_ACK
+    """GET_FEATURES, GET_PROTOCOL_FEATURES, GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_LOG_BASE
+    (QEMU waits for this reply whether or not it asked for REPLY_ACK), and REPLY_ACK
     acknowledgements of any other request (value 0 = success)."""
 
     request: int
@@ -696,6 +733,31 @@ def _build_rem_mem_reg(
     return RemMemReg(region, fds[0] if fds else None, need_reply)
 
 
+def _build_log_base(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
+    size, offset = _LOG.unpack(payload)
+    return SetLogBase(size, offset, fds[0] if fds else None, need_reply)
+
+
+def _build_log_fd(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
+    return SetLogFd(fds[0], need_reply)
+
+
+def _check_log_fd(name: str, payload: bytes) -> None:
+    # The spec gives no payload; QEMU's ioctl-shaped message may carry a u64.
+    if len(payload) not in (0, _U64.size):
+        raise ProtocolError(f"{name}: payload size {len(payload)}, expected 0 or {_U64.size}")
+
+
+def _build_rarp(
+    _cls: Callable[..., Message], payload: bytes, fds: _Fds, need_reply: bool
+) -> Message:
+    return SendRarp(payload[:6], need_reply)
+
+
 _SINGLE_REGION_SIZE: Final = _SINGLE_REGION_PAD.size + _REGION.size
 
 # Requests not listed here decode to Unknown.
@@ -726,6 +788,9 @@ _RULES: Final[dict[int, _Rule]] = {
         _Rule(RemMemReg, _fixed(_SINGLE_REGION_SIZE), _zero_or_one_fd, _build_rem_mem_reg),
         _Rule(GetInflightFd, _fixed(_INFLIGHT.size), _no_fds, _build_get_inflight),
         _Rule(SetInflightFd, _fixed(_INFLIGHT.size), _one_fd, _build_set_inflight),
+        _Rule(SetLogBase, _fixed(_LOG.size), _zero_or_one_fd, _build_log_base),
+        _Rule(SetLogFd, _check_log_fd, _one_fd, _build_log_fd),
+        _Rule(SendRarp, _fixed(_U64.size), _no_fds, _build_rarp),
     )
 }
 
@@ -857,6 +922,14 @@ def _encode_body(msg: Message) -> tuple[int, bytes, _Fds]:
             return msg.request, _pack(_INFLIGHT, 0, 0, nq, qs), ()
         case SetInflightFd(mmap_size=size, mmap_offset=offset, num_queues=nq, queue_size=qs, fd=fd):
             return msg.request, _pack(_INFLIGHT, size, offset, nq, qs), (fd,)
+        case SetLogBase(size=size, offset=offset, fd=fd):
+            return msg.request, _pack(_LOG, size, offset), (() if fd is None else (fd,))
+        case SetLogFd(fd=fd):
+            return msg.request, b"", (fd,)
+        case SendRarp(mac=mac):
+            if len(mac) != 6:
+                raise ValueError(f"cannot encode {msg!r}: a MAC is 6 bytes")
+            return msg.request, bytes(mac) + b"\0\0", ()
         case Unknown(request=request, payload=payload, fds=fds):
             return request, bytes(payload), tuple(fds)
         case _:

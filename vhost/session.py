@@ -150,6 +150,10 @@ class Session:
                 return self._get_inflight_fd(nq, qs)
             case p.SetInflightFd():
                 self._set_inflight_fd(msg)
+            case p.SendRarp(mac=mac):
+                if not self.protocol_features & p.ProtocolFeature.RARP:
+                    raise SessionError("RARP was not negotiated")
+                self.device.announce(mac)
             case p.Unknown(request=req, fds=fds):
                 close_all(fds)
                 raise SessionError(f"unsupported request {p.request_name(req)}")
@@ -167,6 +171,8 @@ class Session:
         f = int(OFFERED_PROTOCOL_FEATURES)
         if self.device.supports_inflight:
             f |= p.ProtocolFeature.INFLIGHT_SHMFD
+        if self.device.supports_rarp:
+            f |= p.ProtocolFeature.RARP
         return f
 
     def _set_features(self, features: int) -> None:

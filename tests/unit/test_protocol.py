@@ -36,8 +36,11 @@ from vhost.protocol import (
     Request,
     ResetDevice,
     ResetOwner,
+    SendRarp,
     SetConfig,
     SetFeatures,
+    SetLogBase,
+    SetLogFd,
     SetMemTable,
     SetOwner,
     SetProtocolFeatures,
@@ -96,7 +99,11 @@ MESSAGE_FACTORIES: list[Callable[[MakeFd], Message]] = [
     lambda fd: AddMemReg(REGION2, fd()),
     lambda fd: RemMemReg(REGION2, None),
     lambda fd: RemMemReg(REGION2, fd()),
-    lambda fd: Unknown(Request.SET_LOG_BASE, VERSION, struct.pack("<QQ", 0x1000, 0), (fd(),)),
+    lambda fd: SetLogBase(0x1000, 0, fd()),
+    lambda fd: SetLogBase(0x1000, 0x2000, None, need_reply=True),
+    lambda fd: SetLogFd(fd()),
+    lambda fd: SendRarp(b"\x52\x54\x00\x12\x34\x56"),
+    lambda fd: Unknown(Request.POSTCOPY_ADVISE, VERSION, b"", (fd(),)),
     lambda fd: Unknown(Request.SET_STATUS, VERSION | FLAG_NEED_REPLY, bytes(8), (), True),
     lambda fd: Unknown(999, VERSION, b"whatever", ()),
 ]
@@ -408,6 +415,10 @@ def test_buffer_bound_enforced_in_feed(make_fd: MakeFd) -> None:
         (Request.ADD_MEM_REG, bytes(32)),
         (Request.REM_MEM_REG, bytes(48)),
         (Request.GET_CONFIG, bytes(8)),
+        (Request.SET_LOG_BASE, bytes(8)),  # the legacy address form (no LOG_SHMFD)
+        (Request.SET_LOG_BASE, bytes(24)),
+        (Request.SET_LOG_FD, bytes(4)),
+        (Request.SEND_RARP, bytes(6)),
     ],
 )
 def test_wrong_payload_size(request_code: Request, payload: bytes) -> None:
@@ -440,6 +451,9 @@ def test_add_mem_reg_without_fd() -> None:
         (Request.SET_VRING_CALL, struct.pack("<Q", 0), 2, "1"),
         (Request.ADD_MEM_REG, bytes(8) + region_bytes(REGION), 2, "1"),
         (Request.REM_MEM_REG, bytes(8) + region_bytes(REGION), 2, "0 or 1"),
+        (Request.SET_LOG_BASE, bytes(16), 2, "0 or 1"),
+        (Request.SET_LOG_FD, b"", 0, "1"),
+        (Request.SEND_RARP, bytes(8), 1, "0"),
     ],
 )
 def test_extra_fd(
@@ -540,7 +554,7 @@ def test_unknown_request_is_not_an_error(make_fd: MakeFd) -> None:
 
 
 @pytest.mark.parametrize(
-    "request_code", [Request.SET_LOG_BASE, Request.SET_STATUS, Request.GET_STATUS]
+    "request_code", [Request.NET_SET_MTU, Request.SET_STATUS, Request.GET_STATUS]
 )
 def test_known_but_unsupported_request_is_unknown(request_code: Request) -> None:
     msg = decode_one(raw(request_code, bytes(8)))
