@@ -1,5 +1,6 @@
 """One program for every registered device, following the vhost-user spec's back-end
-program conventions (--socket-path, --fd, --print-capabilities).
+program conventions (--socket-path, --fd, --print-capabilities), plus client mode
+(--client: connect to a front end that listens, see docs/client-mode.md).
 
 ``python -m vhost`` lists the registered devices (vhost.registry); ``python -m vhost
 NAME ...`` runs one; each device also has a console script (``vhost-user-blk`` and so
@@ -31,7 +32,15 @@ from typing import NoReturn
 
 from vhost import registry
 from vhost.device import Device, DeviceType
-from vhost.server import Server, SocketInUse, listen_unix, socket_from_fd
+from vhost.server import (
+    BadSocketPath,
+    Connector,
+    Listener,
+    Server,
+    SocketInUse,
+    listen_unix,
+    socket_from_fd,
+)
 
 log = logging.getLogger("vhost")
 
@@ -50,9 +59,16 @@ def make_parser(device_type: DeviceType) -> argparse.ArgumentParser:
         metavar="PATH",
         action="append",
         default=[],
-        help="unix socket to listen on; repeat for several devices",
+        help="unix socket to listen on (with --client: to connect to); repeat for several devices",
     )
     ap.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
+    ap.add_argument(
+        "--client",
+        action="store_true",
+        help="client mode: connect to each --socket-path, where the front end listens "
+        "(QEMU -chardev socket,server=on,wait=off); retry until it accepts, and connect "
+        "again whenever the connection drops",
+    )
     ap.add_argument(
         "--print-capabilities",
         action="store_true",
@@ -64,13 +80,20 @@ def make_parser(device_type: DeviceType) -> argparse.ArgumentParser:
 
 
 def qemu_command_line(
-    device_type: DeviceType, paths: Sequence[str], devices: Sequence[Device], mem: str = "512M"
+    device_type: DeviceType,
+    paths: Sequence[str],
+    devices: Sequence[Device],
+    mem: str = "512M",
+    *,
+    client: bool = False,
 ) -> str:
-    """The QEMU options that attach a guest to these devices (one per socket)."""
+    """The QEMU options that attach a guest to these devices (one per socket): QEMU
+    reconnects to a back end that listens, and listens for one in client mode."""
+    chardev_opts = "server=on,wait=off" if client else "reconnect=1"
     parts = []
     for i, (path, device) in enumerate(zip(paths, devices, strict=True)):
         chardev = f"{device_type.chardev_prefix or device_type.name}{i}"
-        parts.append(f"-chardev socket,id={chardev},path={path},reconnect=1")
+        parts.append(f"-chardev socket,id={chardev},path={path},{chardev_opts}")
         parts.extend(device_type.qemu_device_args(chardev, device))
     return (
         f"qemu-system-x86_64 -m {mem} "
@@ -89,8 +112,9 @@ def _setup_logging(prog: str, verbose: bool) -> None:
 
 async def _serve(servers: list[tuple[Server, str | None]]) -> int:
     """Run every server until SIGINT/SIGTERM; then flush and close each device and
-    remove each socket file. Returns the exit status: 1 if a device could not be
-    flushed (its data may not be durable), else 0."""
+    remove each socket file it listened on (``None`` for one that is not ours: --fd, or
+    the front end's in client mode). Returns the exit status: 1 if a device could not
+    be flushed (its data may not be durable), else 0."""
     loop = asyncio.get_running_loop()
 
     def stop_all() -> None:
@@ -117,12 +141,38 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
                     e.strerror,
                 )
             server.device.close()
-            server.listener.close()
+            server.close()
             if socket_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(socket_path)
         log.info("stopped")
     return status
+
+
+def _make_servers(
+    args: argparse.Namespace, paths: Sequence[str | None], devices: Sequence[Device]
+) -> list[tuple[Server, str | None]]:
+    """One Server per device: connecting out (--client), or listening on its path or
+    the inherited socket. Each entry has the socket file the daemon must remove at
+    exit (None when the file is not its own). Raises SocketInUse or BadSocketPath,
+    having closed and removed what it made."""
+    servers: list[tuple[Server, str | None]] = []
+    try:
+        for path, device in zip(paths, devices, strict=True):
+            name = os.path.basename(path or "fd")
+            if args.client:
+                assert path is not None
+                servers.append((Server(Connector(path, name), device, name=name), None))
+            else:
+                sock = listen_unix(path) if path else socket_from_fd(args.fd)
+                servers.append((Server(Listener(sock), device, name=name), path))
+    except (SocketInUse, BadSocketPath):
+        for server, owned in servers:
+            server.close()
+            if owned:
+                os.unlink(owned)
+        raise
+    return servers
 
 
 def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
@@ -134,6 +184,8 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
         return 0
     if bool(args.socket_path) == (args.fd is not None):
         ap.error("give exactly one of --socket-path PATH (one per device) or --fd N")
+    if args.client and args.fd is not None:
+        ap.error("--client connects to --socket-path PATH; it cannot serve --fd N")
     paths: list[str | None] = list(args.socket_path) or [None]
     seen: set[str] = set()
     for path in args.socket_path:
@@ -152,26 +204,25 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
         raise RuntimeError(
             f"{device_type.name}: made {len(devices)} devices for {len(paths)} sockets"
         )
-    servers: list[tuple[Server, str | None]] = []
     try:
-        for path, device in zip(paths, devices, strict=True):
-            listener = listen_unix(path) if path else socket_from_fd(args.fd)
-            servers.append((Server(listener, device, name=os.path.basename(path or "fd")), path))
-    except SocketInUse as e:
-        for server, path in servers:
-            server.listener.close()
-            if path:
-                os.unlink(path)
+        servers = _make_servers(args, paths, devices)
+    except (SocketInUse, BadSocketPath) as e:
         for device in devices:
             device.abort()
         ap.error(str(e))
 
     _setup_logging(device_type.program, args.verbose)
-    for (_server, path), device in zip(servers, devices, strict=True):
-        log.info("%s", device_type.describe(device, path or f"fd {args.fd}"))
+    for path, device in zip(paths, devices, strict=True):
+        where = f"fd {args.fd}" if path is None else path
+        if args.client:
+            where = f"{path} (client mode: connects to the front end listening there)"
+        log.info("%s", device_type.describe(device, where))
     if args.socket_path:
         line = qemu_command_line(
-            device_type, [os.path.abspath(p) for p in args.socket_path], devices
+            device_type,
+            [os.path.abspath(p) for p in args.socket_path],
+            devices,
+            client=args.client,
         )
         log.info("attach with: %s", line)
     import uvloop
