@@ -9,6 +9,9 @@ the sockets (one or more --socket-path, or --fd), logging (-v), signals and the 
 exit; the device type adds its options and makes one device per socket.
 
 Bad arguments give one line on stderr and exit status 2, never a traceback.
+``--print-capabilities`` is the exception the spec makes: it prints the JSON and exits 0
+whatever else is on the command line ("other options are ignored"), even options that
+are missing, unknown or in conflict.
 
 One process may serve several devices: each socket gets a Server of its own (one front
 end at a time each) on the shared event loop; queues still run where their device says
@@ -149,6 +152,16 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
     return status
 
 
+def wants_capabilities(argv: Sequence[str]) -> bool:
+    """Whether ``--print-capabilities`` is on the command line (before any ``--``),
+    looked for before parsing: the spec says the other options are then ignored, so
+    nothing else may stop it, not even an option that is missing or unknown."""
+    args = list(argv)
+    if "--" in args:
+        args = args[: args.index("--")]
+    return "--print-capabilities" in args
+
+
 def _make_servers(
     args: argparse.Namespace, paths: Sequence[str | None], devices: Sequence[Device]
 ) -> list[tuple[Server, str | None]]:
@@ -177,9 +190,13 @@ def _make_servers(
 
 def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
     """The program for one device type; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if wants_capabilities(argv):
+        print(json.dumps(device_type.capabilities()))
+        return 0
     ap = make_parser(device_type)
     args = ap.parse_args(argv)
-    if args.print_capabilities:
+    if args.print_capabilities:  # abbreviated (--print-cap): the rest parsed, too
         print(json.dumps(device_type.capabilities()))
         return 0
     if bool(args.socket_path) == (args.fd is not None):

@@ -29,6 +29,7 @@ from tests.support.daemon import (
     run_program,
 )
 from tests.support.frontend import FrontEnd, GiB, GuestRam, KiB, MiB
+from vhost import cli, registry
 
 SECTOR = SECTOR_SIZE
 
@@ -65,6 +66,62 @@ def test_print_capabilities() -> None:
     assert set(caps["features"]) <= {"read-only", "blk-file"}
     assert "read-only" in caps["features"] and "blk-file" in caps["features"]
     assert r.stderr == ""
+
+
+# The spec's back-end program conventions: with --print-capabilities "the other options
+# are ignored", so no option, however wrong or missing, may stop the JSON or exit 0.
+IGNORED_WITH_CAPABILITIES = {
+    "alone": [],
+    "unknown option": ["--bogus"],
+    "option missing its value": ["--socket-path"],
+    "bad value": ["--fd", "not-a-number"],
+    "conflicting options": ["--client", "--fd", "3", "--socket-path", "x.sock"],
+    "device option without its required ones": ["--num-queues", "0"],
+    "with --help": ["--help"],
+    "stray argument": ["stray"],
+}
+
+
+@pytest.mark.parametrize("device", registry.names())
+def test_print_capabilities_ignores_every_other_option(
+    device: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Every registered device, with whatever else before or after it on the command
+    line: its JSON on stdout, nothing on stderr, status 0 (in process: vhost.cli.run,
+    what the programs call; the programs themselves are run below)."""
+    device_type = registry.load(device)
+    want = device_type.capabilities()
+    for others in IGNORED_WITH_CAPABILITIES.values():
+        for args in (["--print-capabilities", *others], [*others, "--print-capabilities"]):
+            assert cli.run(device_type, args) == 0, args
+            out, err = capsys.readouterr()
+            assert err == "" and json.loads(out) == want, (args, out, err)
+
+
+@pytest.mark.parametrize(
+    ("device", "args"),
+    [
+        ("blk", ["--bogus"]),
+        ("net", ["--socket-path"]),  # and net's required --tap/--switch is missing
+        ("rng", ["--client", "--fd", "3"]),
+    ],
+)
+def test_print_capabilities_programs(device: str, args: list[str]) -> None:
+    """``python -m vhost NAME`` and the console script, with a wrong option each."""
+    want = registry.load(device).capabilities()
+    for module in (True, False):
+        r = run_program(device, "--print-capabilities", *args, module=module)
+        assert (r.returncode, r.stderr) == (0, ""), (device, args, r.stderr)
+        assert json.loads(r.stdout) == want
+
+
+def test_print_capabilities_without_blk_file(tmp_path: Path) -> None:
+    """vhost-user-blk needs --blk-file to serve, not to say what it can do; nothing is
+    created."""
+    r = run_cli("--socket-path", str(tmp_path / "s.sock"), "--print-capabilities")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["type"] == "block"
+    assert not (tmp_path / "s.sock").exists()
 
 
 def test_help() -> None:
