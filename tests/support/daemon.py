@@ -24,7 +24,10 @@ Start-up (:class:`Ready`) differs on purpose between callers: most tests connect
 and wait until the daemon logged its teardown (its event loop and signal handlers are
 then in place, and the probe is connection #1); under a live QEMU with ``reconnect=1``
 QEMU may connect first, and since a socket serves one front end at a time a probe would
-wait behind it, so there the first logged connection, whoever made it, is the proof.
+wait behind it, so there the first logged connection, whoever made it, is the proof. A
+daemon in client mode (``--client``, :attr:`Launch.client`) connects out to sockets a
+front end listens on: nothing is probed, its first connection attempt logged is the
+proof (:attr:`Ready.CONNECTING`), or the connection the front end accepted.
 
 tests/dpdk.py keeps ``process_backend`` for the packet-rate benchmarks: it pins *any*
 back end (ours, another checkout's, one that is not ours at all) with ``taskset``, learns
@@ -192,6 +195,10 @@ class Ready(enum.Enum):
     ACCEPTS = "accepts"
     #: at once: no connection is made, the caller waits for a sign of its own
     STARTED = "started"
+    #: client mode (:attr:`Launch.client`): every socket's client logged its first
+    #: attempt, made or failed ("client: connected to" / "client: cannot connect to"):
+    #: its loop and signal handlers are up. Nothing connects to the daemon
+    CONNECTING = "connecting"
 
 
 @dataclass(frozen=True)
@@ -202,8 +209,13 @@ class Launch:
     argv: tuple[str, ...]
     #: where it accepts connections (what the start-up probes connect to)
     sockets: tuple[Path, ...] = ()
-    #: False when the socket files are not the daemon's to remove (``--fd N``)
+    #: False when the socket files are not the daemon's to remove (``--fd N``, or a
+    #: front end's in client mode)
     owns_sockets: bool = True
+    #: client mode (``--client``): the daemon connects to :attr:`sockets`, where a front
+    #: end listens; they are never probed (Ready.CONNECTING, or Ready.FIRST_CONNECTION
+    #: for the connection the front end accepted)
+    client: bool = False
     #: a blk daemon's image file
     image: Path | None = None
     ready: Ready = Ready.PROBED
@@ -271,8 +283,23 @@ def _wait_accepts(d: Daemon, path: Path, deadline: float) -> None:
         time.sleep(0.01)
 
 
+def _wait_client_ready(d: Daemon, ready: Ready, deadline: float) -> None:
+    for path in d.sockets:
+        left = max(0.5, deadline - time.monotonic())
+        if ready is Ready.CONNECTING:
+            attempt = re.compile(rf"{re.escape(path.name)}: client: (connected|cannot connect) to ")
+            d.wait_log(attempt, 1, left)
+        elif ready is Ready.FIRST_CONNECTION:
+            d.wait_log(f"{d.connection(1, path)}: front end connected", 1, left)
+        else:
+            raise ValueError(f"a client-mode daemon connects out: {ready} cannot be awaited")
+
+
 def _wait_ready(d: Daemon, ready: Ready, deadline: float) -> None:
     if ready is Ready.STARTED:
+        return
+    if d.launch.client:
+        _wait_client_ready(d, ready, deadline)
         return
     for n, path in enumerate(d.sockets, 1):
         _wait_accepts(d, path, deadline)
@@ -527,6 +554,7 @@ def spawn_blk(
     pass_fds: Sequence[int] = (),
     command: Sequence[str] | None = None,
     log_path: Path | None = None,
+    client: bool = False,
     **options: Any,
 ) -> Daemon:
     """Start ``vhost-user-blk`` with ``args`` added, files named after ``name`` in
@@ -534,8 +562,10 @@ def spawn_blk(
     sparse with ``image_size`` bytes unless it exists (``image_size=None``: leave it
     missing). With ``listen_fd`` the daemon gets ``--fd N`` instead of
     ``--socket-path`` (``socket_path`` then names where that socket is bound, for the
-    probe; the file is not the daemon's to remove). ``command`` replaces the console
-    script; ``options`` go to :class:`Launch`."""
+    probe; the file is not the daemon's to remove). With ``client`` it gets
+    ``--client`` and connects to the socket (a front end's: see :attr:`Launch.client`;
+    ready at Ready.CONNECTING unless told). ``command`` replaces the console script;
+    ``options`` go to :class:`Launch`."""
     sock = socket_path or directory / f"{name}.sock"
     img = image or directory / f"{name}.img"
     if image_size is not None:
@@ -543,9 +573,18 @@ def spawn_blk(
     argv = blk_argv(
         command or device_command("blk"), img, *args, socket_path=sock, listen_fd=listen_fd
     )
+    if client:
+        argv.append("--client")
+        options.setdefault("ready", Ready.CONNECTING)
     inherit = tuple(pass_fds) or (() if listen_fd is None else (listen_fd,))
     launch = Launch(
-        tuple(argv), (sock,), owns_sockets=listen_fd is None, image=img, pass_fds=inherit, **options
+        tuple(argv),
+        (sock,),
+        owns_sockets=listen_fd is None and not client,
+        image=img,
+        pass_fds=inherit,
+        client=client,
+        **options,
     )
     return launch.start(log_path or directory / f"{name}.log")
 
@@ -560,20 +599,26 @@ def spawn_device(
     exec_prefix: Sequence[str] = (),
     command: Sequence[str] | None = None,
     log_path: Path | None = None,
+    client: bool = False,
     **options: Any,
 ) -> Daemon:
     """Start ``DEVICE``'s program with ``ports`` sockets named after ``name`` in
     ``directory`` (``NAME-a.sock``, ``NAME-b.sock``, ...; or ``sockets``) and ``args``
     added; ``exec_prefix`` runs it inside a namespace (``ip netns exec NS``) or pinned
-    (``taskset -c N``), both of which exec, so the pid is the daemon's own. ``command``
-    replaces the console script; ``options`` go to :class:`Launch`."""
+    (``taskset -c N``), both of which exec, so the pid is the daemon's own. ``client``:
+    as for :func:`spawn_blk`. ``command`` replaces the console script; ``options`` go
+    to :class:`Launch`."""
     socks = (
         list(sockets)
         if sockets is not None
         else [directory / f"{name}-{chr(ord('a') + i)}.sock" for i in range(ports)]
     )
     argv = [*exec_prefix, *sockets_argv(command or device_command(device), socks, *args)]
-    launch = Launch(tuple(argv), tuple(socks), **options)
+    if client:
+        argv.append("--client")
+        options.setdefault("ready", Ready.CONNECTING)
+        options.setdefault("owns_sockets", False)
+    launch = Launch(tuple(argv), tuple(socks), client=client, **options)
     return launch.start(log_path or directory / f"{name}.log")
 
 
@@ -598,13 +643,16 @@ def spawn_blk_for_qemu(
     socket_path: Path | None = None,
     ready: Ready = Ready.FIRST_CONNECTION,
     env: Mapping[str, str] | None = None,
+    client: bool = False,
 ) -> Daemon:
     """``vhost-user-blk --socket-path SOCKET --blk-file IMAGE ARGS`` for a QEMU guest (or
     a benchmark): in its own session, with the longer timeouts of TCG guests, up once
     its connection #1 is logged (see :class:`Ready`). The log goes to
     ``<workdir>/<name>.daemon.log``; ``socket_path`` defaults to ``<workdir>/<name>.sock``
     and ``image`` to ``<workdir>/<name>.img``, created sparse with ``image_size`` bytes
-    when that is given and the file is missing."""
+    when that is given and the file is missing. ``client``: ``--client``, connecting to
+    a QEMU that listens (``server=on``); Ready.FIRST_CONNECTION then waits for QEMU to
+    accept, Ready.CONNECTING only for the first attempt."""
     return spawn_blk(
         workdir,
         name,
@@ -616,6 +664,7 @@ def spawn_blk_for_qemu(
         log_path=workdir / f"{name}.daemon.log",
         ready=ready,
         env=env,
+        client=client,
         start_new_session=True,
         stop_timeout=QEMU_STOP_TIMEOUT,
         wait_timeout=QEMU_WAIT_TIMEOUT,

@@ -8,6 +8,9 @@ Layers, each usable on its own:
   :class:`GuestRam`, with its kick and call eventfds.
 * :class:`FrontEnd` -- the vhost-user front end: connects to the back end's socket,
   negotiates features, sends the memory table and sets up queues.
+* :class:`FrontEndListener` -- the front end as the server (QEMU's ``-chardev
+  socket,server=on``): listens, and a back end in client mode (``--client``) connects;
+  each accepted connection is a :class:`FrontEnd`.
 * :class:`BufferPool` -- guest buffers in power-of-two size classes, for the drivers.
 
 Boundary: nothing here knows a device. The virtio drivers that build requests on a
@@ -20,6 +23,7 @@ All ring structures are little-endian (virtio 1.x); vhost-user messages are enco
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -75,6 +79,7 @@ __all__ = [
     "DriverQueue",
     "FrontEnd",
     "FrontEndError",
+    "FrontEndListener",
     "GuestRam",
     "QueueFull",
     "RamRegion",
@@ -939,6 +944,68 @@ class FrontEnd:
         if int(r.index) != index:
             raise FrontEndError(f"GET_VRING_BASE({index}) answered for ring {r.index}")
         return int(r.num)
+
+
+class FrontEndListener:
+    """The front end as the server, as QEMU is with ``-chardev socket,server=on``: it
+    listens on ``socket_path`` (created on :meth:`listen`, removed on :meth:`close`) and
+    a back end in client mode connects to it. :meth:`accept` gives each connection as
+    a :class:`FrontEnd`."""
+
+    def __init__(self, socket_path: str | os.PathLike[str]) -> None:
+        self.socket_path = os.fspath(socket_path)
+        self.sock: socket.socket | None = None
+        #: connections accepted so far
+        self.accepted = 0
+
+    def listen(self, backlog: int = 1) -> FrontEndListener:
+        """Bind and listen (a stale file is replaced); returns self."""
+        if os.path.lexists(self.socket_path):
+            os.unlink(self.socket_path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            s.bind(self.socket_path)
+            s.listen(backlog)
+        except BaseException:
+            s.close()
+            raise
+        self.sock = s
+        return self
+
+    def accept_socket(self, timeout: float = 5.0) -> socket.socket:
+        """The next connection's socket; TimeoutError if none comes within ``timeout``."""
+        if self.sock is None:
+            raise FrontEndError("not listening")
+        self.sock.settimeout(timeout)
+        try:
+            conn, _ = self.sock.accept()
+        except TimeoutError:
+            raise TimeoutError(
+                f"no back end connected to {self.socket_path} within {timeout}s"
+            ) from None
+        conn.settimeout(None)
+        self.accepted += 1
+        return conn
+
+    def accept(self, ram: GuestRam, timeout: float = 5.0) -> FrontEnd:
+        """The next back end that connects, as a front end on ``ram``."""
+        return FrontEnd(self.socket_path, ram).attach(self.accept_socket(timeout))
+
+    def close(self, *, unlink: bool = True) -> None:
+        """Stop listening (connections already accepted stay open); ``unlink``: remove
+        the socket file, as a QEMU that quits does (one that is killed leaves it)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+        if unlink:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 # =========================================================================================
