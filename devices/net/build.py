@@ -18,6 +18,7 @@ CDEF = (
 #define NET_MAC_BUCKETS ...
 #define NET_MAC_WAYS ...
 #define NET_RX_BUDGET ...
+#define NET_ANNOUNCE_MAX_LEN ...
 struct net_stats {
     uint64_t tx_packets; uint64_t tx_bytes; uint64_t tx_dropped; uint64_t rx_packets;
     uint64_t rx_bytes; uint64_t rx_dropped; uint64_t rx_no_buffers; uint64_t flooded;
@@ -40,6 +41,8 @@ int net_run(struct net_engine *e);
 void net_request_stop(struct net_engine *e);
 void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+int net_post_announce(struct net_engine *e, uint32_t port_id, const uint8_t *frame, uint32_t len);
+void net_drop_announcements(struct net_engine *e);
 const struct vu_error_info *net_error_table(uint32_t *n);
 """
 )

@@ -263,9 +263,10 @@ struct tx_ctx {
     uint64_t now;
 };
 
-/* Copy one tx frame into pair q's rx buffers (switch mode). */
-static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_chain *c,
-                    uint32_t src_hdr_len)
+/* Copy one frame (frame_len bytes of src, after its first src_skip bytes) into pair
+ * q's rx buffers (switch mode). */
+static void deliver(struct net_engine *e, struct net_pair *q, const struct iovec *src,
+                    uint32_t nsrc, uint64_t src_skip, uint64_t frame_len)
 {
     struct vu_vq *vq = q->rx;
     struct net_port *port = q->port;
@@ -273,7 +274,6 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_ch
         port->stats.rx_dropped++;
         return;
     }
-    uint64_t frame_len = c->out_bytes - src_hdr_len;
     uint32_t niov;
     uint64_t total;
     uint64_t need = rx_need(port, frame_len);
@@ -295,7 +295,7 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct vu_ch
     uint16_t num_buffers = (uint16_t)nchains; /* gathering stopped at `need`: all are used */
     memcpy(hdr + NUM_BUFFERS_OFFSET, &num_buffers, 2);
     vu_iov_copy_to(e->rx_iov, niov, 0, hdr, port->hdr_len);
-    iov_to_iov(e->rx_iov, niov, port->hdr_len, c->iov, c->n_out, src_hdr_len, frame_len);
+    iov_to_iov(e->rx_iov, niov, port->hdr_len, src, nsrc, src_skip, frame_len);
     complete_rx(e, vq, q, (uint32_t)nchains, niov, need, 0);
 }
 
@@ -329,31 +329,128 @@ static void iov_to_iov(const struct iovec *dst, uint32_t ndst, uint64_t dst_skip
     }
 }
 
-static void switch_frame(struct tx_ctx *t, const struct vu_chain *c, uint32_t hdr_len,
-                         const uint8_t *eth)
+/* Broadcast or unknown unicast: one copy to every port but src, into its first pair
+ * with an rx queue. */
+static void flood(struct net_engine *e, const struct net_port *src, const struct iovec *iov,
+                  uint32_t niov, uint64_t skip, uint64_t frame_len)
 {
-    struct net_engine *e = t->e;
-    uint32_t src = (uint32_t)(t->p - e->pairs);
-    mac_learn(e, eth + 6, src, t->now);
-    int dst = (eth[0] & 1) ? -1 : mac_lookup(e, eth, t->now);
-    if (dst >= 0) {
-        if (e->pairs[dst].port != t->p->port)
-            deliver(e, &e->pairs[dst], c, hdr_len);
-        return;
-    }
-    t->p->port->stats.flooded++;
     for (uint32_t i = 0; i < e->npairs; i++) {
         struct net_pair *q = &e->pairs[i];
-        /* one copy per other port: its first pair with an rx queue */
-        if (q->port == t->p->port || !q->rx)
+        if (q->port == src || !q->rx)
             continue;
         int first = 1;
         for (uint32_t j = 0; j < i; j++)
             if (e->pairs[j].port == q->port && e->pairs[j].rx)
                 first = 0;
         if (first)
-            deliver(e, q, c, hdr_len);
+            deliver(e, q, iov, niov, skip, frame_len);
     }
+}
+
+static void switch_frame(struct tx_ctx *t, const struct vu_chain *c, uint32_t hdr_len,
+                         const uint8_t *eth)
+{
+    struct net_engine *e = t->e;
+    uint32_t src = (uint32_t)(t->p - e->pairs);
+    uint64_t frame_len = c->out_bytes - hdr_len;
+    mac_learn(e, eth + 6, src, t->now);
+    int dst = (eth[0] & 1) ? -1 : mac_lookup(e, eth, t->now);
+    if (dst >= 0) {
+        if (e->pairs[dst].port != t->p->port)
+            deliver(e, &e->pairs[dst], c->iov, c->n_out, hdr_len, frame_len);
+        return;
+    }
+    t->p->port->stats.flooded++;
+    flood(e, t->p->port, c->iov, c->n_out, hdr_len, frame_len);
+}
+
+/* --- announcements (VHOST_USER_SEND_RARP): a frame sent on a guest's behalf --- */
+
+static void announce_lock(struct net_engine *e)
+{
+    while (__atomic_test_and_set(&e->announce_lock, __ATOMIC_ACQUIRE))
+        ; /* held for a copy of a few hundred bytes at most, by one of two threads */
+}
+
+static void announce_unlock(struct net_engine *e)
+{
+    __atomic_clear(&e->announce_lock, __ATOMIC_RELEASE);
+}
+
+int net_post_announce(struct net_engine *e, uint32_t port_id, const uint8_t *frame, uint32_t len)
+{
+    uint64_t one = 1;
+    if (len < ETH_HLEN || len > NET_ANNOUNCE_MAX_LEN)
+        return -1;
+    announce_lock(e);
+    uint32_t n = e->nannounce, i = 0;
+    while (i < n && e->announce[i].port_id != port_id)
+        i++;
+    if (i == NET_MAX_PAIRS) {
+        announce_unlock(e);
+        return -1;
+    }
+    e->announce[i].port_id = port_id;
+    e->announce[i].len = len;
+    memcpy(e->announce[i].frame, frame, len);
+    if (i == n)
+        __atomic_store_n(&e->nannounce, n + 1, __ATOMIC_RELAXED);
+    announce_unlock(e);
+    /* wake an engine asleep in poll; it looks at nannounce before every pass */
+    if (e->stop_fd >= 0 && write(e->stop_fd, &one, sizeof(one)) < 0) {
+        /* a busy engine finds it at its next pass anyway */
+    }
+    return 0;
+}
+
+void net_drop_announcements(struct net_engine *e)
+{
+    announce_lock(e);
+    __atomic_store_n(&e->nannounce, 0, __ATOMIC_RELAXED);
+    announce_unlock(e);
+}
+
+static void mac_forget(struct net_engine *e, const uint8_t *mac)
+{
+    struct net_mac_entry *b = &e->macs[mac_bucket(mac) * NET_MAC_WAYS];
+    for (int i = 0; i < NET_MAC_WAYS; i++)
+        if (b[i].valid && memcmp(b[i].mac, mac, 6) == 0)
+            b[i].valid = 0;
+}
+
+/* As if the port had sent the frame: its source MAC is learnt on the port's first
+ * pair with an rx queue (forgotten if the port has none running: frames for it flood
+ * until it does), and it goes to every other port (it is a broadcast). */
+static void send_announcement(struct net_engine *e, const struct net_announce *a, uint64_t now)
+{
+    const struct net_port *src = NULL;
+    int at = -1;
+    for (uint32_t i = 0; i < e->npairs && at < 0; i++) {
+        if (e->pairs[i].port->id == a->port_id) {
+            src = e->pairs[i].port;
+            if (e->pairs[i].rx)
+                at = (int)i;
+        }
+    }
+    const uint8_t *mac = a->frame + 6;
+    if (at >= 0)
+        mac_learn(e, mac, (uint32_t)at, now);
+    else
+        mac_forget(e, mac);
+    struct iovec iov = {.iov_base = (void *)a->frame, .iov_len = a->len};
+    flood(e, src, &iov, 1, 0, a->len); /* src NULL (not running here): to every port */
+}
+
+static __attribute__((noinline)) void take_announcements(struct net_engine *e, uint64_t now)
+{
+    struct net_announce todo[NET_MAX_PAIRS];
+    announce_lock(e);
+    uint32_t n = e->nannounce;
+    memcpy(todo, e->announce, n * sizeof(todo[0]));
+    __atomic_store_n(&e->nannounce, 0, __ATOMIC_RELAXED);
+    announce_unlock(e);
+    for (uint32_t i = 0; i < n; i++)
+        send_announcement(e, &todo[i], now);
 }
 
 static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
@@ -439,6 +536,8 @@ static int pass(struct net_engine *e)
 {
     int work = 0;
     struct tx_ctx t = {.e = e, .now = now_seconds()};
+    if (e->switch_mode && __atomic_load_n(&e->nannounce, __ATOMIC_RELAXED))
+        take_announcements(e, t.now); /* its frames are signalled with the pass's */
     /* Start each pass at the next pair, so no port's tx always goes first. */
     uint32_t first = e->npairs ? e->passes++ % e->npairs : 0;
     for (uint32_t k = 0; k < e->npairs; k++) {
@@ -530,8 +629,11 @@ int net_run(struct net_engine *e)
         }
         if (poll(fds, n, -1) < 0 && errno != EINTR)
             return VU_RUN_FD_ERROR;
-        if (fds[0].revents)
-            return VU_RUN_STOPPED;
+        if (fds[0].revents) {
+            drain(e->stop_fd); /* a stop, or an announcement to send: the next pass sees */
+            if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE))
+                return VU_RUN_STOPPED;
+        }
         for (nfds_t i = 1; i < n; i++) {
             if (is_kick[i] > 0 && (fds[i].revents & POLLIN))
                 drain(fds[i].fd);

@@ -17,6 +17,7 @@
 #define NET_RX_BUDGET 256         /* packets read from a TAP queue per pass */
 #define NET_MAC_BUCKETS 1024      /* switch MAC table: buckets x ways entries */
 #define NET_MAC_WAYS 4
+#define NET_ANNOUNCE_MAX_LEN 64   /* an announcement frame (QEMU's and ours: 60 bytes) */
 
 /* Frame errors (the frame is dropped and counted, the port goes on): rows as in vu.h. */
 #define NET_ERRORS(X) \
@@ -67,12 +68,20 @@ struct net_mac_entry {
     uint64_t seen;            /* seconds (CLOCK_MONOTONIC) when last learnt */
 };
 
+/* A frame a port sends on its guest's behalf (the RARP of VHOST_USER_SEND_RARP),
+ * waiting for the engine thread. */
+struct net_announce {
+    uint32_t port_id;
+    uint32_t len;
+    uint8_t frame[NET_ANNOUNCE_MAX_LEN];
+};
+
 struct net_engine {
     uint32_t npairs;
     int switch_mode;
     uint32_t mac_age;         /* seconds a learnt MAC stays valid */
     uint32_t busy_poll_us;    /* keep polling this long after the last frame */
-    int stop_fd;
+    int stop_fd;              /* written to stop the engine, or to wake it for an announcement */
     int stop;
     uint32_t passes;
     struct net_pair pairs[NET_MAX_PAIRS];
@@ -83,12 +92,21 @@ struct net_engine {
     uint64_t rx_lens[NET_MAX_RX_CHAINS];
     struct vu_chain rx_chain;
     uint8_t drop_buf[NET_MAX_GSO_FRAME + 12];
+    /* Announcements posted by net_post_announce (the control thread) and taken by the
+     * engine thread at its next pass: at most one per port (a newer one replaces it),
+     * and a switch has at most NET_MAX_PAIRS ports. The lock guards only these; they
+     * sit apart from what a pass touches. */
+    uint8_t announce_lock;
+    uint32_t nannounce;       /* also read without the lock: is there anything? */
+    struct net_announce announce[NET_MAX_PAIRS];
 };
 
 int net_run(struct net_engine *e);
 void net_request_stop(struct net_engine *e);
 void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+int net_post_announce(struct net_engine *e, uint32_t port_id, const uint8_t *frame, uint32_t len);
+void net_drop_announcements(struct net_engine *e);
 const struct vu_error_info *net_error_table(uint32_t *n);
 
 #endif
