@@ -11,6 +11,16 @@ a queue being torn down under it.
 
 Queues of a virtio-net device, as the back end sees them: receiveq0, transmitq0,
 receiveq1, ... (QEMU keeps the control queue to itself).
+
+After a live migration the network must learn where the guest went. A guest that
+negotiated GUEST_ANNOUNCE announces itself: QEMU sets VIRTIO_NET_S_ANNOUNCE in the
+config space it keeps (QEMU never reads ours for vhost-user-net), the guest sends
+gratuitous ARPs through its tx ring and acks on the control queue, both QEMU's
+business. For a guest that did not, QEMU sends VHOST_USER_SEND_RARP (protocol feature
+RARP) and :meth:`NetDevice.announce` sends a RARP frame from the guest's MAC on its
+behalf: into the TAP, so the host's bridge learns the guest's new port, or into the
+switch, whose MAC table then points at this port and whose other ports get the
+broadcast (learning switches behind them learn it too).
 """
 
 from __future__ import annotations
@@ -47,6 +57,9 @@ VIRTIO_NET_F_HOST_TSO4 = 1 << 11
 VIRTIO_NET_F_HOST_TSO6 = 1 << 12
 VIRTIO_NET_F_MRG_RXBUF = 1 << 15
 VIRTIO_NET_F_STATUS = 1 << 16
+# The guest announces itself after a migration (QEMU drives it over the control
+# queue, which QEMU serves itself; it offers CTRL_VQ whatever the back end says).
+VIRTIO_NET_F_GUEST_ANNOUNCE = 1 << 21
 VIRTIO_NET_F_MQ = 1 << 22
 VIRTIO_NET_S_LINK_UP = 1
 
@@ -72,6 +85,7 @@ ETH_OVERHEAD = 14 + 4  # Ethernet header + one VLAN tag
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
 TUNSETVNETHDRSZ = 0x400454D8
+TUNGETVNETHDRSZ = 0x800454D7
 IFF_TAP = 0x0002
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -82,6 +96,27 @@ TUN_F_TSO6 = 0x04
 
 #: the frame errors net.c records, then the core's
 NET_ERRORS = ErrorTable.from_c(lib.net_error_table, CORE_ERRORS)
+
+# RARP (RFC 903) over Ethernet
+ETH_P_RARP = 0x8035
+ETH_P_IP = 0x0800
+ARPHRD_ETHER = 1
+ARPOP_RREQUEST = 3  # "request reverse"
+RARP_FRAME_LEN = 60  # the shortest Ethernet frame, without its FCS
+
+
+def rarp_frame(mac: bytes) -> bytes:
+    """The frame that announces ``mac`` after a migration, laid out as QEMU's
+    announce_self_create (net/announce.c) and DPDK's make_rarp_packet send it: a
+    broadcast from ``mac``, a reverse request whose sender and target hardware
+    addresses are ``mac`` and whose protocol addresses are 0.0.0.0, padded with zeros
+    to the Ethernet minimum. Any learning bridge on the way learns ``mac``'s port from
+    its source address; nothing answers it."""
+    eth = b"\xff" * 6 + mac + struct.pack("!H", ETH_P_RARP)
+    rarp = struct.pack(
+        "!HHBBH6s4s6s4s", ARPHRD_ETHER, ETH_P_IP, 6, 4, ARPOP_RREQUEST, mac, bytes(4), mac, bytes(4)
+    )
+    return (eth + rarp).ljust(RARP_FRAME_LEN, b"\0")
 
 
 def parse_mac(text: str) -> bytes:
@@ -164,6 +199,9 @@ class Engine:
         e = self._e
         active = [v for _, v in sorted(self._pairs.items())]
         if not active:
+            # Nothing runs: an announcement still waiting is for ports that stopped
+            # (their front end went); the next start must not act on it.
+            lib.net_drop_announcements(e)
             return
         for i, slot in enumerate(active):
             p = e.pairs[i]
@@ -182,6 +220,20 @@ class Engine:
             target=self._serve, args=(queues,), name=f"net-{self.name}", daemon=True
         )
         self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def post_announce(self, port: net_port, frame: bytes) -> None:
+        """Have the engine thread send ``frame`` as if ``port`` had (switch mode): at its
+        next pass, or after a restart when it is being rebuilt meanwhile. One frame per
+        port waits at a time (a newer one replaces it)."""
+        if lib.net_post_announce(self._e, port.id, frame, len(frame)) != 0:
+            raise ValueError(
+                f"{self.name}: cannot queue a {len(frame)}-byte announcement "
+                f"(at most {lib.NET_ANNOUNCE_MAX_LEN} bytes, one per port)"
+            )
 
     def stop(self) -> None:
         if self._thread is None:
@@ -237,6 +289,22 @@ class TapBackend:
             fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
             fcntl.ioctl(fd, TUNSETOFFLOAD, offload)
 
+    def write_frame(self, frame: bytes) -> None:
+        """Send ``frame`` to the host through the TAP, as if the guest had sent it.
+        The fd is non-blocking and a TAP write never waits (the kernel takes the frame
+        or drops it), so this may run on the event loop. The virtio-net header in front
+        is the size the TAP expects now (set at queue start; until then the kernel's
+        default, or what the last user of a persistent TAP left)."""
+        if not self.fds:
+            raise ValueError(f"TAP {self.name} is closed")
+        fd = self.fds[0]
+        try:
+            got = fcntl.ioctl(fd, TUNGETVNETHDRSZ, struct.pack("i", 0))
+            (hdr_len,) = struct.unpack("i", got)
+            os.write(fd, bytes(hdr_len) + frame)  # flags 0, GSO_NONE: a plain frame
+        except OSError as e:
+            raise ValueError(f"TAP {self.name}: cannot send a frame: {e.strerror}") from None
+
     def close(self) -> None:
         for fd in self.fds:
             os.close(fd)
@@ -266,6 +334,7 @@ class NetOptions:
 
 class NetDevice(Device):
     errors = NET_ERRORS
+    supports_rarp = True
 
     def __init__(
         self, opts: NetOptions, tap: TapBackend | None = None, switch: Switch | None = None
@@ -291,6 +360,7 @@ class NetDevice(Device):
             | VIRTIO_NET_F_MAC
             | VIRTIO_NET_F_STATUS
             | VIRTIO_NET_F_MTU
+            | VIRTIO_NET_F_GUEST_ANNOUNCE
         )
         if self.opts.num_queue_pairs > 1:
             f |= VIRTIO_NET_F_MQ
@@ -307,6 +377,9 @@ class NetDevice(Device):
         return self.opts.num_queue_pairs  # for net, GET_QUEUE_NUM counts queue pairs
 
     def config_space(self) -> bytes:
+        # status: LINK_UP only. VIRTIO_NET_S_ANNOUNCE lives in QEMU's own copy of the
+        # config space (virtio-net reads a back end's only for vDPA), set and cleared
+        # there around the guest's announcement.
         return struct.pack(
             "<6sHHH", self.opts.mac, VIRTIO_NET_S_LINK_UP, self.opts.num_queue_pairs, self.opts.mtu
         )
@@ -331,6 +404,34 @@ class NetDevice(Device):
             tap_fd = self.tap.fds[q.index // 2] if self.tap else -1
             self.engine.set_queue(self.port, q.index // 2, bool(q.index % 2), None, tap_fd)
         return q.deactivate()
+
+    def announce(self, mac: bytes) -> None:
+        """VHOST_USER_SEND_RARP: the guest with ``mac`` now runs behind this port and
+        does not announce itself (it did not negotiate GUEST_ANNOUNCE), so QEMU asks
+        us to (a few times: QEMU's announce rounds, 50 ms apart and growing)."""
+        if len(mac) != 6 or mac[0] & 1:
+            raise ValueError(f"SEND_RARP: {mac.hex(':')} is not a unicast MAC")
+        frame = rarp_frame(mac)
+        if self.tap is not None:
+            self.tap.write_frame(frame)
+            log.info("%s: announced %s (RARP into the TAP)", self.engine.name, format_mac(mac))
+            return
+        if not self.engine.running:
+            # No port of the switch runs: no ring to deliver to, and the MAC table is
+            # cleared when the engine starts again anyway.
+            log.info(
+                "%s: nothing to announce %s to (no port is running)",
+                self.engine.name,
+                format_mac(mac),
+            )
+            return
+        self.engine.post_announce(self.port, frame)
+        log.info(
+            "%s: announced %s on port %d (MAC table, RARP to the other ports)",
+            self.engine.name,
+            format_mac(mac),
+            self.port.id,
+        )
 
     def _configure_port(self, features: int) -> None:
         hdr_len = 12 if features & (VIRTIO_F_VERSION_1 | VIRTIO_NET_F_MRG_RXBUF) else 10
