@@ -18,7 +18,7 @@
 #include <sys/uio.h>
 
 /* Named bounds: each guest- or front-end-controlled quantity has one here. */
-#define VU_MAX_REGIONS 32       /* memory slots advertised (GET_MAX_MEM_SLOTS) */
+#define VU_MAX_REGIONS 256      /* memory slots advertised (GET_MAX_MEM_SLOTS): QEMU's x86 limit */
 #define VU_MAX_QUEUE_SIZE 1024  /* largest SET_VRING_NUM accepted */
 #define VU_MAX_CHAIN_IOV 2048   /* iovecs per chain (a descriptor may span regions) */
 #define VU_INFLIGHT_ALIGN 64    /* each queue's inflight region starts on this boundary */
@@ -92,7 +92,9 @@ struct vring_used {
     X(VU_ERR_REGION_FILE, -22, VALUE, "runs past the end of its file (mmap_offset + size > file size)") \
     X(VU_ERR_KICK_FD, -23, ERRNO, "kick fd failed") \
     X(VU_ERR_KICK_HUP, -24, VALUE, "kick fd hung up or at end of file (detail: poll events)") \
-    X(VU_ERR_BROKEN, -25, VALUE, "ring broken by an earlier error")
+    X(VU_ERR_BROKEN, -25, VALUE, "ring broken by an earlier error") \
+    X(VU_ERR_REGION_ALIGN, -26, VALUE, \
+      "is on hugetlbfs but its mmap_offset or size is not a multiple of the huge page size")
 
 /* One row of an error table, as Python reads it. */
 struct vu_error_info {
@@ -128,9 +130,16 @@ struct vu_region {
     uint64_t map_size;
 };
 
+/*
+ * The guest memory map, kept sorted so that a translation is a binary search (memory.c):
+ * regions[] in guest-physical order, by_uva[] their indexes in front-end-virtual order.
+ * No two regions overlap in either space. Nothing here changes while a queue runs (the
+ * session stops every queue around a change), so workers read it without locks.
+ */
 struct vu_mem {
     uint32_t nregions;
-    struct vu_region regions[VU_MAX_REGIONS];
+    struct vu_region regions[VU_MAX_REGIONS]; /* sorted by gpa */
+    uint16_t by_uva[VU_MAX_REGIONS];          /* indexes into regions[], sorted by uva */
 };
 
 /* One validated chain: n_out device-readable iovecs, then n_in writable. */

@@ -18,7 +18,7 @@ MAX_BUFFERED_BYTES                         8204 B      protocol: bytes held with
 MAX_FDS_PER_MESSAGE                        8           protocol + server (ancillary buffer size)
 MAX_CONFIG_SIZE                            256 B       protocol: GET/SET_CONFIG size field
 MEM_TABLE_MAX_REGIONS                      8           protocol: SET_MEM_TABLE region count
-MAX_MEM_SLOTS (regions mapped)             32          memory.c slots; ADD_MEM_REG past it fails
+MAX_MEM_SLOTS (regions mapped)             256         memory.c slots; ADD_MEM_REG past it fails
 MAX_QUEUE_SIZE (ring entries)              1024        virtqueue/ring.c: SET_VRING_NUM
   chain length                             queue size  ring.c: descriptors per chain (loops too)
   indirect table entries                   queue size  ring.c

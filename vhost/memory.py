@@ -7,6 +7,11 @@ same translations to Python for tests and control-plane use. It knows nothing
 of the protocol: callers pass plain numbers and fds. Callers must stop every
 queue that reads this map before changing it (the session does).
 
+The C map is sorted in both address spaces, so a translation is a binary search over
+up to MAX_REGIONS (256) regions. A region on hugetlbfs (guest RAM from
+``mem-path=/dev/hugepages`` or an ``MFD_HUGETLB`` memfd) must have its mmap_offset and
+size in whole huge pages, or it is refused (docs/memory.md).
+
 Views into guest memory that a Python device kept past its chain (vhost.chains) are
 *pinned* here: a region that one points into is not unmapped when it goes but retired,
 its pages replaced by private zero pages, and unmapped once the last such view is gone.
@@ -36,11 +41,20 @@ class GuestMemoryError(Exception):
     """A region could not be added/removed, or an address is outside guest memory."""
 
 
-def _region_error(rc: int) -> str:
+def _region_error(rc: int, fd: int | None = None) -> str:
     text = CORE_ERRORS.text(rc)
     if rc == lib.VU_ERR_REGION_FULL:
         text += f" (at most {MAX_REGIONS} regions)"
+    elif rc == lib.VU_ERR_REGION_ALIGN and fd is not None:
+        text += f" ({_size(os.fstatvfs(fd).f_bsize)})"
     return text
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,7 @@ class GuestMemory:
             err = ffi.errno
             raise GuestMemoryError(f"mmap of region {_describe(region)} failed: {os.strerror(err)}")
         if rc < 0:
-            raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc)}")
+            raise GuestMemoryError(f"region {_describe(region)} {_region_error(rc, fd)}")
         self._regions.append(region)
 
     def remove(self, region: Region) -> None:
