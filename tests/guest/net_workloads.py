@@ -41,6 +41,7 @@ import select
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -417,3 +418,200 @@ class HostTcp:
             )
         d = json.loads(out.strip().splitlines()[-1])
         return TcpResult(str(d["md5"]), int(d["bytes"]), str(d["peer"]))
+
+
+# ---------------------------------------------------------------------------
+# one long TCP stream, guest -> host, verified byte for byte (live migration)
+# ---------------------------------------------------------------------------
+
+STREAM_CHUNK_FILE = "/data/chunk"
+
+#: Guest shell (after :data:`NET_SH_LIB`): ``stream_start HOST PORT`` sends
+#: :data:`STREAM_CHUNK_FILE` over one TCP connection again and again, ``$STREAM_GAP_US``
+#: apart, until the host's :class:`StreamSink` answers on the same connection (a line,
+#: ``STOP``); then the guest's nc sees EOF on stdin and half-closes, the sink reads to
+#: the end and closes, and nc exits 0. ``stream_finish`` waits for that and prints
+#: ``RESULT stream_rc`` (nc's status: not 0 when the connection broke),
+#: ``stream_chunks`` (chunks handed to nc: the sink must have received exactly that
+#: many) and ``stream_reply``. The sink's end of the connection is up before the guest
+#: boots, so one connect suffices.
+STREAM_SH_LIB = r"""
+stream_start() {
+    : > /tmp/stream.reply
+    echo 0 > /tmp/stream.sent
+    (
+        _n=0
+        while [ ! -s /tmp/stream.reply ]; do
+            cat @CHUNK@ || break
+            _n=$((_n + 1))
+            echo $_n > /tmp/stream.sent
+            usleep $STREAM_GAP_US
+        done
+    ) | nc $1 $2 > /tmp/stream.reply 2>/tmp/stream.err &
+    STREAM_PID=$!
+}
+stream_finish() {
+    wait $STREAM_PID
+    _rc=$?
+    [ $_rc = 0 ] || cat /tmp/stream.err
+    result stream_rc $_rc
+    result stream_chunks "$(cat /tmp/stream.sent)"
+    result stream_reply "$(head -n 1 /tmp/stream.reply)"
+}
+""".replace("@CHUNK@", STREAM_CHUNK_FILE)
+
+STREAM_SINK_HELPER = r"""
+import hashlib, json, socket, sys, threading, time
+ip, port, chunk_path, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+with open(chunk_path, "rb") as f:
+    chunk = f.read()
+L = len(chunk)
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((ip, port))
+srv.listen(1)
+srv.settimeout(timeout)
+print("READY", flush=True)
+conn, peer = srv.accept()
+srv.close()
+conn.settimeout(timeout)
+t0 = time.monotonic()
+print(f"CONNECTED {peer[0]} {t0}", flush=True)
+def control():  # a line on stdin: ask the guest to stop
+    if sys.stdin.readline():
+        conn.sendall(b"STOP\n")
+        print(f"STOP SENT {time.monotonic()}", flush=True)
+threading.Thread(target=control, daemon=True).start()
+pos, bad, error = 0, None, None
+h = hashlib.md5()
+last = t0
+gaps = []  # (seconds after connect, seconds without data) over 0.5 s
+reported = 0.0
+while True:
+    try:
+        b = conn.recv(1 << 16)
+    except OSError as e:
+        error = repr(e)
+        break
+    now = time.monotonic()
+    if not b:
+        break
+    if now - last > 0.5:
+        gaps.append((round(last - t0, 3), round(now - last, 3)))
+    last = now
+    h.update(b)
+    view = memoryview(b)
+    while view and bad is None:
+        i = pos % L
+        n = min(len(view), L - i)
+        if view[:n] != chunk[i : i + n]:
+            bad = pos + next(k for k in range(n) if view[k] != chunk[i + k])
+        pos += n
+        view = view[n:]
+    pos += len(view)
+    if now - reported >= 0.2:
+        print(f"RX {pos} {now}", flush=True)
+        reported = now
+conn.close()
+print(f"RX {pos} {time.monotonic()}", flush=True)
+print("DONE " + json.dumps({"bytes": pos, "chunks": pos / L, "first_bad": bad, "error": error,
+      "md5": h.hexdigest(), "peer": peer[0], "gaps": gaps}), flush=True)
+"""
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    nbytes: int
+    chunks: float
+    first_bad: int | None  # offset of the first byte that differs from the chunk pattern
+    error: str | None  # the receive error that ended the stream (a reset, a timeout)
+    md5: str
+    peer: str
+    gaps: list[tuple[float, float]]  # (seconds after connect, seconds without data)
+
+
+class StreamSink:
+    """The host end of :data:`STREAM_SH_LIB`: listens on ``ip:port`` inside ``ns`` (up
+    when the constructor returns), takes one connection and checks every byte against
+    ``chunk`` repeated; :meth:`stop` asks the guest to stop, :meth:`result` waits for
+    the end. While it runs, :meth:`received` and :meth:`flowing_since` tell the test
+    how far the stream got (host monotonic time, the same clock as the test's)."""
+
+    def __init__(
+        self, ns: NetNs, ip: str, port: int, chunk: bytes, workdir: Path, *, timeout: float = 60.0
+    ) -> None:
+        self.chunk = chunk
+        path = workdir / "stream.chunk"
+        path.write_bytes(chunk)
+        argv = [sys.executable, "-I", "-c", STREAM_SINK_HELPER, ip, str(port), str(path)]
+        self.proc: subprocess.Popen[str] = ns.popen(
+            [*argv, str(timeout)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.progress: list[tuple[float, int]] = []  # (host time, bytes so far)
+        self.lines: list[str] = []
+        self.connected_at: float | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(10.0):
+            self.proc.kill()
+            raise RuntimeError(f"stream sink {ip}:{port}: not listening: {self.lines}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            self.lines.append(line)
+            if line == "READY":
+                self._ready.set()
+            elif line.startswith("RX "):
+                _, n, t = line.split()
+                self.progress.append((float(t), int(n)))
+            elif line.startswith("CONNECTED "):
+                self.connected_at = float(line.split()[2])
+        self._ready.set()
+
+    def received(self) -> int:
+        return self.progress[-1][1] if self.progress else 0
+
+    def flowing_since(self, t: float, nbytes: int = 1) -> bool:
+        """Whether at least ``nbytes`` more arrived after host time ``t``."""
+        before = [n for s, n in self.progress if s <= t]
+        base = before[-1] if before else 0
+        return self.received() - base >= nbytes and self.progress[-1][0] > t
+
+    def stop(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("stop\n")
+        self.proc.stdin.flush()
+
+    def result(self, timeout: float = 30.0) -> StreamResult:
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(
+                f"stream sink not done in {timeout}s; last lines {self.lines[-5:]}"
+            ) from None
+        self._reader.join(5.0)
+        err = self.proc.stderr.read() if self.proc.stderr is not None else ""
+        done = [ln for ln in self.lines if ln.startswith("DONE ")]
+        if self.proc.returncode != 0 or not done:
+            raise AssertionError(
+                f"stream sink failed (rc={self.proc.returncode}): {err.strip()} {self.lines[-5:]}"
+            )
+        d = json.loads(done[-1][5:])
+        return StreamResult(
+            int(d["bytes"]),
+            float(d["chunks"]),
+            d["first_bad"],
+            d["error"],
+            str(d["md5"]),
+            str(d["peer"]),
+            [(float(a), float(b)) for a, b in d["gaps"]],
+        )

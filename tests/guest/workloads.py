@@ -11,6 +11,7 @@ optional device-specific checks (``extra``) and optionally fio.  It prints
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Mapping
 from pathlib import Path
@@ -163,3 +164,83 @@ def check_image(img: Path, patterns: Patterns, ext4: bool = True) -> None:
         if ext4:
             f.seek(1024 + 56)
             assert f.read(2) == b"\x53\xef", "no ext2/3/4 superblock magic at 1080"
+
+
+# --- fio passes with crc32c verification, until the host asks for a stop ------------------
+#: Shell functions for a guest that keeps fio writing and verifying while the host does
+#: something to it (live migration: tests/qemu/test_migration.py). The lines it prints
+#: are the ones tests/qemu/crash_harness.Console parses: ``IO uptime reads writes
+#: in_flight`` every ``$TICK`` s (``io_monitor_start``/``io_monitor_stop``), ``FIO PASS n
+#: START``, ``FIO PASS n END rc=N``, ``FIOJSON n {...}`` and ``FIOERR n line``. Each pass
+#: (``fio_loop``) writes random blocks of mixed sizes over the first ``$FIO_SIZE`` bytes of
+#: ``$DEV`` (O_DIRECT, libaio, iodepth 16) and verifies every one (``verify=crc32c``,
+#: ``verify_fatal``); the loop ends after the first failed pass, or after a pass once the
+#: block at ``$CTL_BLOCK`` (4 KiB units, outside fio's region) holds ``$STOP_MAGIC`` (the
+#: host writes it into the image). It sets ``FIO_RC`` and prints ``RESULT passes`` and
+#: ``RESULT fio_rc``. Variables: DEV, NAME (e.g. vda), FIO_SIZE, CTL_BLOCK, STOP_MAGIC,
+#: TICK, MAX_PASSES; /lib/vhtest.sh sourced.
+FIO_VERIFY_LOOP_SH = r"""
+io_monitor_start() {
+    (
+        while :; do
+            read -r _up _idle < /proc/uptime
+            read -r _r1 _r2 _r3 _r4 _w1 _w2 _w3 _w4 _inf _rest < /sys/block/$NAME/stat
+            echo "IO $_up $_r1 $_w1 $_inf"
+            sleep $TICK
+        done
+    ) &
+    MON_PID=$!
+}
+io_monitor_stop() { kill $MON_PID 2>/dev/null; }
+stop_requested() {
+    dd if=$DEV bs=4096 skip=$CTL_BLOCK count=1 iflag=direct 2>/dev/null | grep -q "$STOP_MAGIC"
+}
+fio_loop() {
+    _pass=0
+    FIO_RC=0
+    while :; do
+        _pass=$((_pass + 1))
+        echo "FIO PASS $_pass START"
+        fio --name=verify --filename=$DEV --offset=0 --size=$FIO_SIZE \
+            --rw=randwrite --bssplit=4k/80:8k/10:64k/8:256k/2 --randseed=$_pass \
+            --direct=1 --ioengine=libaio --iodepth=16 \
+            --verify=crc32c --do_verify=1 --verify_fatal=1 --verify_backlog=256 \
+            --verify_state_save=0 --output-format=json --output=/tmp/fio.json \
+            > /tmp/fio.err 2>&1
+        FIO_RC=$?
+        echo "FIO PASS $_pass END rc=$FIO_RC"
+        echo "FIOJSON $_pass $(tr -d '\n' < /tmp/fio.json)"
+        while read -r _l; do echo "FIOERR $_pass $_l"; done < /tmp/fio.err
+        [ $FIO_RC -eq 0 ] || break
+        stop_requested && break
+        [ $_pass -lt $MAX_PASSES ] \
+            || { echo "FAIL: no stop request after $_pass passes"; FIO_RC=99; break; }
+    done
+    result passes $_pass
+    result fio_rc $FIO_RC
+}
+"""
+
+
+def fio_verify_loop_vars(
+    dev: str,
+    fio_size: int,
+    ctl_offset: int,
+    stop_magic: bytes,
+    *,
+    tick: float = 0.2,
+    max_passes: int = 1000,
+) -> str:
+    """The variables :data:`FIO_VERIFY_LOOP_SH` reads, as shell assignments."""
+    assert ctl_offset % 4096 == 0 and ctl_offset >= fio_size, (ctl_offset, fio_size)
+    return (
+        f"NAME={dev}\nDEV=/dev/{dev}\nFIO_SIZE={fio_size}\nCTL_BLOCK={ctl_offset // 4096}\n"
+        f"STOP_MAGIC={stop_magic.decode()}\nTICK={tick}\nMAX_PASSES={max_passes}\n"
+    )
+
+
+def request_stop(image: Path, ctl_offset: int, stop_magic: bytes) -> None:
+    """Host side of :data:`FIO_VERIFY_LOOP_SH`: write the stop block into the image (the
+    back end reads it through the host's page cache, where this write lands)."""
+    with open(image, "r+b") as f:
+        os.pwrite(f.fileno(), stop_magic.ljust(4096, b"\0"), ctl_offset)
