@@ -230,10 +230,12 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
 
     _setup_logging(device_type.program, args.verbose)
     for path, device in zip(paths, devices, strict=True):
-        where = f"fd {args.fd}" if path is None else path
-        if args.client:
-            where = f"{path} (client mode: connects to the front end listening there)"
-        log.info("%s", device_type.describe(device, where))
+        log.info("%s", device_type.describe(device, f"fd {args.fd}" if path is None else path))
+    if args.client:
+        log.info(
+            "client mode: connecting to each socket, where the front end listens, and "
+            "again whenever the connection drops"
+        )
     if args.socket_path:
         line = qemu_command_line(
             device_type,
