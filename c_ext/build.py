@@ -45,6 +45,9 @@ CDEF_TEMPLATE = """
 #define VU_WAIT_WORK ...
 #define VU_WAIT_STOP ...
 #define VU_INFLIGHT_VERSION ...
+#define VU_LOG_PAGE ...
+#define VU_LOG_CACHE ...
+#define VHOST_VRING_F_LOG ...
 #define VU_DETAIL_VALUE ...
 #define VU_DETAIL_ERRNO ...
 #define VU_ERR_DEVICE_BASE ...
@@ -62,7 +65,8 @@ struct vu_chain { uint32_t head; uint32_t n_out; uint32_t n_in; uint64_t out_byt
 struct vu_chain_ref { uint32_t head; uint16_t slot; uint32_t iov_start; uint32_t n_out;
                       uint32_t n_in; uint64_t out_bytes; uint64_t in_bytes; };
 struct vu_stats { uint64_t chains; uint64_t bad_chains; uint64_t kicks; uint64_t signals;
-                  uint64_t batches; };
+                  uint64_t batches; uint64_t log_words; uint64_t log_beyond; };
+struct vu_log { uint8_t *base; uint64_t size; int call_fd; };
 struct vu_inflight_desc { uint8_t inflight; uint16_t next; uint64_t counter; ...; };
 struct vu_inflight_split { uint64_t features; uint16_t version; uint16_t desc_num;
                            uint16_t last_batch_head; uint16_t used_idx;
@@ -74,6 +78,7 @@ struct vu_vq {
     struct vu_error err; struct vu_stats stats; struct vu_chain chain;
     struct vu_inflight_split *inflight; uint64_t inflight_counter;
     uint32_t resubmit_n; uint32_t resubmit_pos;
+    const struct vu_log *log; uint64_t log_used_gpa; int log_used;
     ...;
 };
 
@@ -111,6 +116,8 @@ int vu_vq_pop_batch(struct vu_vq *vq, struct vu_chain_ref *out, uint32_t max_cha
                     struct iovec *iov, uint32_t max_iov);
 int vu_vq_push_batch(struct vu_vq *vq, const uint32_t *heads, const uint32_t *lens, uint32_t n);
 int vu_vq_wait(struct vu_vq *vq, int timeout_ms);
+void vu_log_write(struct vu_vq *vq, uint64_t gpa, uint64_t len);
+void vu_log_flush(struct vu_vq *vq);
 size_t vu_iov_copy_from(const struct iovec *iov, uint32_t niov, size_t skip, void *dst,
                         size_t len);
 size_t vu_iov_copy_to(const struct iovec *iov, uint32_t niov, size_t skip, const void *src,

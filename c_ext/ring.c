@@ -28,6 +28,20 @@
  * idempotent: the same read, the same write of the same bytes); or used->idx
  * ahead of the region's used_idx, in which case the last batch, found through
  * last_batch_head and next, is the difference and gets cleared, never replayed.
+ *
+ * Dirty logging (vhost-user.rst "Migration"), when vq->log is set: every write the
+ * device makes into guest memory is marked here, so no device can forget one.
+ *   - vu_vq_push marks the device-writable buffers of the chain it publishes (when the
+ *     used length is not 0), and the used element it wrote. The buffers are found by
+ *     walking the chain's descriptors again. They are marked whole: a used length
+ *     counts bytes, not where they are (blk's status byte is the last writable byte,
+ *     after data it may not have written), so the whole writable area is the only
+ *     position-safe rule; it costs at most the pages the driver offered.
+ *   - vu_vq_flush_used marks used->idx, and avail_event writes are marked where made.
+ * Marks gather per queue in vq->log_cache (one entry per 64-page word) and are ORed
+ * into the shared bitmap, atomically, once per burst: in vu_vq_flush_used, after the
+ * data and used entries are written (so the front end never clears a bit for a write
+ * that is still to come), and before a stop returns (a queue stops after a pass).
  */
 #include <errno.h>
 #include <poll.h>
@@ -104,6 +118,7 @@ int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
     vq->inflight_counter = 0;
     vq->batch_n = 0;
     vq->resubmit_n = vq->resubmit_pos = 0;
+    vq->log_cache.n = 0; /* vq->log and the used ring's address are the caller's to set */
     __atomic_store_n(&vq->stop, 0, __ATOMIC_SEQ_CST);
     memset(&vq->err, 0, sizeof(vq->err));
     return 0;
@@ -257,6 +272,140 @@ int vu_vq_pop(struct vu_vq *vq, struct vu_chain *chain)
     return r;
 }
 
+/* --- dirty log --- */
+
+/* OR 64 pages' bits into the bitmap: one atomic on an aligned word inside the log,
+ * bytes otherwise (the log's size and offset are the front end's, any alignment). */
+static void log_or(struct vu_vq *vq, uint64_t word, uint64_t bits)
+{
+    const struct vu_log *log = vq->log;
+    uint64_t off = word * 8; /* word < 2^46: gpa / 4096 / 64 */
+    uint8_t *p = log->base + off;
+    if (off + 8 <= log->size && ((uintptr_t)p & 7) == 0) {
+        __atomic_fetch_or((uint64_t *)p, bits, __ATOMIC_RELAXED);
+    } else {
+        for (uint64_t b = 0; b < 8; b++) {
+            uint8_t v = (uint8_t)(bits >> (8 * b));
+            if (v == 0)
+                continue;
+            if (off + b >= log->size) {
+                vq->stats.log_beyond++;
+                continue;
+            }
+            __atomic_fetch_or(p + b, v, __ATOMIC_RELAXED);
+        }
+    }
+    vq->stats.log_words++;
+}
+
+static void log_cache_drain(struct vu_vq *vq)
+{
+    struct vu_log_cache *c = &vq->log_cache;
+    /* the data and ring writes the bits stand for come first */
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+    for (uint32_t i = 0; i < c->n; i++)
+        log_or(vq, c->word[i], c->bits[i]);
+    c->n = 0;
+}
+
+static void log_cache_add(struct vu_vq *vq, uint64_t word, uint64_t bits)
+{
+    struct vu_log_cache *c = &vq->log_cache;
+    if (word >= (vq->log->size + 7) / 8) {
+        vq->stats.log_beyond++;
+        return;
+    }
+    for (uint32_t i = c->n; i-- > 0;) {
+        if (c->word[i] == word) {
+            c->bits[i] |= bits;
+            return;
+        }
+    }
+    if (c->n == VU_LOG_CACHE)
+        log_cache_drain(vq);
+    c->word[c->n] = word;
+    c->bits[c->n] = bits;
+    c->n++;
+}
+
+/* Mark guest-physical [gpa, gpa+len) dirty (gathered; vu_log_flush publishes). */
+void vu_log_write(struct vu_vq *vq, uint64_t gpa, uint64_t len)
+{
+    if (!vq->log || len == 0)
+        return;
+    uint64_t page = gpa / VU_LOG_PAGE;
+    uint64_t last = (len - 1 > UINT64_MAX - gpa ? UINT64_MAX : gpa + len - 1) / VU_LOG_PAGE;
+    for (;;) {
+        uint64_t bit = page % 64;
+        uint64_t n = 64 - bit;
+        if (n > last - page + 1)
+            n = last - page + 1;
+        log_cache_add(vq, page / 64, n == 64 ? ~0ull : ((1ull << n) - 1) << bit);
+        if (last - page < n)
+            return;
+        page += n;
+    }
+}
+
+/* Publish the gathered marks; tell SET_LOG_FD's eventfd, if there is one. */
+void vu_log_flush(struct vu_vq *vq)
+{
+    if (!vq->log || vq->log_cache.n == 0)
+        return;
+    log_cache_drain(vq);
+    if (vq->log->call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(vq->log->call_fd, &one, sizeof(one)) < 0) {
+            /* a saturated or closed eventfd: the bits are set all the same */
+        }
+    }
+}
+
+/*
+ * Mark the device-writable buffers of the chain at head. The descriptors were checked
+ * when the chain was taken, but the driver may have rewritten them since: each step is
+ * bounded again, and whatever it wrote, only bits of the log change.
+ */
+static void log_chain(struct vu_vq *vq, uint32_t head)
+{
+    const uint8_t *table = (const uint8_t *)vq->desc;
+    uint32_t table_len = vq->num;
+    uint32_t ttl = vq->num;
+    uint32_t idx = head;
+    int in_indirect = 0;
+    while (idx < table_len && ttl > 0) {
+        struct vring_desc d;
+        ttl--;
+        memcpy(&d, table + (size_t)idx * sizeof(d), sizeof(d));
+        if (d.flags & VRING_DESC_F_INDIRECT) {
+            if (in_indirect || d.len == 0 || d.len % sizeof(d) || d.len / sizeof(d) > vq->num)
+                return;
+            table = vu_gpa_to_host(vq->mem, d.addr, d.len);
+            if (!table)
+                return;
+            table_len = ttl = d.len / sizeof(d);
+            idx = 0;
+            in_indirect = 1;
+            continue;
+        }
+        if (d.flags & VRING_DESC_F_WRITE)
+            vu_log_write(vq, d.addr, d.len);
+        if (!(d.flags & VRING_DESC_F_NEXT))
+            return;
+        idx = d.next;
+    }
+}
+
+/* Used ring offsets (split ring): flags, idx, ring[num], avail_event. */
+#define USED_IDX_OFFSET 2
+#define USED_RING_OFFSET 4
+
+static void log_used(struct vu_vq *vq, uint64_t offset, uint64_t len)
+{
+    if (vq->log_used)
+        vu_log_write(vq, vq->log_used_gpa + offset, len);
+}
+
 void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len)
 {
     struct vu_inflight_split *inf = vq->inflight;
@@ -267,16 +416,26 @@ void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len)
         vq->batch[vq->batch_n++] = (uint16_t)head;
         store_order();
     }
-    struct vring_used_elem *e = &vq->used->ring[vq->used_idx & (uint16_t)(vq->num - 1)];
+    uint16_t slot = vq->used_idx & (uint16_t)(vq->num - 1);
+    struct vring_used_elem *e = &vq->used->ring[slot];
     e->id = head;
     e->len = len;
     vq->used_idx++;
+    if (vq->log) {
+        if (len)
+            log_chain(vq, head);
+        log_used(vq, USED_RING_OFFSET + (uint64_t)slot * sizeof(*e), sizeof(*e));
+    }
 }
 
 void vu_vq_flush_used(struct vu_vq *vq)
 {
     /* Entries (and the data the device wrote) become visible before the index. */
     __atomic_store_n(&vq->used->idx, vq->used_idx, __ATOMIC_RELEASE);
+    if (vq->log) {
+        log_used(vq, USED_IDX_OFFSET, sizeof(uint16_t));
+        vu_log_flush(vq);
+    }
     struct vu_inflight_split *inf = vq->inflight;
     if (inf) {
         store_order();
@@ -418,10 +577,20 @@ int vu_vq_signal_if_needed(struct vu_vq *vq)
 /* Ask the driver to kick for the next buffer; then look again, since it may
  * have added one before it could see the request. Returns the count now
  * available (> 0: do not sleep). */
+static void log_avail_event(struct vu_vq *vq)
+{
+    if (vq->log) {
+        log_used(vq, USED_RING_OFFSET + 8ull * vq->num, sizeof(uint16_t));
+        vu_log_flush(vq);
+    }
+}
+
 int vu_vq_enable_notification(struct vu_vq *vq)
 {
-    if (vq->event_idx)
+    if (vq->event_idx) {
         __atomic_store_n(avail_event_ptr(vq), vq->last_avail_idx, __ATOMIC_RELAXED);
+        log_avail_event(vq);
+    }
     full_fence();
     return vu_vq_avail_count(vq);
 }
@@ -430,8 +599,10 @@ int vu_vq_enable_notification(struct vu_vq *vq)
  * fence so that a buffer added before the driver could see it is not missed. */
 void vu_vq_request_kick_at(struct vu_vq *vq, uint16_t idx)
 {
-    if (vq->event_idx)
+    if (vq->event_idx) {
         __atomic_store_n(avail_event_ptr(vq), idx, __ATOMIC_RELAXED);
+        log_avail_event(vq);
+    }
     full_fence();
 }
 

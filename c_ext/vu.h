@@ -176,12 +176,37 @@ struct vu_inflight_split {
 
 #define VU_INFLIGHT_VERSION 1
 
+/*
+ * Dirty-page log for live migration (vhost-user.rst "Migration"): a bitmap the front end
+ * shares (SET_LOG_BASE), one bit per VU_LOG_PAGE of guest-physical memory, bit p%8 of byte
+ * p/8 for page p. The front end clears bits with atomic exchanges while we set them, so
+ * every update is an atomic OR. Shared by the queues of one session; each queue gathers
+ * its bits in a small cache (struct vu_log_cache) and ORs them in once per burst.
+ */
+#define VU_LOG_PAGE 4096
+#define VU_LOG_CACHE 32         /* distinct 64-page words a queue gathers before a flush */
+#define VHOST_VRING_F_LOG 1     /* SET_VRING_ADDR flag: log writes to the used ring */
+
+struct vu_log {
+    uint8_t *base;  /* the bitmap */
+    uint64_t size;  /* bytes: covers guest-physical [0, size * 8 * VU_LOG_PAGE) */
+    int call_fd;    /* SET_LOG_FD's eventfd, written after a flush that set bits; -1: none */
+};
+
+struct vu_log_cache {
+    uint32_t n;
+    uint64_t word[VU_LOG_CACHE]; /* 64-page word index in the bitmap */
+    uint64_t bits[VU_LOG_CACHE];
+};
+
 struct vu_stats {
     uint64_t chains;     /* chains taken from the avail ring */
     uint64_t bad_chains; /* chains rejected by validation */
     uint64_t kicks;      /* wake-ups by the kick eventfd */
     uint64_t signals;    /* writes to the call eventfd */
     uint64_t batches;    /* passes over the avail ring that found work */
+    uint64_t log_words;  /* 64-page words of the dirty log updated (one per word per burst) */
+    uint64_t log_beyond; /* writes to pages past the end of the dirty log (not logged) */
 };
 
 struct vu_vq {
@@ -213,6 +238,12 @@ struct vu_vq {
     uint32_t resubmit_pos;      /* ... and how many of them are done */
     uint16_t batch[VU_MAX_QUEUE_SIZE];
     uint16_t resubmit[VU_MAX_QUEUE_SIZE];
+    /* dirty logging (NULL: off): everything the device writes into guest memory is
+     * marked by vu_vq_push and vu_vq_flush_used (see ring.c) */
+    const struct vu_log *log;
+    uint64_t log_used_gpa;      /* guest-physical address of the used ring ... */
+    int log_used;               /* ... and whether its writes are logged (VHOST_VRING_F_LOG) */
+    struct vu_log_cache log_cache;
 };
 
 /* One validated chain handed to Python by vu_vq_pop_batch: its iovecs are
@@ -264,6 +295,8 @@ int vu_vq_run(struct vu_vq *vq, vu_chain_handler handler, void *ctx);
 void vu_vq_request_stop(struct vu_vq *vq);
 void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t detail);
 void vu_vq_discard_inflight(struct vu_vq *vq, uint32_t n);
+void vu_log_write(struct vu_vq *vq, uint64_t gpa, uint64_t len);
+void vu_log_flush(struct vu_vq *vq);
 
 /*
  * Give back the last n chains taken, as if they had not been (Linux's

@@ -82,7 +82,15 @@ class vu_stats(CData):
     kicks: int
     signals: int
     batches: int
+    log_words: int
+    log_beyond: int
     def __getitem__(self, index: int) -> vu_stats: ...
+
+class vu_log(CData):
+    base: Pointer[int]
+    size: int
+    call_fd: int
+    def __getitem__(self, index: int) -> vu_log: ...
 
 class vu_inflight_desc(CData):
     inflight: int
@@ -121,6 +129,12 @@ class vu_vq(CData):
     inflight_counter: int
     resubmit_n: int
     resubmit_pos: int
+    @property
+    def log(self) -> vu_log: ...
+    @log.setter
+    def log(self, value: vu_log | CData) -> None: ...
+    log_used_gpa: int
+    log_used: int
     def __getitem__(self, index: int) -> vu_vq: ...
 
 class _Lib:
@@ -135,6 +149,9 @@ class _Lib:
     VU_WAIT_WORK: int
     VU_WAIT_STOP: int
     VU_INFLIGHT_VERSION: int
+    VU_LOG_PAGE: int
+    VU_LOG_CACHE: int
+    VHOST_VRING_F_LOG: int
     VU_DETAIL_VALUE: int
     VU_DETAIL_ERRNO: int
     VU_ERR_DEVICE_BASE: int
@@ -189,6 +206,8 @@ class _Lib:
     def vu_vq_pop_batch(self, a0: vu_vq | Pointer[vu_vq] | CData, a1: vu_chain_ref | Pointer[vu_chain_ref] | CData, a2: int, a3: iovec | Pointer[iovec] | CData, a4: int, /) -> int: ...
     def vu_vq_push_batch(self, a0: vu_vq | Pointer[vu_vq] | CData, a1: CData, a2: CData, a3: int, /) -> int: ...
     def vu_vq_wait(self, a0: vu_vq | Pointer[vu_vq] | CData, a1: int, /) -> int: ...
+    def vu_log_write(self, a0: vu_vq | Pointer[vu_vq] | CData, a1: int, a2: int, /) -> None: ...
+    def vu_log_flush(self, a0: vu_vq | Pointer[vu_vq] | CData, /) -> None: ...
     def vu_iov_copy_from(self, a0: iovec | Pointer[iovec] | CData, a1: int, a2: int, a3: CData, a4: int, /) -> int: ...
     def vu_iov_copy_to(self, a0: iovec | Pointer[iovec] | CData, a1: int, a2: int, a3: CData, a4: int, /) -> int: ...
 
@@ -228,6 +247,10 @@ class _FFI:
     @overload
     def new(self, cdecl: Literal["struct vu_stats[]"], init: object) -> Array[vu_stats]: ...  # type: ignore[overload-overlap]
     @overload
+    def new(self, cdecl: Literal["struct vu_log *"], init: object = ...) -> vu_log: ...  # type: ignore[overload-overlap]
+    @overload
+    def new(self, cdecl: Literal["struct vu_log[]"], init: object) -> Array[vu_log]: ...  # type: ignore[overload-overlap]
+    @overload
     def new(self, cdecl: Literal["struct vu_inflight_desc *"], init: object = ...) -> vu_inflight_desc: ...  # type: ignore[overload-overlap]
     @overload
     def new(self, cdecl: Literal["struct vu_inflight_desc[]"], init: object) -> Array[vu_inflight_desc]: ...  # type: ignore[overload-overlap]
@@ -259,6 +282,8 @@ class _FFI:
     def cast(self, cdecl: Literal["struct vu_chain_ref *"], value: object) -> vu_chain_ref: ...  # type: ignore[overload-overlap]
     @overload
     def cast(self, cdecl: Literal["struct vu_stats *"], value: object) -> vu_stats: ...  # type: ignore[overload-overlap]
+    @overload
+    def cast(self, cdecl: Literal["struct vu_log *"], value: object) -> vu_log: ...  # type: ignore[overload-overlap]
     @overload
     def cast(self, cdecl: Literal["struct vu_inflight_desc *"], value: object) -> vu_inflight_desc: ...  # type: ignore[overload-overlap]
     @overload

@@ -25,6 +25,7 @@ MAX_QUEUE_SIZE (ring entries)              1024        virtqueue/ring.c: SET_VRI
   requests in flight per queue             queue size  one ring; the inflight region is sized by it
 MAX_CHAIN_IOV                              2048        ring.c: iovecs per chain (region splits)
 MAX_READ_BYTES (Chain.read)                1 MiB       chains: what read() copies without a size
+MAX_LOG_BYTES (dirty log mapped)           1 GiB       dirtylog: SET_LOG_BASE size (covers 32 TiB)
 =========================================  ==========  =============================================
 
 Time is bounded too: a queue worker checks for a stop request between chains, so a
@@ -56,3 +57,8 @@ MAX_CHAIN_IOV: Final[int] = lib.VU_MAX_CHAIN_IOV
 #: a chain's lengths are the guest's (overlapping descriptors can claim more than its
 #: memory): Chain.read() without a size copies at most this much
 MAX_READ_BYTES: Final = 1 << 20
+
+# --- live migration ---------------------------------------------------------------------
+#: the dirty log SET_LOG_BASE may make us map: one bit per 4 KiB page, so 1 GiB covers
+#: 32 TiB of guest-physical address space
+MAX_LOG_BYTES: Final = 1 << 30

@@ -100,6 +100,9 @@ class ProtocolFeature(enum.IntFlag):
 # A virtio feature bit (in GET/SET_FEATURES), not a protocol feature: it announces that
 # GET/SET_PROTOCOL_FEATURES are understood.
 VHOST_USER_F_PROTOCOL_FEATURES: Final = 1 << 30
+# A vhost feature bit: the back end logs every write into guest memory while it is set
+# (live migration), in the log SET_LOG_BASE gives.
+VHOST_F_LOG_ALL: Final = 1 << 26
 
 VERSION: Final = 1
 FLAG_REPLY: Final = 0x4

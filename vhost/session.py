@@ -14,10 +14,12 @@ every fd it holds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import mmap
 import os
 import stat
+import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -25,17 +27,19 @@ from vhost import limits
 from vhost import protocol as p
 from vhost._native import ffi, lib
 from vhost.device import Device
+from vhost.dirtylog import DirtyLog, DirtyLogError, log_bytes_for
 from vhost.fds import close_all
 from vhost.memory import GuestMemory, GuestMemoryError, Region
 from vhost.virtqueue import MAX_QUEUE_SIZE, Virtqueue, VirtqueueError
 
 if TYPE_CHECKING:
-    from vhost._native import CData
+    from vhost._native import CData, vu_log
 
 log = logging.getLogger("vhost.session")
 
 OFFERED_PROTOCOL_FEATURES = (
     p.ProtocolFeature.MQ
+    | p.ProtocolFeature.LOG_SHMFD
     | p.ProtocolFeature.REPLY_ACK
     | p.ProtocolFeature.CONFIG
     | p.ProtocolFeature.CONFIGURE_MEM_SLOTS
@@ -63,6 +67,8 @@ class Session:
         self.closed = False
         self._inflight: tuple[mmap.mmap, CData] | None = None
         self._offered_inflight_fd: int | None = None
+        self.dirty_log: DirtyLog | None = None
+        self._log_call_fd: int | None = None
 
     # --- entry point ---
     def handle(self, msg: p.Message) -> p.Reply | None:
@@ -72,7 +78,7 @@ class Session:
         try:
             reply = self._dispatch(msg)
             ok = True
-        except (SessionError, GuestMemoryError, VirtqueueError, ValueError) as e:
+        except (SessionError, GuestMemoryError, VirtqueueError, DirtyLogError, ValueError) as e:
             log.error("%s: %s failed: %s", self.name, p.request_name(request), e)
             reply, ok = self._failure_reply(msg), False
         if reply is None and msg.need_reply:
@@ -88,6 +94,8 @@ class Session:
         if isinstance(msg, p.GetInflightFd):
             # mmap_size 0: QEMU goes on without inflight tracking
             return p.InflightReply(p.Request.GET_INFLIGHT_FD, 0, 0, 0, 0)
+        if isinstance(msg, p.SetLogBase):
+            return p.U64Reply(p.Request.SET_LOG_BASE, 1)  # QEMU waits for a reply
         return None
 
     def _dispatch(self, msg: p.Message) -> p.Reply | None:
@@ -121,11 +129,12 @@ class Session:
                 self._change_memory(lambda: self.memory.remove(_region(region)), [fd])
             case p.SetVringNum(index=i, num=n):
                 self._reconfigure(self._queue(i), lambda q: q.set_num(n))
-            case p.SetVringAddr(index=i):
+            case p.SetVringAddr(index=i, flags=flags):
+                log_used = msg.log_guest_addr if flags & lib.VHOST_VRING_F_LOG else None
                 self._reconfigure(
                     self._queue(i),
                     lambda q: q.set_rings(
-                        msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr
+                        msg.desc_user_addr, msg.avail_user_addr, msg.used_user_addr, log_used
                     ),
                 )
             case p.SetVringBase(index=i, num=n):
@@ -150,6 +159,11 @@ class Session:
                 return self._get_inflight_fd(nq, qs)
             case p.SetInflightFd():
                 self._set_inflight_fd(msg)
+            case p.SetLogBase(size=size, offset=offset, fd=fd):
+                self._set_log_base(size, offset, fd)
+                return p.U64Reply(p.Request.SET_LOG_BASE, 0)
+            case p.SetLogFd(fd=fd):
+                self._set_log_fd(fd)
             case p.SendRarp(mac=mac):
                 if not self.protocol_features & p.ProtocolFeature.RARP:
                     raise SessionError("RARP was not negotiated")
@@ -164,7 +178,7 @@ class Session:
     # --- features ---
     @property
     def offered_features(self) -> int:
-        return self.device.features | p.VHOST_USER_F_PROTOCOL_FEATURES
+        return self.device.features | p.VHOST_USER_F_PROTOCOL_FEATURES | p.VHOST_F_LOG_ALL
 
     @property
     def offered_protocol_features(self) -> int:
@@ -179,7 +193,13 @@ class Session:
         extra = features & ~self.offered_features
         if extra:
             raise SessionError(f"features {features:#x} include bits not offered ({extra:#x})")
+        logging_was_on = self._logging
         self.features = features
+        if self._logging != logging_was_on:
+            log.info("%s: dirty-page logging %s", self.name, "on" if self._logging else "off")
+            if self._logging and self.dirty_log is None:
+                log.warning("%s: LOG_ALL negotiated before SET_LOG_BASE", self.name)
+            self._apply_log()
         if not self._protocol_features_on:
             # Spec: without PROTOCOL_FEATURES a ring starts enabled (with it, disabled
             # until SET_VRING_ENABLE). Decided here, once the features are known.
@@ -212,6 +232,87 @@ class Session:
             close_all(fds)  # the mapping keeps the memory; the fd is not needed
             for q in running:
                 self._maybe_start(q)
+
+    # --- dirty-page logging (vhost-user.rst, "Migration") ---
+    @property
+    def _logging(self) -> bool:
+        return bool(self.features & p.VHOST_F_LOG_ALL)
+
+    def _apply_log(self) -> None:
+        """Give every queue the log it must write (none unless LOG_ALL is on and a log
+        is mapped); a running queue is stopped around the change (the worker reads it
+        without locks) and its pass in progress completes with the old setting."""
+        want = self.dirty_log.handle if self._logging and self.dirty_log else None
+        for q in self.queues:
+            if q.log is not want:
+
+                def change(q: Virtqueue, want: vu_log | None = want) -> None:
+                    q.log = want
+
+                self._reconfigure(q, change)
+
+    def _set_log_base(self, size: int, offset: int, fd: int | None) -> None:
+        try:
+            if not self.protocol_features & p.ProtocolFeature.LOG_SHMFD:
+                raise SessionError("LOG_SHMFD was not negotiated (no shared log)")
+            if fd is None:
+                raise SessionError("no fd attached for the log")
+            new = DirtyLog(fd, size, offset)
+        finally:
+            close_all([fd])  # the mapping keeps the memory
+        end = max((r.guest_phys_addr + r.memory_size for r in self.memory.regions), default=0)
+        if new.covers < end:
+            new.close()
+            raise SessionError(
+                f"log of {size} bytes covers guest memory up to {new.covers:#x}, "
+                f"but it reaches {end:#x} ({log_bytes_for(end)} bytes of log needed)"
+            )
+        new.set_call_fd(self._log_call_fd)
+        old = self.dirty_log
+        running = [q for q in self.queues if q.running]
+        for q in running:
+            self.device.stop_queue(q)  # nothing writes the old log after this
+        self.dirty_log = new
+        for q in self.queues:
+            q.log = None
+        self._apply_log()
+        if old is not None:
+            old.close()
+        for q in running:
+            self._maybe_start(q)
+        log.info(
+            "%s: dirty log of %d bytes at offset %#x (covers %#x)",
+            self.name,
+            size,
+            offset,
+            new.covers,
+        )
+
+    def _set_log_fd(self, fd: int) -> None:
+        try:
+            _check_notifier(fd)
+        except SessionError:
+            close_all([fd])
+            raise
+        running = [q for q in self.queues if q.running]
+        for q in running:
+            self.device.stop_queue(q)
+        close_all([self._log_call_fd])
+        self._log_call_fd = _nonblocking_fd(fd)
+        if self.dirty_log is not None:
+            self.dirty_log.set_call_fd(fd)
+        for q in running:
+            self._maybe_start(q)
+
+    def _release_log(self) -> None:
+        """Queues must be stopped."""
+        for q in self.queues:
+            q.log = None
+        if self.dirty_log is not None:
+            self.dirty_log.close()
+            self.dirty_log = None
+        close_all([self._log_call_fd])
+        self._log_call_fd = None
 
     # --- inflight tracking (vhost-user.rst, "Inflight I/O tracking") ---
     def _check_inflight_shape(self, num_queues: int, queue_size: int) -> int:
@@ -343,8 +444,13 @@ class Session:
             self.device.stop_queue(q)
 
     def _get_vring_base(self, index: int) -> p.Reply:
+        """Stop the queue: every request taken from it has completed, been logged and been
+        published when this returns (its worker finishes the pass it is in), and completed
+        writes are on disk (device.flush), since a migration's destination opens the same
+        image. The index returned is where the next owner of the ring resumes."""
         q = self._queue(index)
         base = self.device.stop_queue(q)
+        _off_loop(self.device.flush)
         # The ring is stopped until the front end sends a kick fd again.
         q.set_kick(None)
         log.debug("%s: queue %d stopped at %d", self.name, index, base)
@@ -361,6 +467,7 @@ class Session:
             q.reset()
         # QEMU drops its region on a device reset and asks for a new one.
         self._release_inflight()
+        self._release_log()
         self.device.reset()
         self.features = 0
 
@@ -377,6 +484,7 @@ class Session:
         if line:
             log.info("%s: counters since start: %s", self.name, line)
         self._release_inflight()
+        self._release_log()
         close_all([self._offered_inflight_fd])
         self._offered_inflight_fd = None
         self.memory.close()
@@ -396,6 +504,31 @@ def _check_notifier(fd: int) -> None:
         raise SessionError(f"notifier fd: {e.strerror}") from None
     if not (stat.S_ISFIFO(st.st_mode) or kind == "anon_inode:[eventfd]"):
         raise SessionError(f"notifier fd is not an eventfd or a pipe ({kind})")
+
+
+def _nonblocking_fd(fd: int) -> int:
+    with contextlib.suppress(OSError):
+        os.set_blocking(fd, False)
+    return fd
+
+
+def _off_loop(work: Callable[[], None]) -> None:
+    """Run blocking I/O (an fdatasync) in a thread of its own and wait for it. The
+    caller's reply must wait for it anyway; the event loop thread itself never does
+    disk I/O."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            work()
+        except OSError as e:
+            failure.append(e)
+
+    t = threading.Thread(target=run, name="flush", daemon=True)
+    t.start()
+    t.join()
+    if failure:
+        raise SessionError(f"flush failed: {failure[0]}")
 
 
 def _region(r: p.MemoryRegion) -> Region:

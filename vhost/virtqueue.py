@@ -35,7 +35,7 @@ from vhost.fds import close_all
 from vhost.memory import GuestMemory
 
 if TYPE_CHECKING:
-    from vhost._native import CData, vu_vq
+    from vhost._native import CData, vu_log, vu_vq
 
 log = logging.getLogger("vhost.virtqueue")
 
@@ -123,6 +123,11 @@ class Virtqueue:
         self.inflight: tuple[CData, int] | None = None
         #: buffers left untaken at a stop are normal (rx rings): no INFO line for them
         self.untaken_is_normal = False
+        #: the dirty log this queue writes while it runs (set by the session); None: off
+        self.log: vu_log | None = None
+        #: guest-physical address of the used ring, when its writes are logged too
+        #: (SET_VRING_ADDR with VHOST_VRING_F_LOG)
+        self.log_used_gpa: int | None = None
         self._vq = ffi.new("struct vu_vq *")
         self._vq.kick_fd = self._vq.call_fd = self._vq.err_fd = self._vq.stop_fd = -1
         self._worker: threading.Thread | None = None
@@ -137,8 +142,11 @@ class Virtqueue:
             )
         self.num = num
 
-    def set_rings(self, desc: int, avail: int, used: int) -> None:
+    def set_rings(self, desc: int, avail: int, used: int, log_used_gpa: int | None = None) -> None:
+        """Ring addresses (front-end virtual), and the used ring's guest-physical address
+        when the front end wants its writes logged."""
         self.rings = (desc, avail, used)
+        self.log_used_gpa = log_used_gpa
 
     def set_base(self, base: int) -> None:
         if not 0 <= base <= 0xFFFF:
@@ -203,6 +211,9 @@ class Virtqueue:
             )
         if self.inflight is not None:
             self._attach_inflight(*self.inflight)
+        vq.log = ffi.NULL if self.log is None else self.log
+        vq.log_used = int(self.log_used_gpa is not None)
+        vq.log_used_gpa = self.log_used_gpa or 0
         vq.kick_fd = self.kick_fd
         vq.call_fd = -1 if self.call_fd is None else self.call_fd
         vq.err_fd = -1 if self.err_fd is None else self.err_fd
@@ -384,6 +395,8 @@ class Virtqueue:
             "kicks": s.kicks,
             "signals": s.signals,
             "batches": s.batches,
+            "log_words": s.log_words,
+            "log_beyond": s.log_beyond,
             "errors": self._vq.err.count,
             "last_avail_idx": self._vq.last_avail_idx,
             "used_idx": self._vq.used_idx,
@@ -400,6 +413,8 @@ class Virtqueue:
         self.base = 0
         self.enabled = False
         self.inflight = None
+        self.log = None
+        self.log_used_gpa = None
 
 
 class _ChainServer:

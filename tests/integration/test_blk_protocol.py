@@ -148,7 +148,7 @@ def test_short_header_then_close(daemon: Daemon) -> None:
 
 
 @shared
-@pytest.mark.parametrize("code", [99, int(Request.SET_LOG_BASE), int(Request.SET_STATUS)])
+@pytest.mark.parametrize("code", [99, int(Request.POSTCOPY_ADVISE), int(Request.SET_STATUS)])
 def test_unknown_request_with_need_reply(daemon: Daemon, code: int) -> None:
     with connect_guest(daemon, queues=0) as g:
         efd = os.eventfd(0, os.EFD_CLOEXEC)

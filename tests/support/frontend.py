@@ -116,9 +116,18 @@ PF_CONFIG = int(ProtocolFeature.CONFIG)
 PF_RESET_DEVICE = int(ProtocolFeature.RESET_DEVICE)
 PF_CONFIGURE_MEM_SLOTS = int(ProtocolFeature.CONFIGURE_MEM_SLOTS)
 PF_INFLIGHT_SHMFD = int(ProtocolFeature.INFLIGHT_SHMFD)
+PF_LOG_SHMFD = int(ProtocolFeature.LOG_SHMFD)
+#: VHOST_F_LOG_ALL: like QEMU, the front end sets it only while it migrates
+F_LOG_ALL = 1 << 26
 #: the protocol features this front end knows how to drive
 FRONTEND_PROTOCOL_FEATURES = (
-    PF_MQ | PF_REPLY_ACK | PF_CONFIG | PF_CONFIGURE_MEM_SLOTS | PF_RESET_DEVICE | PF_INFLIGHT_SHMFD
+    PF_MQ
+    | PF_REPLY_ACK
+    | PF_CONFIG
+    | PF_CONFIGURE_MEM_SLOTS
+    | PF_RESET_DEVICE
+    | PF_INFLIGHT_SHMFD
+    | PF_LOG_SHMFD
 )
 
 
@@ -827,7 +836,7 @@ class FrontEnd:
             self.request(SetProtocolFeatures(pf))
             self.protocol_features = pf
         self.request_ack(SetOwner())
-        self.features = (self.offered_features & features_wanted_mask) | (
+        self.features = (self.offered_features & features_wanted_mask & ~F_LOG_ALL) | (
             self.offered_features & F_PROTOCOL_FEATURES
         )
         self.request_ack(SetFeatures(self.features))

@@ -133,6 +133,10 @@ ROWS: dict[str, list[str]] = {
     ],
     "MAX_CHAIN_IOV": ["test_chain_iovecs"],
     "MAX_READ_BYTES (Chain.read)": ["tests.unit.test_chains::test_read_without_a_size_is_bounded"],
+    "MAX_LOG_BYTES (dirty log mapped)": [
+        "tests.unit.test_dirtylog::test_bad_logs_are_refused",
+        "tests.unit.test_dirtylog::test_largest_log_is_accepted",
+    ],
     "MAX_BLK_QUEUES": [
         "test_blk_queues_in_the_device_and_session",
         "test_blk_cli_refuses_one_queue_more",
@@ -221,6 +225,7 @@ def test_table_values_are_the_constants() -> None:
     assert values["MAX_QUEUE_SIZE"] == str(MAX_QUEUE_SIZE)
     assert values["MAX_CHAIN_IOV"] == str(MAX_CHAIN_IOV)
     assert values["MAX_READ_BYTES"] == f"{limits.MAX_READ_BYTES // MiB} MiB"
+    assert values["MAX_LOG_BYTES"] == f"{limits.MAX_LOG_BYTES // (1024 * MiB)} GiB"
     assert values["MAX_BLK_QUEUES"] == str(MAX_BLK_QUEUES)
     assert values["MAX_REQUEST_BYTES"] == f"{blk_limits.MAX_REQUEST_BYTES // MiB} MiB"
     assert values["MAX_DISCARD_SEG"] == str(blk_limits.MAX_DISCARD_SEG)
