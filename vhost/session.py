@@ -145,6 +145,8 @@ class Session:
                 self._set_queue_fd(i, fd, Virtqueue.set_kick)
             case p.SetVringCall(index=i, fd=fd):
                 self._set_queue_fd(i, fd, Virtqueue.set_call)
+                if fd is not None:
+                    _signal_new_call_fd(self.name, i, fd)
             case p.SetVringErr(index=i, fd=fd):
                 self._set_queue_fd(i, fd, Virtqueue.set_err)
             case p.SetVringEnable(index=i, enable=enable):
@@ -504,6 +506,19 @@ def _check_notifier(fd: int) -> None:
         raise SessionError(f"notifier fd: {e.strerror}") from None
     if not (stat.S_ISFIFO(st.st_mode) or kind == "anon_inode:[eventfd]"):
         raise SessionError(f"notifier fd is not an eventfd or a pipe ({kind})")
+
+
+def _signal_new_call_fd(name: str, index: int, fd: int) -> None:
+    """Signal a queue's new call fd once, as libvhost-user does: a back end that died
+    between publishing a used entry and signalling it left the driver waiting for an
+    interrupt nobody will send; after the restart this one wakes it. A driver with
+    nothing new in its used ring takes it as a spurious interrupt."""
+    try:
+        os.write(fd, (1).to_bytes(8, "little"))
+    except BlockingIOError:
+        pass  # the counter is saturated: it is signalled already
+    except OSError as e:
+        log.warning("%s: queue %d: cannot signal the new call fd: %s", name, index, e.strerror)
 
 
 def _nonblocking_fd(fd: int) -> int:

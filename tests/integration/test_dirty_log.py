@@ -10,6 +10,7 @@ nothing. GET_VRING_BASE replies after every request taken is published.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -24,51 +25,25 @@ from tests.support.blk import (
     pattern,
 )
 from tests.support.daemon import Daemon
-from tests.support.frontend import (
-    F_LOG_ALL,
-    PF_LOG_SHMFD,
-    DriverQueue,
-    FrontEnd,
-    GuestRam,
-    KiB,
+from tests.support.dirtylog import (
+    PAGE,
+    TAIL,
+    FrontEndLog,
+    pages,
+    set_log_base,
+    set_vring_log,
+    start_logging,
+    stop_logging,
+    used_ring_pages,
 )
+from tests.support.frontend import F_LOG_ALL, PF_LOG_SHMFD, FrontEnd, GuestRam, KiB
 from vhost.protocol import (
     GetVringBase,
     SetLogBase,
     SetProtocolFeatures,
-    SetVringAddr,
     U64Reply,
     VringStateReply,
 )
-
-PAGE = 4096
-TAIL = 4096  # guard bytes after the log in its file
-
-
-class FrontEndLog:
-    """The front end's side of the log: a memfd bitmap, read and cleared as QEMU does."""
-
-    def __init__(self, ram_end: int, offset: int = 0) -> None:
-        self.size = -(-ram_end // (8 * PAGE))
-        self.offset = offset
-        self.fd = os.memfd_create("fe-log", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, offset + self.size + TAIL)
-
-    def take(self) -> set[int]:
-        """The pages marked since the last take (and clear them), checking the guards."""
-        raw = os.pread(self.fd, self.offset + self.size + TAIL, 0)
-        assert raw[: self.offset] == bytes(self.offset), "written before the log"
-        assert raw[self.offset + self.size :] == bytes(TAIL), "written after the log"
-        os.pwrite(self.fd, bytes(self.size), self.offset)
-        bits = raw[self.offset : self.offset + self.size]
-        return {i * 8 + b for i, v in enumerate(bits) if v for b in range(8) if v >> b & 1}
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-
-def pages(gpa: int, n: int) -> set[int]:
-    return set(range(gpa // PAGE, (gpa + n - 1) // PAGE + 1)) if n else set()
 
 
 def writable_pages(req: BlkRequest) -> set[int]:
@@ -79,48 +54,6 @@ def writable_pages(req: BlkRequest) -> set[int]:
     return out
 
 
-def used_ring_pages(q: DriverQueue) -> set[int]:
-    return pages(q.used_gpa, 4 + 8 * q.num + 2)
-
-
-def ram_end(g: Guest) -> int:
-    return max(r.guest_phys_addr + r.memory_size for r in g.ram.regions())
-
-
-def set_log_base(fe: FrontEnd, log: FrontEndLog) -> U64Reply:
-    """SET_LOG_BASE, and the reply QEMU waits for (whatever REPLY_ACK says)."""
-    r = fe.request(SetLogBase(log.size, log.offset, log.fd))
-    assert r is None  # not a GET: the front end does not read it by itself
-    reply = fe.read_reply(what="SET_LOG_BASE reply")
-    assert isinstance(reply, U64Reply) and reply.request == SetLogBase.request
-    return reply
-
-
-def set_vring_log(fe: FrontEnd, index: int, q: DriverQueue, on: bool) -> None:
-    fe.request_ack(
-        SetVringAddr(
-            index=index,
-            flags=1 if on else 0,
-            desc_user_addr=fe.ram.uva_of(q.desc_gpa),
-            used_user_addr=fe.ram.uva_of(q.used_gpa),
-            avail_user_addr=fe.ram.uva_of(q.avail_gpa),
-            log_guest_addr=q.used_gpa if on else 0,
-        )
-    )
-
-
-def start_logging(g: Guest, log: FrontEndLog) -> None:
-    """QEMU's order (vhost_migration_log): the log, then LOG_ALL, then each ring's flag."""
-    assert set_log_base(g.fe, log).value == 0
-    g.fe.set_features(g.fe.features | F_LOG_ALL)
-    set_vring_log(g.fe, 0, g.queue, True)
-
-
-def stop_logging(g: Guest) -> None:
-    g.fe.set_features(g.fe.features & ~F_LOG_ALL)
-    set_vring_log(g.fe, 0, g.queue, False)
-
-
 @pytest.fixture
 def g(daemon: Daemon) -> Iterator[Guest]:
     with connect_guest(daemon, buf_regions=(0, 1)) as guest:
@@ -129,7 +62,7 @@ def g(daemon: Daemon) -> Iterator[Guest]:
 
 @pytest.fixture
 def log(g: Guest) -> Iterator[FrontEndLog]:
-    lg = FrontEndLog(ram_end(g), offset=8)
+    lg = FrontEndLog.for_ram(g.ram, offset=8)
     yield lg
     lg.close()
 
@@ -143,7 +76,7 @@ def test_offered(g: Guest) -> None:
 def test_marks_exactly_what_the_device_wrote(g: Guest, daemon: Daemon, log: FrontEndLog) -> None:
     blk = g.blk
     check_io_works(g, daemon)  # before logging: nothing is marked
-    start_logging(g, log)
+    start_logging(g.fe, log)
     # the restarted queue asks for a kick: only its avail_event (in the used ring) changed
     assert log.take() <= used_ring_pages(g.queue)
 
@@ -168,7 +101,8 @@ def test_marks_exactly_what_the_device_wrote(g: Guest, daemon: Daemon, log: Fron
     for r in reqs:
         assert disk_read(daemon, r.sector * 512, len(data)) == data
 
-    stop_logging(g)
+    stop_logging(g.fe)
+    log.take()  # avail_event, written after the take above, before logging went off
     check_io_works(g, daemon)
     assert log.take() == set(), "nothing is marked once LOG_ALL is off"
 
@@ -188,7 +122,7 @@ def test_toggle_in_the_middle_of_a_stream(g: Guest, daemon: Daemon, log: FrontEn
             g.fe.set_features(g.fe.features | F_LOG_ALL)
             set_vring_log(g.fe, 0, g.queue, True)
         else:
-            stop_logging(g)
+            stop_logging(g.fe)
         done = blk.kick_and_wait(reqs)
         assert all(c.ok and c.data == data for c in done)
         got = log.take()
@@ -203,10 +137,10 @@ def test_toggle_in_the_middle_of_a_stream(g: Guest, daemon: Daemon, log: FrontEn
 
 
 def test_a_new_log_replaces_the_old(g: Guest, daemon: Daemon, log: FrontEndLog) -> None:
-    start_logging(g, log)
+    start_logging(g.fe, log)
     check_io_works(g, daemon)
     assert log.take()
-    new = FrontEndLog(ram_end(g))
+    new = FrontEndLog.for_ram(g.ram)
     try:
         assert set_log_base(g.fe, new).value == 0
         check_io_works(g, daemon)
@@ -227,7 +161,7 @@ def test_a_new_log_replaces_the_old(g: Guest, daemon: Daemon, log: FrontEndLog) 
     ],
 )
 def test_junk_log_base_is_refused(g: Guest, daemon: Daemon, case: str, match: str) -> None:
-    good = FrontEndLog(ram_end(g))
+    good = FrontEndLog.for_ram(g.ram)
     try:
         fd, size, offset = good.fd, good.size, 0
         r = w = -1
@@ -287,6 +221,10 @@ def test_get_vring_base_waits_for_every_request(g: Guest, daemon: Daemon) -> Non
     n = 32
     reqs = [blk.submit_write(128 * i, data) for i in range(n)]
     blk.publish_and_kick()
+    deadline = time.monotonic() + 5
+    while g.queue.used_idx() == 0:  # the worker is in the middle of them
+        assert time.monotonic() < deadline, "no request completed"
+        time.sleep(0.001)
     r = g.fe.request(GetVringBase(0))
     assert isinstance(r, VringStateReply)
     used = g.queue.used_idx()
