@@ -5,8 +5,9 @@
 * ``blk_daemon`` -- a factory starting ``vhost-user-blk`` in ``tmp_path``
   (:func:`~tests.support.daemon.spawn_blk_for_qemu`); at teardown every daemon (latest
   first) gets SIGTERM and must exit 0, log no traceback and remove its socket.
-* ``guests`` -- a factory booting QEMU guests; at teardown every QEMU still running is
-  SIGKILLed (before the daemons are stopped).
+* ``guests`` -- a factory booting QEMU guests (``ram="hugepages"`` puts guest RAM on
+  hugetlbfs: :func:`~tests.qemu.harness.with_ram`); at teardown every QEMU still running
+  is SIGKILLed (before the daemons are stopped).
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ def guests(blk_daemon: StartDaemon, tmp_path: Path, guest_base: Path) -> Iterato
         *,
         name: str = "guest",
         files: dict[str, bytes] | None = None,
+        ram: str = "memfd",
     ) -> qemu.Guest:
-        g = boot_guest(guest_base, script, tmp_path, name, extra_args, files=files)
+        g = boot_guest(guest_base, script, tmp_path, name, extra_args, files=files, ram=ram)
         booted.append(g)
         return g
 

@@ -28,7 +28,16 @@ import pytest
 from tests.guest import qemu, workloads
 from tests.guest.workloads import MiB, pattern
 
-from .harness import UL_BLKDISCARD, BootGuest, StartDaemon, blk_qemu_args, needs_qemu
+from .harness import (
+    RAM_BACKENDS,
+    UL_BLKDISCARD,
+    BootGuest,
+    StartDaemon,
+    blk_qemu_args,
+    needs_qemu,
+    skip_unless_ram,
+    wait_hugepage_maps,
+)
 
 pytestmark = [pytest.mark.qemu, needs_qemu]
 
@@ -186,14 +195,19 @@ fi
 )
 
 
+@pytest.mark.parametrize("ram", RAM_BACKENDS)
 def test_vhost_user_blk_guest(
     blk_daemon: StartDaemon,
     guests: BootGuest,
     tmp_path: Path,
     record_property: RecordProperty,
+    ram: str,
 ) -> None:
     """The full block workload through our daemon, plus serial, size, discard and
-    write-zeroes; the image is created by the daemon (--size)."""
+    write-zeroes; the image is created by the daemon (--size). Guest RAM is a memfd, or
+    on hugetlbfs (``memory-backend-file,mem-path=/dev/hugepages``: QEMU sends the
+    daemon regions in whole huge pages)."""
+    skip_unless_ram(ram)
     img = tmp_path / "created.img"
     d = blk_daemon("--size", "64M", "--serial", SERIAL, image=img)
     assert img.stat().st_size == IMG_SIZE
@@ -209,11 +223,14 @@ def test_vhost_user_blk_guest(
     files = workloads.blk_files(PATTERNS) | {"/data/d0": DISCARD_DATA, "/data/z0": WZ_DATA}
     t0 = time.monotonic()
     with guests(
-        workloads.blk_script("vda", PATTERNS, extra=extra), blk_qemu_args(d), files=files
+        workloads.blk_script("vda", PATTERNS, extra=extra), blk_qemu_args(d), files=files, ram=ram
     ) as g:
+        if ram == "hugepages":  # the daemon maps the guest's RAM from hugetlbfs
+            maps = wait_hugepage_maps(d.pid, GUEST_TIMEOUT)
+            record_property("hugepage_maps", len(maps))
         res, text, boot, work = _run(g, "guest")
     total = time.monotonic() - t0
-    print(f"\n[blk] boot {boot:.1f}s workload {work:.1f}s total {total:.1f}s {res}")
+    print(f"\n[blk {ram}] boot {boot:.1f}s workload {work:.1f}s total {total:.1f}s {res}")
     record_property("total_s", round(total, 2))
 
     workloads.check_blk_results(res, PATTERNS, IMG_SIZE, text)

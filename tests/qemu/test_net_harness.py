@@ -11,7 +11,8 @@ leave it.
   virtio-net back end) or ``e1000`` (the emulated baseline) or ``vhost-user-net``
   (our back end: ``vhost-user-net --socket-path SOCK --tap tap0``, run inside the
   namespace so it opens that namespace's TAP): ping the TAP address, TCP file
-  guest -> host and host -> guest, md5s equal on both sides.
+  guest -> host and host -> guest, md5s equal on both sides. ``vhost-user-net-hugepages``
+  is the last with guest RAM on hugetlbfs (``memory-backend-file,mem-path=/dev/hugepages``).
 * ``test_two_guests`` -- two guests on one segment, a Linux bridge in the
   namespace (each guest on a TAP enslaved to it) or our ``vhost-user-net --switch``
   with two sockets: they ping each other and swap files over TCP.
@@ -37,7 +38,7 @@ from tests.guest.workloads import MiB, pattern
 from tests.netns import NetNs, assert_no_leaked_namespaces, list_namespaces
 from tests.support.daemon import Daemon, installed_command, spawn_net_for_qemu
 
-from .harness import needs_netns, needs_qemu
+from .harness import needs_netns, needs_qemu, skip_unless_ram, wait_hugepage_maps, with_ram
 
 pytestmark = [pytest.mark.qemu, needs_qemu, needs_netns]
 
@@ -54,7 +55,8 @@ PAIR_PORT = 5003
 PAIR_DATA = (pattern(62, 1 * MiB + 11), pattern(63, 768 * 1024 + 5))
 
 RecordProperty = Callable[[str, object], None]
-#: ``boot(script, nic_args, *, name="guest", files=None)`` -> a started Guest in the netns
+#: ``boot(script, nic_args, *, name="guest", files=None, ram="memfd")`` -> a started Guest in
+#: the netns (``ram``: the guest RAM backend, see tests/qemu/harness.py ``with_ram``)
 BootNetGuest = Callable[..., qemu.Guest]
 
 
@@ -79,6 +81,7 @@ def net_guests(netns: NetNs, guest_base: Path, tmp_path: Path) -> Iterator[BootN
         *,
         name: str = "guest",
         files: dict[str, bytes] | None = None,
+        ram: str = "memfd",
     ) -> qemu.Guest:
         initrd = build.make_initrd(guest_base, script, tmp_path / f"{name}.initrd", files)
         g = qemu.Guest(
@@ -89,7 +92,7 @@ def net_guests(netns: NetNs, guest_base: Path, tmp_path: Path) -> Iterator[BootN
             log_path=tmp_path / f"{name}.console.log",
             start=False,
         )
-        g.args = netns.exec_args(g.args)
+        g.args = netns.exec_args(with_ram(g.args, ram))
         g.start()
         booted.append(g)
         return g
@@ -117,7 +120,9 @@ def needs_backend(kind: str) -> None:
 # --- tests -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("nic", ["virtio-net", "e1000", "vhost-user-net"])
+@pytest.mark.parametrize(
+    "nic", ["virtio-net", "e1000", "vhost-user-net", "vhost-user-net-hugepages"]
+)
 def test_guest_to_host(
     nic: str,
     netns: NetNs,
@@ -128,11 +133,13 @@ def test_guest_to_host(
     """Guest on a TAP in the namespace: pings the TAP address with no loss, sends a
     file to a host receiver and fetches one from a host sender, md5s equal."""
     needs_backend(nic)
+    ram = "hugepages" if nic.endswith("-hugepages") else "memfd"
+    skip_unless_ram(ram)
     t0 = time.monotonic()
     tap = netns.add_tap("tap0", f"{HOST_IP}/24")
     netns.check_isolated()
     backend: Daemon | None = None
-    if nic == "vhost-user-net":
+    if nic.startswith("vhost-user-net"):
         backend = spawn_net_for_qemu(netns, tmp_path, tap=tap)
         nic_args = nw.vhost_user_net_args(backend.sockets[0], mac=nw.mac_addr(1))
     else:
@@ -145,7 +152,9 @@ def test_guest_to_host(
     script = nw.host_peer_script(
         f"{GUEST_IP}/24", HOST_IP, ping_count=PINGS, send_port=UP_PORT, recv_port=DOWN_PORT
     )
-    g = net_guests(script, nic_args, name=nic, files={nw.UP_FILE: UP})
+    g = net_guests(script, nic_args, name=nic, files={nw.UP_FILE: UP}, ram=ram)
+    if backend is not None and ram == "hugepages":  # it maps the guest's RAM from hugetlbfs
+        record_property("hugepage_maps", len(wait_hugepage_maps(backend.pid, GUEST_TIMEOUT)))
     res, text = _run(g, nic)
     got_up, sent_down = receiver.result(), sender.result()
     stats = netns.stats(tap)
