@@ -672,9 +672,14 @@ def spawn_blk_for_qemu(
 
 
 def spawn_net_for_qemu(
-    ns: NetNs, workdir: Path, *, tap: str | None = None, switch: str | None = None, ports: int = 1
+    ns: NetNs,
+    workdir: Path,
+    *args: str,
+    tap: str | None = None,
+    switch: str | None = None,
+    ports: int = 1,
 ) -> Daemon:
-    """``vhost-user-net --socket-path SOCK... --tap TAP | --switch NAME`` inside ``ns``
+    """``vhost-user-net --socket-path SOCK... --tap TAP | --switch NAME ARGS`` inside ``ns``
     (a TAP is opened in the back end's namespace, and the namespace kills it when it
     goes), sockets ``<workdir>/net<i>.sock``, log ``<workdir>/vhost-user-net.log``;
     returns once every socket accepts a connection (closed at once)."""
@@ -686,6 +691,7 @@ def spawn_net_for_qemu(
         workdir,
         "vhost-user-net",
         *backend,
+        *args,
         sockets=[workdir / f"net{i}.sock" for i in range(ports)],
         command=command,
         popen=ns.popen,
