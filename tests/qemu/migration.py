@@ -251,6 +251,18 @@ def qsd_blk(image: Path) -> BackendFactory:
     return start
 
 
+def add_segment(ns: NetNs, bridge: str, addr_cidr: str, mac: str) -> str:
+    """The bridge every hop's TAP joins, with the host's address and a MAC of its own.
+    Without one a Linux bridge takes the lowest MAC of its ports, so the TAP a new hop
+    adds may change it: the guest then sends to the old MAC, the bridge hands those
+    frames up as PACKET_OTHERHOST, IP drops them, and the stream stalls until the
+    guest's ARP entry expires (30-50 s)."""
+    ns.add_bridge(bridge)
+    ns.ip("link", "set", bridge, "address", mac)
+    ns.add_addr(bridge, addr_cidr)
+    return bridge
+
+
 def _hop_tap(ns: NetNs, bridge: str, hop: int) -> str:
     """A new TAP for this hop's QEMU, on ``bridge``."""
     tap = ns.add_tap(f"mtap{hop}")
@@ -258,13 +270,13 @@ def _hop_tap(ns: NetNs, bridge: str, hop: int) -> str:
     return tap
 
 
-def ours_net(ns: NetNs, bridge: str, mac: str) -> BackendFactory:
-    """Our ``vhost-user-net --tap mtapN`` inside ``ns``, on a new TAP on ``bridge`` for
-    every hop."""
+def ours_net(ns: NetNs, bridge: str, mac: str, *args: str) -> BackendFactory:
+    """Our ``vhost-user-net --tap mtapN ARGS`` inside ``ns``, on a new TAP on ``bridge``
+    for every hop."""
 
     def start(hop: int, directory: Path) -> Backend:
         tap = _hop_tap(ns, bridge, hop)
-        d = spawn_net_for_qemu(ns, directory, tap=tap)
+        d = spawn_net_for_qemu(ns, directory, *args, tap=tap)
         return Backend(
             f"vhost-user-net (hop {hop})",
             nw.vhost_user_net_args(d.sockets[0], mac=mac),

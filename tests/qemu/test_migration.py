@@ -36,7 +36,8 @@ Until the daemon offers ``VHOST_F_LOG_ALL`` and ``LOG_SHMFD``, QEMU refuses to m
 a guest with our devices ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature")
 and the ``ours*`` cases fail on that blocker.
 
-Environment: ``VHOST_MIGRATION_HOPS=N`` (default 3). Run: ``python -m pytest
+Environment: ``VHOST_MIGRATION_HOPS=N`` (default 3); ``VHOST_MIGRATION_VERBOSE=1`` runs
+our daemons with ``-v``. Run: ``python -m pytest
 tests/qemu/test_migration.py -q -m qemu -s`` (``-s`` prints each hop's downtime and
 total time as QEMU reports them).
 """
@@ -68,6 +69,9 @@ pytestmark = [pytest.mark.qemu, needs_qemu, needs_netns]
 
 HOPS = int(os.environ.get("VHOST_MIGRATION_HOPS", "3"))
 SPLIT = os.environ.get("VHOST_MIGRATION_SPLIT") == "1"
+#: our daemons' arguments: ``VHOST_MIGRATION_VERBOSE=1`` adds ``-v`` (every message QEMU
+#: sends, where each ring stopped and started) to their logs
+DAEMON_ARGS = ("-v",) if os.environ.get("VHOST_MIGRATION_VERBOSE") == "1" else ()
 FIO = Path("/usr/bin/fio")
 
 IMG_SIZE = 128 * MiB
@@ -81,6 +85,9 @@ STREAM_CHUNK = pattern(90, 64 * 1024 + 13)  # not a power of two: a slip shows
 STREAM_GAP_US = 10_000  # ~6 MB/s: a live stream that does not swamp the migration
 GUEST_MAC = nw.mac_addr(60)
 BRIDGE = "br0"
+BRIDGE_MAC = "02:00:0a:63:06:01"
+#: stream bytes that count as "flowing" (after a hop: on the new QEMU)
+FLOWING_BYTES = 4 * len(STREAM_CHUNK)
 
 BOOT_TIMEOUT = 120.0  # QEMU start until fio's first pass and the stream flow
 FLOW_TIMEOUT = 60.0  # a hop done until the disk and the stream make progress again
@@ -260,7 +267,9 @@ class Run:
         """fio is in a pass with I/O flowing and the stream moved since ``since``."""
         c = self.console
         disk = self.case.blk is None or (c.fio_running() and c.io_flowing())
-        net = self.sink is None or self.sink.flowing_since(max(since, time.monotonic() - 1.0))
+        net = self.sink is None or self.sink.flowing_since(
+            max(since, time.monotonic() - 2.0), FLOWING_BYTES
+        )
         return disk and net
 
     def disk_moved_since(self, t: float) -> bool:
@@ -287,7 +296,9 @@ class Run:
         if self.sink is not None:
             sink = self.sink
             self.wait_until(
-                f"stream bytes after hop {n}", lambda: sink.flowing_since(t_run), FLOW_TIMEOUT
+                f"stream bytes after hop {n}",
+                lambda: sink.flowing_since(t_run, FLOWING_BYTES),
+                FLOW_TIMEOUT,
             )
             rec.net_resumed_s = time.monotonic() - t_run
         if self.ns is not None:
@@ -347,13 +358,15 @@ def _fdb_port(ns: NetNs, mac: str) -> str | None:
 def _backends(case: Case, image: Path, ns: NetNs | None) -> list[mg.BackendFactory]:
     out: list[mg.BackendFactory] = []
     if case.blk == "ours":
-        out.append(mg.ours_blk(image))
+        out.append(mg.ours_blk(image, *DAEMON_ARGS))
     elif case.blk == "qsd":
         out.append(mg.qsd_blk(image))
     if case.net is not None:
         assert ns is not None
-        factory = mg.ours_net if case.net == "ours" else mg.qemu_tap_net
-        out.append(factory(ns, BRIDGE, GUEST_MAC))
+        if case.net == "ours":
+            out.append(mg.ours_net(ns, BRIDGE, GUEST_MAC, *DAEMON_ARGS))
+        else:
+            out.append(mg.qemu_tap_net(ns, BRIDGE, GUEST_MAC))
     return out
 
 
@@ -388,7 +401,7 @@ def test_live_migration(
         sink: nw.StreamSink | None = None
         if case.net is not None:
             ns = stack.enter_context(NetNs("mig"))
-            ns.add_bridge(BRIDGE, f"{HOST_IP}/24")
+            mg.add_segment(ns, BRIDGE, f"{HOST_IP}/24", BRIDGE_MAC)
             ns.check_isolated()
             sink = nw.StreamSink(
                 ns, HOST_IP, STREAM_PORT, STREAM_CHUNK, tmp_path, timeout=SINK_TIMEOUT
