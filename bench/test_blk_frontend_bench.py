@@ -29,6 +29,7 @@ import contextlib
 
 from bench.conftest import baseline_command, baseline_tree
 from tests.support.daemon import Daemon, Ready, device_command, spawn
+from tests.support.dirtylog import FrontEndLog, start_logging
 from tests.support.frontend import (
     VRING_DESC_F_NEXT,
     VRING_DESC_F_WRITE,
@@ -163,25 +164,38 @@ def backend(
         d.stop(10)  # a benchmark asserts nothing about how the back end ends
 
 
+@pytest.mark.parametrize("dirty_log", ["off", "on"])
 @pytest.mark.parametrize("qd", [1, 32])
-def test_randread_4k(benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam], qd: int) -> None:
+def test_randread_4k(
+    benchmark: Any, backend: tuple[str, int, FrontEnd, GuestRam], qd: int, dirty_log: str
+) -> None:
+    """``dirty_log=on``: as during a live migration (SET_LOG_BASE, LOG_ALL, the rings'
+    log flag), so what logging costs per request shows beside the same run without."""
     kind, pid, fe, ram = backend
     loop = ReadLoop(fe, ram, qd)
+    log = FrontEndLog.for_ram(ram)
+    if dirty_log == "on":
+        start_logging(fe, log, acked=kind != "qemu-storage-daemon")
     loop.run(256)  # warm up
     cpu0, t0, n0 = _cpu_ns(pid), time.perf_counter(), loop.done
     benchmark.pedantic(loop.run, args=(REQUESTS_PER_ROUND,), rounds=ROUNDS, iterations=1)
     cpu1, t1, n1 = _cpu_ns(pid), time.perf_counter(), loop.done
     reqs = n1 - n0
+    marked = len(log.take())
+    log.close()
+    if dirty_log == "on":
+        assert marked > 0, "logging was on and nothing was marked"
     info = {
         "backend": kind,
         "qd": qd,
+        "dirty_log": dirty_log,
         "requests": reqs,
         "requests_per_s": round(reqs / (t1 - t0)),
         "backend_cpu_us_per_request": round((cpu1 - cpu0) / reqs / 1000, 3),
     }
     benchmark.extra_info.update(info)
     print(
-        f"\n{kind:>20} qd={qd:<3} {info['requests_per_s']:>8} req/s  "
+        f"\n{kind:>20} qd={qd:<3} log={dirty_log:<3} {info['requests_per_s']:>8} req/s  "
         f"backend CPU {info['backend_cpu_us_per_request']:.2f} us/request"
     )
     assert os.path.exists(f"/proc/{pid}")  # the back end survived the run

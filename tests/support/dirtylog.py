@@ -69,9 +69,12 @@ def set_vring_log(fe: FrontEnd, index: int, q: DriverQueue, on: bool) -> None:
     )
 
 
-def start_logging(fe: FrontEnd, log: FrontEndLog) -> None:
-    """QEMU's order (vhost_migration_log): the log, then LOG_ALL, then each ring's flag."""
-    assert set_log_base(fe, log).value == 0
+def start_logging(fe: FrontEnd, log: FrontEndLog, *, acked: bool = True) -> None:
+    """QEMU's order (vhost_migration_log): the log, then LOG_ALL, then each ring's flag.
+    ``acked``: check that the reply says 0 (ours does; libvhost-user, as in
+    qemu-storage-daemon, echoes the log's size: QEMU reads only that a reply came)."""
+    reply = set_log_base(fe, log)
+    assert reply.value == 0 or not acked, f"SET_LOG_BASE failed ({reply.value})"
     fe.set_features(fe.features | F_LOG_ALL)
     for index, q in fe.queues.items():
         set_vring_log(fe, index, q, True)
