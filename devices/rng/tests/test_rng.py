@@ -112,6 +112,7 @@ def test_a_chain_claiming_gigabytes_costs_max_chain_bytes(rng: Daemon) -> None:
                 VRING_DESC_F_WRITE | (0 if last else VRING_DESC_F_NEXT),
                 0 if last else descs[k + 1],
             )
+        q.drain_call()  # the one signal SET_VRING_CALL gives a new call fd
         q.put_avail(descs[0])
         q.kick()
         q.enable_cb()
@@ -281,6 +282,7 @@ def test_a_device_readable_buffer_gets_nothing(guest: Rng) -> None:
     buf = ram.alloc(64)
     ram.write(buf, b"r" * 64)
     q.write_desc(d, buf, 64, 0, 0)
+    q.drain_call()  # the one signal SET_VRING_CALL gives a new call fd
     q.put_avail(d)
     q.kick()
     q.enable_cb()
@@ -313,6 +315,7 @@ def test_indirect_table_with_a_bad_entry(guest: Rng, rng: Daemon) -> None:
     ram.pack("<QIHH", table + 16, ram.size * 4, 16, VRING_DESC_F_WRITE, 0)
     head = q.reserve_descs(1)[0]
     q.write_desc(head, table, 32, VRING_DESC_F_INDIRECT, 0)
+    q.drain_call()  # the one signal SET_VRING_CALL gives a new call fd
     q.put_avail(head)
     q.kick()
     q.enable_cb()
