@@ -36,10 +36,11 @@ from tests.support.dirtylog import (
     stop_logging,
     used_ring_pages,
 )
-from tests.support.frontend import F_LOG_ALL, PF_LOG_SHMFD, FrontEnd, GuestRam, KiB
+from tests.support.frontend import F_LOG_ALL, PF_LOG_SHMFD, AckError, FrontEnd, GuestRam, KiB
 from vhost.protocol import (
     GetVringBase,
     SetLogBase,
+    SetLogFd,
     SetProtocolFeatures,
     U64Reply,
     VringStateReply,
@@ -236,3 +237,25 @@ def test_get_vring_base_waits_for_every_request(g: Guest, daemon: Daemon) -> Non
                for req in reqs[:used])  # fmt: skip
     for req in reqs[:used]:
         assert disk_read(daemon, req.sector * 512, len(data)) == data
+
+
+def test_log_fd_is_signalled_after_updates(g: Guest, daemon: Daemon, log: FrontEndLog) -> None:
+    """SET_LOG_FD's eventfd is written after a burst set bits (none while logging is
+    off); a log fd that is not an eventfd or a pipe is refused."""
+    with open(daemon.image_path, "rb") as f:  # a regular file
+        bad = os.dup(f.fileno())
+    with pytest.raises(AckError):
+        g.fe.request_ack(SetLogFd(bad))
+    daemon.wait_log("notifier fd is not an eventfd")
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        g.fe.request_ack(SetLogFd(os.dup(efd)))
+        check_io_works(g, daemon)
+        with pytest.raises(BlockingIOError):
+            os.eventfd_read(efd)
+        start_logging(g.fe, log)
+        check_io_works(g, daemon)
+        assert os.eventfd_read(efd) > 0
+        assert log.take()
+    finally:
+        os.close(efd)
