@@ -91,8 +91,11 @@ def qemu_command_line(
     client: bool = False,
 ) -> str:
     """The QEMU options that attach a guest to these devices (one per socket): QEMU
-    reconnects to a back end that listens, and listens for one in client mode."""
-    chardev_opts = "server=on,wait=off" if client else "reconnect=1"
+    reconnects to a back end that listens, and listens for one in client mode. Plain
+    ``server=on`` there: QEMU 7.2 aborts in vhost-user-rng-pci's realize given
+    ``wait=off`` and no back end yet, and blk and net wait at start-up for their back
+    end either way (docs/client-mode.md)."""
+    chardev_opts = "server=on" if client else "reconnect=1"
     parts = []
     for i, (path, device) in enumerate(zip(paths, devices, strict=True)):
         chardev = f"{device_type.chardev_prefix or device_type.name}{i}"

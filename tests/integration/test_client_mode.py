@@ -364,7 +364,8 @@ def test_every_device_program_has_client_mode(
             ram.close()
             d.wait_connection_closed(n)
         line = d.wait_log("attach with:")[0]
-        assert f"path={listener.socket_path},server=on,wait=off" in line
+        # plain server=on: what QEMU 7.2 takes for every device (rng aborts with wait=off)
+        assert f"path={listener.socket_path},server=on " in line
 
 
 # --- the command line --------------------------------------------------------------------
