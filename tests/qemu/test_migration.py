@@ -30,7 +30,10 @@ Cases:
   qemu-storage-daemon's vhost-user-blk export (``locking=off``) and QEMU's own
   virtio-net on a TAP (QEMU then runs in the namespace).
 * ``ours-blk`` / ``ours-net`` -- one of our devices alone, for telling which one a
-  failure of ``ours`` comes from; run only with ``VHOST_MIGRATION_SPLIT=1``.
+  failure of ``ours`` comes from, and ``peers-net`` (QEMU's own NIC alone) to compare
+  ``ours-net`` with; run only with ``VHOST_MIGRATION_SPLIT=1``. Without a disk the
+  guest prints a heartbeat (``HB uptime``), so a report tells a frozen guest from a
+  dead network.
 
 Until the daemon offers ``VHOST_F_LOG_ALL`` and ``LOG_SHMFD``, QEMU refuses to migrate
 a guest with our devices ("Migration disabled: vhost lacks VHOST_F_LOG_ALL feature")
@@ -122,15 +125,13 @@ CASES = {
     "peers": Case("qsd", "qemu"),
     "ours-blk": Case("ours", None),
     "ours-net": Case(None, "ours"),
+    "peers-net": Case(None, "qemu"),
 }
 
 
 def _params() -> list[object]:
     split = pytest.mark.skipif(not SPLIT, reason="set VHOST_MIGRATION_SPLIT=1 to run it")
-    return [
-        pytest.param(name, id=name, marks=[split] if name.startswith("ours-") else [])
-        for name in CASES
-    ]
+    return [pytest.param(name, id=name, marks=[split] if "-" in name else []) for name in CASES]
 
 
 # --- the guest -------------------------------------------------------------------------
@@ -142,6 +143,11 @@ KMSG='virtio|I/O error|not a head|blk_update_request|Call Trace|blocked for more
 grep -iE "$KMSG" /dev/kmsg &
 KMSG_PID=$!
 rc=0
+if [ "$BLK" != 1 ]; then
+    # a heartbeat, so the host can tell a frozen guest from a dead network
+    ( while :; do read -r _up _idle < /proc/uptime; echo "HB $_up"; sleep 0.5; done ) &
+    HB_PID=$!
+fi
 if [ "$NET" = 1 ]; then
     net_up
     wait_reachable $HOST 20 || exit 1
@@ -162,7 +168,7 @@ if [ "$NET" = 1 ]; then
         result $_k "$(cat /sys/class/net/$IF/statistics/$_k)"
     done
 fi
-kill $KMSG_PID 2>/dev/null
+kill $KMSG_PID $HB_PID 2>/dev/null
 echo "=== DMESG BEGIN ==="
 dmesg | grep -iE "$KMSG"
 echo "=== DMESG END ==="
@@ -339,6 +345,13 @@ class Run:
             parts.append(
                 f"stream sink: {self.sink.received()} bytes; last lines {self.sink.lines[-4:]}"
             )
+        if c.lines:
+            seen, line = c.lines[-1]
+            parts.append(f"last guest line read {time.monotonic() - seen:.1f}s ago: {line!r}")
+        for vm in self.m.vms:
+            if vm.running():
+                with contextlib.suppress(mg.QmpError, OSError):
+                    parts.append(f"QEMU hop {vm.hop}: {vm.status()}")
         parts.append("--- guest console, all hops (tail) ---\n" + c.tail())
         parts.append(self.m.report())
         return "\n".join(parts)
@@ -428,8 +441,8 @@ def test_live_migration(
             ok = True
         finally:
             if not ok:
+                print("\n" + run.report())  # first: it asks the QEMUs still running
                 m.close()
-                print("\n" + run.report())
         total = time.monotonic() - t0
         m.close()
         stream = sink.result() if sink is not None else None
