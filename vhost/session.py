@@ -20,7 +20,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from vhost import limits
@@ -223,15 +223,24 @@ class Session:
         self._change_memory(replace, fds)
 
     def _change_memory(self, change: object, fds: Iterable[int | None]) -> None:
-        """Queue workers read the map without locks: stop them around any change."""
+        with self._queues_stopped():
+            try:
+                change()  # type: ignore[operator]
+            finally:
+                close_all(fds)  # the mapping keeps the memory; the fd is not needed
+
+    @contextlib.contextmanager
+    def _queues_stopped(self) -> Iterator[None]:
+        """Queue workers read what the session shares with them (the memory map, the
+        dirty log, the inflight region) without locks: stop every queue around a change
+        to it, and start the ones that ran again afterwards, also when the change fails."""
         running = [q for q in self.queues if q.running]
         for q in self.queues:
             if q.running or q.active:  # a worker that gave up still points into memory
                 self.device.stop_queue(q)
         try:
-            change()  # type: ignore[operator]
+            yield
         finally:
-            close_all(fds)  # the mapping keeps the memory; the fd is not needed
             for q in running:
                 self._maybe_start(q)
 
@@ -271,17 +280,13 @@ class Session:
             )
         new.set_call_fd(self._log_call_fd)
         old = self.dirty_log
-        running = [q for q in self.queues if q.running]
-        for q in running:
-            self.device.stop_queue(q)  # nothing writes the old log after this
-        self.dirty_log = new
-        for q in self.queues:
-            q.log = None
-        self._apply_log()
-        if old is not None:
-            old.close()
-        for q in running:
-            self._maybe_start(q)
+        with self._queues_stopped():  # nothing writes the old log after this
+            self.dirty_log = new
+            for q in self.queues:
+                q.log = None
+            self._apply_log()
+            if old is not None:
+                old.close()
         log.info(
             "%s: dirty log of %d bytes at offset %#x (covers %#x)",
             self.name,
@@ -296,15 +301,11 @@ class Session:
         except SessionError:
             close_all([fd])
             raise
-        running = [q for q in self.queues if q.running]
-        for q in running:
-            self.device.stop_queue(q)
-        close_all([self._log_call_fd])
-        self._log_call_fd = _nonblocking_fd(fd)
-        if self.dirty_log is not None:
-            self.dirty_log.set_call_fd(fd)
-        for q in running:
-            self._maybe_start(q)
+        with self._queues_stopped():
+            close_all([self._log_call_fd])
+            self._log_call_fd = _nonblocking_fd(fd)
+            if self.dirty_log is not None:
+                self.dirty_log.set_call_fd(fd)
 
     def _release_log(self) -> None:
         """Queues must be stopped."""
@@ -375,23 +376,19 @@ class Session:
             raise SessionError(f"cannot map the inflight region: {e.strerror}") from None
         finally:
             close_all([msg.fd])  # the mapping keeps the memory
-        running = [q for q in self.queues if q.running]
-        for q in running:
-            self.device.stop_queue(q)
-        self._release_inflight()
-        self._inflight = (region, ffi.from_buffer(region))
-        base = ffi.cast("char *", self._inflight[1])
-        for i, q in enumerate(self.queues):
-            q.inflight = (base + i * per_queue, per_queue) if i < msg.num_queues else None
-        log.info(
-            "%s: inflight region of %d bytes for %d x %d attached",
-            self.name,
-            msg.mmap_size,
-            msg.num_queues,
-            msg.queue_size,
-        )
-        for q in running:
-            self._maybe_start(q)
+        with self._queues_stopped():
+            self._release_inflight()
+            self._inflight = (region, ffi.from_buffer(region))
+            base = ffi.cast("char *", self._inflight[1])
+            for i, q in enumerate(self.queues):
+                q.inflight = (base + i * per_queue, per_queue) if i < msg.num_queues else None
+            log.info(
+                "%s: inflight region of %d bytes for %d x %d attached",
+                self.name,
+                msg.mmap_size,
+                msg.num_queues,
+                msg.queue_size,
+            )
 
     def _release_inflight(self) -> None:
         """Queues must be stopped: nothing may write the region after this."""

@@ -252,6 +252,7 @@ def test_replay_follows_counters_not_heads(daemon: Daemon, vm: Vm) -> None:
     assert vm.region is not None
     vm.fe.close()  # type: ignore[union-attr]
     vm.fe = None
+    daemon.wait_disconnects(1)  # else the first back end's worker may take them as new
     reqs = _taken(vm)
     # taken C, A, B (counters 7, 9, 8): replay order C, B, A
     for k, counter in ((C, 7), (A, 9), (B, 8)):
