@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -69,6 +70,8 @@ QEMU_QUIT_TIMEOUT = 30.0
 #: (QEMU's default is 128 MiB/s); ``downtime-limit`` stays QEMU's default, 300 ms
 MIGRATE_PARAMETERS: dict[str, Any] = {"max-bandwidth": 4 << 30}
 QSD = "qemu-storage-daemon"
+#: a guest's heartbeat line: its uptime
+HEARTBEAT_RE = re.compile(r"^HB (\d+\.\d+)$")
 
 
 # =========================================================================================
@@ -375,7 +378,8 @@ class Migration:
 
     ``backends`` are started for every QEMU, in order, before it (files in
     ``<workdir>/hop<N>/``); ``exec_prefix`` wraps QEMU's argv (``ns.exec_args`` for a
-    QEMU that opens TAPs itself)."""
+    QEMU that opens TAPs itself); ``accel`` replaces ``-accel tcg`` (e.g.
+    ``tcg,thread=single``)."""
 
     def __init__(
         self,
@@ -388,6 +392,7 @@ class Migration:
         mem_mb: int = 512,
         exec_prefix: Callable[[Sequence[str]], list[str]] | None = None,
         parameters: dict[str, Any] | None = None,
+        accel: str = "tcg",
     ) -> None:
         self.workdir = workdir
         self.initrd = build.make_initrd(base, script, workdir / "guest.initrd", files)
@@ -395,6 +400,7 @@ class Migration:
         self.mem_mb = mem_mb
         self.exec_prefix = exec_prefix
         self.parameters = dict(MIGRATE_PARAMETERS if parameters is None else parameters)
+        self.accel = accel
         self.vms: list[Vm] = []
         self.hops: list[HopStats] = []
         self.stop_errors: list[str] = []
@@ -426,6 +432,8 @@ class Migration:
                 log_path=self.workdir / f"vm{hop}.console.log",
                 start=False,
             )
+            i = g.args.index("-accel")
+            g.args[i + 1] = self.accel
             if self.exec_prefix is not None:
                 g.args = self.exec_prefix(g.args)
             g.start()
@@ -589,6 +597,15 @@ class MigratingConsole(Console):
     def __init__(self, guest: qemu.Guest) -> None:
         super().__init__(guest)
         self.switches: list[tuple[float, int]] = []  # (host time, lines read before it)
+        #: the guest's uptime in its last I/O monitor tick or heartbeat (``HB uptime``)
+        self.uptime = 0.0
+
+    def _parse(self, now: float, line: str) -> None:
+        super()._parse(now, line)
+        if m := HEARTBEAT_RE.match(line):
+            self.uptime = float(m[1])
+        elif self.ticks and self.ticks[-1].seen == now:
+            self.uptime = max(self.uptime, self.ticks[-1].uptime)
 
     def follow(self, guest: qemu.Guest) -> None:
         self.guest = guest

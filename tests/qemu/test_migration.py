@@ -40,7 +40,8 @@ a guest with our devices ("Migration disabled: vhost lacks VHOST_F_LOG_ALL featu
 and the ``ours*`` cases fail on that blocker.
 
 Environment: ``VHOST_MIGRATION_HOPS=N`` (default 3); ``VHOST_MIGRATION_VERBOSE=1`` runs
-our daemons with ``-v``. Run: ``python -m pytest
+our daemons with ``-v``; ``VHOST_MIGRATION_ACCEL=tcg,thread=single`` replaces ``-accel
+tcg``. Run: ``python -m pytest
 tests/qemu/test_migration.py -q -m qemu -s`` (``-s`` prints each hop's downtime and
 total time as QEMU reports them).
 """
@@ -72,6 +73,7 @@ pytestmark = [pytest.mark.qemu, needs_qemu, needs_netns]
 
 HOPS = int(os.environ.get("VHOST_MIGRATION_HOPS", "3"))
 SPLIT = os.environ.get("VHOST_MIGRATION_SPLIT") == "1"
+ACCEL = os.environ.get("VHOST_MIGRATION_ACCEL", "tcg")
 #: our daemons' arguments: ``VHOST_MIGRATION_VERBOSE=1`` adds ``-v`` (every message QEMU
 #: sends, where each ring stopped and started) to their logs
 DAEMON_ARGS = ("-v",) if os.environ.get("VHOST_MIGRATION_VERBOSE") == "1" else ()
@@ -347,7 +349,10 @@ class Run:
             )
         if c.lines:
             seen, line = c.lines[-1]
-            parts.append(f"last guest line read {time.monotonic() - seen:.1f}s ago: {line!r}")
+            parts.append(
+                f"guest uptime {c.uptime:.1f}s at its last tick or heartbeat; last line read "
+                f"{time.monotonic() - seen:.1f}s ago: {line!r}"
+            )
         for vm in self.m.vms:
             if vm.running():
                 with contextlib.suppress(mg.QmpError, OSError):
@@ -426,6 +431,7 @@ def test_live_migration(
             _backends(case, image, ns),
             files={nw.STREAM_CHUNK_FILE: STREAM_CHUNK},
             exec_prefix=ns.exec_args if case.net == "qemu" and ns is not None else None,
+            accel=ACCEL,
         )
         stack.callback(m.close)
         run = Run(m, case, image, sink, ns)
