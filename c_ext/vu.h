@@ -258,7 +258,9 @@ struct vu_chain_ref {
     uint64_t in_bytes;
 };
 
-/* Returns the used length for the chain (bytes the device wrote). */
+/* Returns the used length for the chain (bytes the device wrote). A device finishes
+ * every write into a chain before the chain is pushed (vu_vq_push): the push marks its
+ * pages in the dirty log, and a mark may reach the log before the burst ends. */
 typedef uint32_t (*vu_chain_handler)(void *ctx, struct vu_vq *vq, struct vu_chain *chain);
 
 /* memory.c */

@@ -143,8 +143,11 @@ static int gather_rx(struct net_engine *e, struct vu_vq *vq, uint64_t need, uint
     return (int)nchains;
 }
 
-/* A frame of `len` bytes (header included) now fills the first chains: publish
- * them, set num_buffers, and give back the chains it did not need. */
+/* A frame of `len` bytes (header included) now fills the first chains: set
+ * num_buffers, publish them, and give back the chains it did not need. num_buffers is
+ * written before any of them is pushed: a push marks the chain's pages in the dirty
+ * log (c_ext/ring.c), and the marks of one chain may reach the log at the next
+ * push, so no write to a chain may follow its push. */
 static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair *p,
                         uint32_t nchains, uint32_t niov, uint64_t len, int set_num_buffers)
 {
@@ -152,14 +155,16 @@ static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair 
     uint32_t used = 0;
     while (used < nchains && (left > 0 || used == 0)) {
         uint64_t n = left < e->rx_lens[used] ? left : e->rx_lens[used];
-        vu_vq_push(vq, e->rx_heads[used], (uint32_t)n);
+        e->rx_lens[used] = n; /* from here on: the chain's used length */
         left -= n;
         used++;
     }
-    vu_vq_discard(vq, nchains - used);
     uint16_t num_buffers = (uint16_t)used;
     if (p->port->hdr_len >= NUM_BUFFERS_OFFSET + 2 && (nchains != used || set_num_buffers))
         vu_iov_copy_to(e->rx_iov, niov, NUM_BUFFERS_OFFSET, &num_buffers, 2);
+    for (uint32_t i = 0; i < used; i++)
+        vu_vq_push(vq, e->rx_heads[i], (uint32_t)e->rx_lens[i]);
+    vu_vq_discard(vq, nchains - used);
     p->rx_touched = 1;
     p->port->stats.rx_packets++;
     p->port->stats.rx_bytes += len - p->port->hdr_len;
