@@ -200,8 +200,14 @@ class Session:
         if self._logging != logging_was_on:
             log.info("%s: dirty-page logging %s", self.name, "on" if self._logging else "off")
             if self._logging and self.dirty_log is None:
-                log.warning("%s: LOG_ALL negotiated before SET_LOG_BASE", self.name)
+                # QEMU does this when it reconnects during a migration (vhost_dev_start
+                # sends SET_FEATURES first and SET_LOG_BASE last): serve nothing until
+                # the log is there, since a write not logged is a page the destination
+                # never gets.
+                log.info("%s: LOG_ALL before SET_LOG_BASE: queues wait for the log", self.name)
             self._apply_log()
+            for q in self.queues:
+                self._maybe_start(q)
         if not self._protocol_features_on:
             # Spec: without PROTOCOL_FEATURES a ring starts enabled (with it, disabled
             # until SET_VRING_ENABLE). Decided here, once the features are known.
@@ -252,10 +258,14 @@ class Session:
     def _apply_log(self) -> None:
         """Give every queue the log it must write (none unless LOG_ALL is on and a log
         is mapped); a running queue is stopped around the change (the worker reads it
-        without locks) and its pass in progress completes with the old setting."""
+        without locks) and its pass in progress completes with the old setting. With
+        LOG_ALL on and no log yet, queues stop until one comes."""
         want = self.dirty_log.handle if self._logging and self.dirty_log else None
+        waiting = self._logging and self.dirty_log is None
         for q in self.queues:
-            if q.log is not want:
+            if waiting and (q.running or q.active):
+                self.device.stop_queue(q)  # until the log comes (see _maybe_start)
+            elif q.log is not want:
 
                 def change(q: Virtqueue, want: vu_log | None = want) -> None:
                     q.log = want
@@ -287,6 +297,8 @@ class Session:
             self._apply_log()
             if old is not None:
                 old.close()
+        for q in self.queues:  # queues that waited for a log (LOG_ALL came first)
+            self._maybe_start(q)
         log.info(
             "%s: dirty log of %d bytes at offset %#x (covers %#x)",
             self.name,
@@ -458,6 +470,8 @@ class Session:
     def _maybe_start(self, q: Virtqueue) -> None:
         if q.running or not q.startable(self.memory):
             return
+        if self._logging and self.dirty_log is None:
+            return  # started by SET_LOG_BASE (or by LOG_ALL going off)
         self.device.start_queue(q, self.memory, self.features)
 
     def _reset(self) -> None:

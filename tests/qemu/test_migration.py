@@ -31,7 +31,12 @@ Cases:
   virtio-net on a TAP (QEMU then runs in the namespace).
 * ``ours-blk`` / ``ours-net`` -- one of our devices alone, for telling which one a
   failure of ``ours`` comes from, and ``peers-net`` (QEMU's own NIC alone) to compare
-  ``ours-net`` with; run only with ``VHOST_MIGRATION_SPLIT=1``. Without a disk the
+  ``ours-net`` with.
+
+Only ``ours`` runs by default; the others need ``VHOST_MIGRATION_SPLIT=1``. ``peers``
+left CI when it failed there with no process of ours in it (fio killed by SIGSEGV in
+the guest after a hop: QEMU 7.2's TCG migration corrupts a guest now and then, see
+docs/migration.md); it finds no bug of ours and costs half a minute. Without a disk the
   guest prints a heartbeat (``HB uptime``), so a report tells a frozen guest from a
   dead network.
 
@@ -133,7 +138,7 @@ CASES = {
 
 def _params() -> list[object]:
     split = pytest.mark.skipif(not SPLIT, reason="set VHOST_MIGRATION_SPLIT=1 to run it")
-    return [pytest.param(name, id=name, marks=[split] if "-" in name else []) for name in CASES]
+    return [pytest.param(name, id=name, marks=[split] if name != "ours" else []) for name in CASES]
 
 
 # --- the guest -------------------------------------------------------------------------
