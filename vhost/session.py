@@ -461,7 +461,18 @@ class Session:
         image. The index returned is where the next owner of the ring resumes."""
         q = self._queue(index)
         base = self.device.stop_queue(q)
-        _off_loop(self.device.flush)
+        try:
+            _off_loop(self.device.flush)
+        except SessionError as e:
+            # The ring did stop at base: answering anything else would corrupt the ring
+            # state the front end carries over. The disk error is the guest's to see.
+            log.error(
+                "%s: queue %d stopped at %d, but %s: completed writes may not be on disk",
+                self.name,
+                index,
+                base,
+                e,
+            )
         # The ring is stopped until the front end sends a kick fd again.
         q.set_kick(None)
         log.debug("%s: queue %d stopped at %d", self.name, index, base)

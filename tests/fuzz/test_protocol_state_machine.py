@@ -539,7 +539,8 @@ def verified_io(m: ProtocolMachine, rng: random.Random, keep_running: bool = Fal
             & int(p.ProtocolFeature.REPLY_ACK | p.ProtocolFeature.MQ | p.ProtocolFeature.CONFIG)
         )
     )
-    features = offered.value
+    # LOG_ALL only while migrating, as QEMU does: with it and no log, queues wait
+    features = offered.value & ~p.VHOST_F_LOG_ALL
     if rng.random() < 0.5:
         features &= ~(1 << VIRTIO_RING_F_EVENT_IDX)
     if rng.random() < 0.3:

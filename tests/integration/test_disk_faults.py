@@ -35,6 +35,7 @@ from tests.support.blk import (
 )
 from tests.support.daemon import Daemon, StartDaemon, spawn_blk
 from tests.support.frontend import KiB, MiB
+from vhost.protocol import GetVringBase, VringStateReply
 
 SECTOR = 512
 IMAGE_MIB = 64
@@ -441,6 +442,28 @@ def test_failed_flush_is_ioerr_and_io_goes_on(
         assert host_read(img, 100 * SECTOR, len(data)) == data
     d.wait_disconnects(1)
     assert d.proc.poll() is None
+    assert "Traceback" not in d.log_text()
+
+
+def test_failed_flush_at_get_vring_base_still_returns_where_the_ring_stopped(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, eio_shim: Path, loose_daemons: list[Daemon]
+) -> None:
+    """GET_VRING_BASE flushes the image (a migration's destination opens it next); when
+    that fails the reply is still the index the ring stopped at, and the error is
+    logged: a wrong index would corrupt the ring state the front end carries over."""
+    img = fresh_image(tmp_path, "base-sync")
+    with monkeypatch.context() as m:
+        for k, v in shim_env(eio_shim, img, fail_sync=True).items():
+            m.setenv(k, v)
+        d = spawn_blk(tmp_path, "base-sync", image=img)
+    loose_daemons.append(d)
+    with connect_guest(d) as g:
+        for i in range(3):
+            assert g.blk.write(100 + 8 * i, pattern(i, 4 * KiB)) == VIRTIO_BLK_S_OK
+        r = g.fe.request(GetVringBase(0))
+        assert isinstance(r, VringStateReply) and r.num == 3
+        d.wait_log(re.compile(r"ERROR .*queue 0 stopped at 3, but flush failed"))
+    d.wait_disconnects(1)
     assert "Traceback" not in d.log_text()
 
 
