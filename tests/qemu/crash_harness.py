@@ -146,6 +146,29 @@ class Console:
     def fio_stderr(self) -> list[str]:
         return [line for _, line in self.lines if line.startswith("FIOERR ")]
 
+    def fio_pass_problems(self, size: int) -> list[str]:
+        """What is wrong with the fio passes the guest ran (none: every pass exited 0
+        and reported no error, wrote and read back all ``size`` bytes of its region,
+        and fio printed no verify complaint)."""
+        problems = [f"pass {n} exited {rc}" for n, rc in sorted(self.pass_rcs.items()) if rc]
+        reports = self.fio_json()
+        if set(reports) != set(range(1, self.pass_ended + 1)):
+            problems.append(f"reports for passes {sorted(reports)}; {self.pass_ended} ended")
+        for n, rep in sorted(reports.items()):
+            jobs = rep.get("jobs")
+            if not isinstance(jobs, list) or not jobs:
+                problems.append(f"pass {n}: no fio report")
+                continue
+            job = jobs[0]
+            if job["error"] != 0:
+                problems.append(f"pass {n}: fio error {job['error']}")
+            for kind in ("write", "read"):  # every block written was read back and verified
+                if job[kind]["io_bytes"] != size:
+                    problems.append(f"pass {n}: {kind} {job[kind]['io_bytes']} of {size} bytes")
+        complaints = ("verify", "crc")
+        problems += [ln for ln in self.fio_stderr() if any(w in ln.lower() for w in complaints)]
+        return problems
+
     def section(self, name: str) -> list[str]:
         """Lines between ``=== NAME BEGIN ===`` and ``=== NAME END ===``."""
         begin, end = f"=== {name} BEGIN ===", f"=== {name} END ==="
