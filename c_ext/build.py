@@ -51,6 +51,8 @@ CDEF_TEMPLATE = """
 #define VU_DETAIL_VALUE ...
 #define VU_DETAIL_ERRNO ...
 #define VU_ERR_DEVICE_BASE ...
+#define VU_BATCH_BUCKETS ...
+#define VU_ERROR_SLOTS ...
 @ERRORS@
 
 struct iovec { void *iov_base; size_t iov_len; };
@@ -65,7 +67,9 @@ struct vu_chain { uint32_t head; uint32_t n_out; uint32_t n_in; uint64_t out_byt
 struct vu_chain_ref { uint32_t head; uint16_t slot; uint32_t iov_start; uint32_t n_out;
                       uint32_t n_in; uint64_t out_bytes; uint64_t in_bytes; };
 struct vu_stats { uint64_t chains; uint64_t bad_chains; uint64_t kicks; uint64_t signals;
-                  uint64_t batches; uint64_t log_words; uint64_t log_beyond; };
+                  uint64_t batches; uint64_t log_words; uint64_t log_beyond;
+                  uint64_t resubmitted; uint64_t batch_chains;
+                  uint64_t batch_hist[...]; uint64_t errors[...]; };
 struct vu_log { uint8_t *base; uint64_t size; int call_fd; };
 struct vu_inflight_desc { uint8_t inflight; uint16_t next; uint64_t counter; ...; };
 struct vu_inflight_split { uint64_t features; uint16_t version; uint16_t desc_num;

@@ -82,6 +82,8 @@ void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t deta
     vq->err.head = head;
     vq->err.detail = detail;
     vq->err.count++;
+    uint32_t slot = code < 0 && code > -VU_ERROR_SLOTS ? (uint32_t)-code : 0;
+    vq->stats.errors[slot]++;
 }
 
 int vu_vq_setup(struct vu_vq *vq, const struct vu_mem *mem, uint32_t num,
@@ -631,6 +633,7 @@ static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
         struct vu_chain *c = &vq->chain;
         c->head = head;
         vq->stats.chains++;
+        vq->stats.resubmitted++;
         int r = walk_chain(vq, head, c, &detail);
         if (r < 0) {
             vq->stats.bad_chains++;
@@ -647,6 +650,7 @@ static int resubmit(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 /* One pass: every chain available now, handled, published, one signal. */
 int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
 {
+    uint64_t chains_before = vq->stats.chains;
     int again = resubmit(vq, handler, ctx);
     if (again)
         vu_vq_flush_used(vq); /* its own batch: a batch never holds more than num heads */
@@ -677,7 +681,8 @@ int vu_vq_process(struct vu_vq *vq, vu_chain_handler handler, void *ctx)
     if (again + (n > 0 ? n : 0) == 0)
         return n;
     vu_vq_flush_used(vq);
-    vq->stats.batches++;
+    /* every chain taken in the pass, a refused or unusable one included */
+    vu_vq_count_batch(vq, (uint32_t)(vq->stats.chains - chains_before));
     vu_vq_signal_if_needed(vq);
     return ret < 0 ? ret : again + n;
 }
@@ -854,7 +859,7 @@ int vu_vq_push_batch(struct vu_vq *vq, const uint32_t *heads, const uint32_t *le
     for (uint32_t i = 0; i < n; i++)
         vu_vq_push(vq, heads[i], lens[i]);
     vu_vq_flush_used(vq);
-    vq->stats.batches++;
+    vu_vq_count_batch(vq, n);
     return vu_vq_signal_if_needed(vq);
 }
 

@@ -199,6 +199,15 @@ struct vu_log_cache {
     uint64_t bits[VU_LOG_CACHE];
 };
 
+/*
+ * A queue's counters. Each is written by the one thread serving the queue and read by
+ * anyone (the metrics scrape, log lines) without a lock: plain aligned 64-bit stores
+ * and loads, which x86-64 never tears; a reader may see a value one batch old.
+ * They only grow while the queue's front end stays connected (vu_vq_setup keeps them).
+ */
+#define VU_BATCH_BUCKETS 12     /* chains per batch: <= 1, <= 2, <= 4, ... <= 1024, more */
+#define VU_ERROR_SLOTS 64       /* errors counted by code: slot -code, codes -1 .. -63 */
+
 struct vu_stats {
     uint64_t chains;     /* chains taken from the avail ring */
     uint64_t bad_chains; /* chains rejected by validation */
@@ -207,6 +216,10 @@ struct vu_stats {
     uint64_t batches;    /* passes over the avail ring that found work */
     uint64_t log_words;  /* 64-page words of the dirty log updated (one per word per burst) */
     uint64_t log_beyond; /* writes to pages past the end of the dirty log (not logged) */
+    uint64_t resubmitted; /* chains run again from the inflight region (after a restart) */
+    uint64_t batch_chains; /* chains in all the batches counted in batch_hist */
+    uint64_t batch_hist[VU_BATCH_BUCKETS]; /* batches by chains: bucket b holds 2^(b-1) < n <= 2^b */
+    uint64_t errors[VU_ERROR_SLOTS];       /* vu_vq_record_error calls by -code (0: other) */
 };
 
 struct vu_vq {
@@ -299,6 +312,20 @@ void vu_vq_record_error(struct vu_vq *vq, int code, uint32_t head, uint64_t deta
 void vu_vq_discard_inflight(struct vu_vq *vq, uint32_t n);
 void vu_log_write(struct vu_vq *vq, uint64_t gpa, uint64_t len);
 void vu_log_flush(struct vu_vq *vq);
+
+/*
+ * One batch of n > 0 chains handled (a pass that found work, one publication of used
+ * entries): counted in batches and in its power-of-two bucket. Inline: once per batch.
+ */
+static inline void vu_vq_count_batch(struct vu_vq *vq, uint32_t n)
+{
+    uint32_t b = n <= 1 ? 0 : 32 - (uint32_t)__builtin_clz(n - 1); /* ceil(log2(n)) */
+    if (b >= VU_BATCH_BUCKETS)
+        b = VU_BATCH_BUCKETS - 1;
+    vq->stats.batches++;
+    vq->stats.batch_chains += n;
+    vq->stats.batch_hist[b]++;
+}
 
 /*
  * Give back the last n chains taken, as if they had not been (Linux's

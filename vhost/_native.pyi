@@ -84,6 +84,10 @@ class vu_stats(CData):
     batches: int
     log_words: int
     log_beyond: int
+    resubmitted: int
+    batch_chains: int
+    batch_hist: Array[int]
+    errors: Array[int]
     def __getitem__(self, index: int) -> vu_stats: ...
 
 class vu_log(CData):
@@ -155,6 +159,8 @@ class _Lib:
     VU_DETAIL_VALUE: int
     VU_DETAIL_ERRNO: int
     VU_ERR_DEVICE_BASE: int
+    VU_BATCH_BUCKETS: int
+    VU_ERROR_SLOTS: int
     VU_ERR_AVAIL_IDX: int
     VU_ERR_HEAD: int
     VU_ERR_NEXT: int

@@ -22,6 +22,8 @@ CDEF = (
 struct net_stats {
     uint64_t tx_packets; uint64_t tx_bytes; uint64_t tx_dropped; uint64_t rx_packets;
     uint64_t rx_bytes; uint64_t rx_dropped; uint64_t rx_no_buffers; uint64_t flooded;
+    uint64_t drop_tx_invalid; uint64_t drop_tx_tap; uint64_t drop_rx_no_buffers;
+    uint64_t drop_rx_queue_down; uint64_t drop_rx_small_buffers; uint64_t drop_rx_truncated;
 };
 struct net_port {
     uint32_t id; uint32_t hdr_len; uint32_t max_frame; int mergeable; int guest_gso;
@@ -29,7 +31,7 @@ struct net_port {
 };
 struct net_pair {
     struct net_port *port; struct vu_vq *rx; struct vu_vq *tx; int tap_fd; int rx_starved;
-    uint16_t rx_starved_idx; int rx_touched;
+    uint16_t rx_starved_idx; uint32_t rx_touched;
 };
 struct net_engine {
     uint32_t npairs; int switch_mode; uint32_t mac_age; uint32_t busy_poll_us; int stop_fd;
@@ -41,6 +43,7 @@ int net_run(struct net_engine *e);
 void net_request_stop(struct net_engine *e);
 void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+uint32_t net_mac_table_size(const struct net_engine *e);
 int net_post_announce(struct net_engine *e, uint32_t port_id, const uint8_t *frame, uint32_t len);
 void net_drop_announcements(struct net_engine *e);
 const struct vu_error_info *net_error_table(uint32_t *n);

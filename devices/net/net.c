@@ -100,6 +100,24 @@ int net_switch_lookup(struct net_engine *e, const uint8_t *mac)
     return mac_lookup(e, mac, now_seconds());
 }
 
+/* Entries a lookup would find now (learnt, not aged out). For the metrics scrape, from
+ * another thread while the engine learns: racy reads of single fields, so a count may
+ * be off by the entries changing at that moment, never more. */
+uint32_t net_mac_table_size(const struct net_engine *e)
+{
+    uint64_t now = now_seconds();
+    uint32_t n = 0;
+    for (uint32_t i = 0; i < NET_MAC_BUCKETS * NET_MAC_WAYS; i++) {
+        const struct net_mac_entry *m = &e->macs[i];
+        if (!__atomic_load_n(&m->valid, __ATOMIC_RELAXED))
+            continue;
+        uint64_t seen = __atomic_load_n(&m->seen, __ATOMIC_RELAXED);
+        if (seen >= now || now - seen <= e->mac_age) /* the engine may be a tick ahead */
+            n++;
+    }
+    return n;
+}
+
 /* --- rx buffers --- */
 
 /* Take rx chains until `need` bytes (or max_chains chains) are gathered into
@@ -165,7 +183,7 @@ static void complete_rx(struct net_engine *e, struct vu_vq *vq, struct net_pair 
     for (uint32_t i = 0; i < used; i++)
         vu_vq_push(vq, e->rx_heads[i], (uint32_t)e->rx_lens[i]);
     vu_vq_discard(vq, nchains - used);
-    p->rx_touched = 1;
+    p->rx_touched += used;
     p->port->stats.rx_packets++;
     p->port->stats.rx_bytes += len - p->port->hdr_len;
 }
@@ -229,6 +247,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
             if (read(p->tap_fd, e->drop_buf, sizeof(e->drop_buf)) <= 0)
                 return;
             p->port->stats.rx_dropped++;
+            p->port->stats.drop_rx_small_buffers++;
             continue;
         }
         /* One byte of our own after the guest's buffers: a frame that reaches it
@@ -254,6 +273,7 @@ static void rx_from_tap(struct net_engine *e, struct net_pair *p)
              * cut it. Drop it whole rather than pass on a stump. */
             vu_vq_discard(vq, (uint32_t)nchains);
             p->port->stats.rx_dropped++;
+            p->port->stats.drop_rx_truncated++;
             continue;
         }
         complete_rx(e, vq, p, (uint32_t)nchains, niov, (uint64_t)r, 1);
@@ -277,6 +297,7 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct iovec
     struct net_port *port = q->port;
     if (!vq || vq->broken) {
         port->stats.rx_dropped++;
+        port->stats.drop_rx_queue_down++;
         return;
     }
     uint32_t niov;
@@ -291,6 +312,7 @@ static void deliver(struct net_engine *e, struct net_pair *q, const struct iovec
         if (nchains >= 0) {
             port->stats.rx_no_buffers++;
             port->stats.rx_dropped++;
+            port->stats.drop_rx_no_buffers++;
         }
         return;
     }
@@ -489,6 +511,7 @@ static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
     if (code) {
         vu_vq_record_error(vq, code, c->head, detail);
         port->stats.tx_dropped++;
+        port->stats.drop_tx_invalid++;
         return 0;
     }
     if (t->e->switch_mode) {
@@ -497,6 +520,7 @@ static uint32_t tx_handle_chain(void *ctx, struct vu_vq *vq, struct vu_chain *c)
         if (errno != EAGAIN && errno != ENOBUFS && errno != EIO)
             vu_vq_record_error(vq, NET_ERR_TAP_IO, c->head, (uint64_t)errno);
         port->stats.tx_dropped++;
+        port->stats.drop_tx_tap++;
         return 0;
     }
     port->stats.tx_packets++;
@@ -510,6 +534,7 @@ static void flush_rx(struct net_engine *e)
         struct net_pair *p = &e->pairs[i];
         if (p->rx_touched && p->rx) {
             vu_vq_flush_used(p->rx);
+            vu_vq_count_batch(p->rx, p->rx_touched);
             vu_vq_signal_if_needed(p->rx);
             p->rx_touched = 0;
         }
@@ -552,7 +577,9 @@ static int pass(struct net_engine *e)
             uint64_t bad_before = p->tx->stats.bad_chains;
             int n = vu_vq_process(p->tx, tx_handle_chain, &t);
             /* chains the ring walk refused never reach tx_handle_chain: count them too */
-            p->port->stats.tx_dropped += p->tx->stats.bad_chains - bad_before;
+            uint64_t bad = p->tx->stats.bad_chains - bad_before;
+            p->port->stats.tx_dropped += bad;
+            p->port->stats.drop_tx_invalid += bad;
             if (n > 0)
                 work = 1;
         }
@@ -591,6 +618,7 @@ int net_run(struct net_engine *e)
     uint64_t errors_at_entry = error_count(e);
     struct pollfd fds[1 + 3 * NET_MAX_PAIRS];
     int is_kick[1 + 3 * NET_MAX_PAIRS];
+    struct vu_vq *kicked[1 + 3 * NET_MAX_PAIRS]; /* the queue of each kick fd */
     uint64_t last_work = 0, idle_passes = 0;
     for (;;) {
         if (__atomic_load_n(&e->stop, __ATOMIC_ACQUIRE))
@@ -621,10 +649,12 @@ int net_run(struct net_engine *e)
             struct net_pair *p = &e->pairs[i];
             if (p->tx && !p->tx->broken) {
                 is_kick[n] = 1;
+                kicked[n] = p->tx;
                 fds[n++] = (struct pollfd){.fd = p->tx->kick_fd, .events = POLLIN};
             }
             if (p->rx && !p->rx->broken) {
                 is_kick[n] = 1;
+                kicked[n] = p->rx;
                 fds[n++] = (struct pollfd){.fd = p->rx->kick_fd, .events = POLLIN};
             }
             if (!e->switch_mode && p->rx && !p->rx->broken && !p->rx_starved && p->tap_fd >= 0) {
@@ -640,8 +670,10 @@ int net_run(struct net_engine *e)
                 return VU_RUN_STOPPED;
         }
         for (nfds_t i = 1; i < n; i++) {
-            if (is_kick[i] > 0 && (fds[i].revents & POLLIN))
+            if (is_kick[i] > 0 && (fds[i].revents & POLLIN)) {
                 drain(fds[i].fd);
+                kicked[i]->stats.kicks++;
+            }
             if (is_kick[i] < 0 && (fds[i].revents & (POLLERR | POLLHUP | POLLNVAL))) {
                 /* TAP deleted under us: stop polling it (logged once) */
                 struct net_pair *p = &e->pairs[-is_kick[i] - 1];

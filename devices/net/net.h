@@ -30,6 +30,9 @@
 
 enum net_error_code { NET_ERRORS(VU_ERROR_ENUM) };
 
+/* A port's counters: written by its engine thread only, read without a lock (see
+ * struct vu_stats). Every drop is counted once in tx_dropped or rx_dropped and once
+ * under its reason (drop_*). */
 struct net_stats {
     uint64_t tx_packets;
     uint64_t tx_bytes;
@@ -39,6 +42,12 @@ struct net_stats {
     uint64_t rx_dropped;      /* switch: no rx buffers at the destination */
     uint64_t rx_no_buffers;   /* times the guest had no rx buffer when a frame was ready */
     uint64_t flooded;         /* switch: frames sent to every other port */
+    uint64_t drop_tx_invalid;      /* tx chain refused by the ring walk or the frame checks */
+    uint64_t drop_tx_tap;          /* the TAP did not take the frame (full, down, error) */
+    uint64_t drop_rx_no_buffers;   /* switch: no rx buffers for the frame at this port */
+    uint64_t drop_rx_queue_down;   /* switch: this port's rx queue is not running */
+    uint64_t drop_rx_small_buffers; /* TAP: the rx buffers cannot hold even a header */
+    uint64_t drop_rx_truncated;    /* TAP: the frame was longer than the rx buffers */
 };
 
 struct net_port {
@@ -58,7 +67,7 @@ struct net_pair {
     int tap_fd;               /* tap mode: this pair's TAP queue; -1 in switch mode */
     int rx_starved;           /* waiting for rx buffers (tap mode) */
     uint16_t rx_starved_idx;  /* avail->idx when it started waiting */
-    int rx_touched;           /* used entries published in this pass, not yet signalled */
+    uint32_t rx_touched;      /* used entries pushed in this pass, not yet flushed */
 };
 
 struct net_mac_entry {
@@ -105,6 +114,7 @@ int net_run(struct net_engine *e);
 void net_request_stop(struct net_engine *e);
 void net_clear_macs(struct net_engine *e);
 int net_switch_lookup(struct net_engine *e, const uint8_t *mac);
+uint32_t net_mac_table_size(const struct net_engine *e);
 int net_post_announce(struct net_engine *e, uint32_t port_id, const uint8_t *frame, uint32_t len);
 void net_drop_announcements(struct net_engine *e);
 const struct vu_error_info *net_error_table(uint32_t *n);
