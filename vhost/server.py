@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import stat
+import struct
 import time
 from typing import Any, Protocol
 
@@ -49,9 +50,28 @@ class BadSocketPath(ValueError):
     """A socket path no connect() can ever use (the program's usage error)."""
 
 
-def listen_unix(path: str) -> socket.socket:
-    """Listen on ``path`` (mode 0600). A stale socket file is replaced; a live one is
-    left alone and reported."""
+#: the socket file's mode unless told otherwise (--socket-mode, --socket-group)
+DEFAULT_SOCKET_MODE = 0o600
+
+
+def check_listen_path(path: str) -> None:
+    """Refuse, before anything is started, a path no bind() could use: empty, too long
+    for sun_path, or in a directory that does not exist."""
+    check_connect_path(path)
+    parent = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(parent):
+        raise BadSocketPath(f"cannot listen on {path}: directory {parent} does not exist")
+
+
+def listen_unix(
+    path: str, mode: int = DEFAULT_SOCKET_MODE, gid: int | None = None
+) -> socket.socket:
+    """Listen on ``path``, the file with ``mode`` and, if ``gid`` is given, that group
+    (so that a QEMU run as another user in the group can connect: libvirt's
+    libvirt-qemu). A stale socket file is replaced; a live one is left alone and
+    reported. The file never has more access than asked for, not even for a moment: it
+    is bound with mode 0600 and opened up after its group is set."""
+    check_listen_path(path)
     if os.path.lexists(path):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise SocketInUse(f"{path} exists and is not a socket")
@@ -74,7 +94,14 @@ def listen_unix(path: str) -> socket.socket:
         raise SocketInUse(f"cannot bind {path}: {e.strerror}") from None
     finally:
         os.umask(old)
-    os.chmod(path, 0o600)
+    try:
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
+    except OSError as e:
+        sock.close()
+        os.unlink(path)
+        raise SocketInUse(f"cannot set the owner or mode of {path}: {e.strerror}") from None
     sock.listen(8)
     return sock
 
@@ -288,6 +315,31 @@ def _recv(conn: socket.socket) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end (SO_PEERCRED: as it was when it
+    connected, or listened in client mode), or None where the kernel cannot say."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return None
+    pid, uid, gid = struct.unpack("3i", raw)
+    return (pid, uid, gid) if pid > 0 else None
+
+
+def peer_description(sock: socket.socket) -> str:
+    """The front end for the log: ``pid 1234 (qemu-system-x86), uid 64055, gid 994``."""
+    creds = peer_credentials(sock)
+    if creds is None:
+        return "peer unknown"
+    pid, uid, gid = creds
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f" ({f.read().strip()})"
+    except OSError:
+        comm = ""
+    return f"pid {pid}{comm}, uid {uid}, gid {gid}"
+
+
 class Connection:
     """One front end's connection, however it was made: bytes and fds in, messages to a
     Session of its own, replies out. :meth:`run` serves it until the front end goes
@@ -305,7 +357,7 @@ class Connection:
     async def run(self, stop: asyncio.Future[Any]) -> str:
         """Serve until the connection ends or ``stop`` is done; returns why it ended."""
         loop = asyncio.get_running_loop()
-        log.info("%s: front end connected", self.name)
+        log.info("%s: front end connected: %s", self.name, peer_description(self.sock))
         self.sock.setblocking(False)
         self._done = loop.create_future()
         loop.add_reader(self.sock.fileno(), self._on_readable)
