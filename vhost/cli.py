@@ -25,22 +25,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import grp
 import json
 import logging
+import logging.handlers
 import os
 import signal
+import socket
 import sys
 from collections.abc import Sequence
-from typing import NoReturn
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
 
-from vhost import registry
-from vhost.device import Device, DeviceType
+from vhost import config, registry, systemd
+from vhost.device import Device, DeviceType, UsageError
 from vhost.server import (
+    DEFAULT_SOCKET_MODE,
     BadSocketPath,
     Connector,
     Listener,
     Server,
     SocketInUse,
+    check_connect_path,
+    check_listen_path,
     listen_unix,
     socket_from_fd,
 )
@@ -48,6 +56,22 @@ from vhost.server import (
 log = logging.getLogger("vhost")
 
 _STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+LOG_LEVELS = ("debug", "info", "warning", "error")
+#: options that are the whole program's (the rest are a device's: its socket and the
+#: device type's own options); dests, as argparse names them
+PROGRAM_WIDE = (
+    "client",
+    "socket_group",
+    "socket_mode",
+    "pidfile",
+    "log_level",
+    "syslog",
+    "syslog_socket",
+    "metrics",
+    "verbose",
+)
+#: where a device's socket comes from
+SOCKET_OPTIONS = ("socket_path", "fd", "socket_name")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -66,6 +90,15 @@ def make_parser(device_type: DeviceType) -> argparse.ArgumentParser:
     )
     ap.add_argument("--fd", type=int, metavar="N", help="inherited listening socket fd")
     ap.add_argument(
+        "--socket-name",
+        metavar="NAME",
+        action="append",
+        default=[],
+        help="serve the socket systemd passed under this name (LISTEN_FDNAMES, "
+        "FileDescriptorName= in the .socket unit); repeat for several devices. Without "
+        "--socket-path, --fd or --socket-name, every passed socket is a device, in order",
+    )
+    ap.add_argument(
         "--client",
         action="store_true",
         help="client mode: connect to each --socket-path, where the front end listens "
@@ -73,11 +106,53 @@ def make_parser(device_type: DeviceType) -> argparse.ArgumentParser:
         "again whenever the connection drops",
     )
     ap.add_argument(
+        "--socket-group",
+        metavar="GROUP",
+        help="give the socket files this group (name or number) and mode 0660, so that "
+        "a front end run as another user in the group can connect (libvirt's QEMU runs "
+        "as libvirt-qemu)",
+    )
+    ap.add_argument(
+        "--socket-mode",
+        metavar="MODE",
+        help="octal mode of the socket files (default 0600, or 0660 with --socket-group)",
+    )
+    ap.add_argument(
+        "--pidfile",
+        metavar="PATH",
+        help="write the daemon's pid here once it is ready (locked while it runs, removed at exit)",
+    )
+    ap.add_argument(
+        "--metrics",
+        metavar="[ADDR:]PORT",
+        help="serve counters in Prometheus text format on http://ADDR:PORT/metrics "
+        "(ADDR defaults to 127.0.0.1)",
+    )
+    ap.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file naming the devices ([[device]] tables) and program-wide options",
+    )
+    ap.add_argument(
         "--print-capabilities",
         action="store_true",
         help="print the back end's capabilities as JSON and exit",
     )
-    ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ap.add_argument(
+        "--log-level", choices=LOG_LEVELS, help="the least severe messages logged (default info)"
+    )
+    ap.add_argument(
+        "--syslog", action="store_true", help="log to syslog (facility daemon) instead of stderr"
+    )
+    ap.add_argument(
+        "--syslog-socket",
+        metavar="PATH",
+        default="/dev/log",
+        help="the syslog socket for --syslog (default /dev/log)",
+    )
+    ap.add_argument(
+        "-v", "--verbose", action="store_true", help="debug logging (--log-level debug)"
+    )
     device_type.add_arguments(ap)
     return ap
 
@@ -108,28 +183,356 @@ def qemu_command_line(
     )
 
 
-def _setup_logging(prog: str, verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format=f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s",
-    )
+# =========================================================================================
+# Logging
+# =========================================================================================
+
+_SYSLOG_PRIORITY = {
+    logging.DEBUG: 7,
+    logging.INFO: 6,
+    logging.WARNING: 4,
+    logging.ERROR: 3,
+    logging.CRITICAL: 2,
+}
 
 
-async def _serve(servers: list[tuple[Server, str | None]]) -> int:
-    """Run every server until SIGINT/SIGTERM; then flush and close each device and
-    remove each socket file it listened on (``None`` for one that is not ours: --fd, or
-    the front end's in client mode). Returns the exit status: 1 if a device could not
-    be flushed (its data may not be durable), else 0."""
+class _JournalFormatter(logging.Formatter):
+    """stderr read by journald: a <priority> prefix per line (SyslogLevelPrefix=), and
+    no timestamp or pid, which the journal records itself."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _SYSLOG_PRIORITY.get(record.levelno, 6)
+        return f"<{prio}>{super().format(record)}"
+
+
+def _stderr_is_journal() -> bool:
+    """systemd sets JOURNAL_STREAM=DEV:INODE when stderr goes to the journal."""
+    want = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat(2)
+    except OSError:
+        return False
+    return want == f"{st.st_dev}:{st.st_ino}"
+
+
+def _log_handler(prog: str, args: argparse.Namespace) -> logging.Handler:
+    """The handler --syslog or stderr asks for; raises OSError if syslog is unreachable."""
+    if args.syslog:
+        handler: logging.Handler = logging.handlers.SysLogHandler(
+            address=args.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        handler.setFormatter(
+            logging.Formatter(f"{prog}[%(process)d]: %(levelname)s %(name)s: %(message)s")
+        )
+        return handler
+    handler = logging.StreamHandler(sys.stderr)
+    if _stderr_is_journal():
+        handler.setFormatter(_JournalFormatter("%(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(
+            logging.Formatter(
+                f"%(asctime)s {prog}[%(process)d] %(levelname)s %(name)s: %(message)s"
+            )
+        )
+    return handler
+
+
+def _log_level(args: argparse.Namespace) -> int:
+    if args.log_level:
+        return int(getattr(logging, args.log_level.upper()))
+    return logging.DEBUG if args.verbose else logging.INFO
+
+
+def _setup_logging(handler: logging.Handler, level: int) -> None:
+    root = logging.getLogger()
+    for old in root.handlers[:]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+# =========================================================================================
+# Where each device's socket comes from
+# =========================================================================================
+
+
+@dataclass
+class Endpoint:
+    """One device's socket: ``kind`` is "listen" (a path we bind), "connect" (client
+    mode), "fd" (--fd N) or "activated" (passed by systemd)."""
+
+    kind: str
+    #: the socket file's path, where there is one (what the device type is told)
+    path: str | None
+    #: for the log: the path, "fd N" or "systemd socket NAME"
+    where: str
+    sock: socket.socket | None = None
+    #: --fd N (its socket is taken when the servers are made)
+    fd: int | None = None
+
+
+class _Activated:
+    """The sockets systemd passed, handed out by name or in order, each once."""
+
+    def __init__(self, sockets: list[systemd.ActivatedSocket]) -> None:
+        self.sockets = sockets
+        self.taken: set[int] = set()
+
+    def _endpoint(self, i: int) -> Endpoint:
+        self.taken.add(i)
+        a = self.sockets[i]
+        where = f"systemd socket {a.name}" + (f" ({a.path})" if a.path else "")
+        return Endpoint("activated", a.path or None, where, a.sock)
+
+    def by_name(self, name: str) -> Endpoint:
+        if not self.sockets:
+            raise UsageError(
+                f"--socket-name {name}: no sockets were passed by socket activation "
+                "(LISTEN_FDS is not set for this process)"
+            )
+        for i, a in enumerate(self.sockets):
+            if a.name == name and i not in self.taken:
+                return self._endpoint(i)
+        names = ", ".join(a.name for a in self.sockets)
+        raise UsageError(
+            f"--socket-name {name}: no passed socket has that name, or it is used twice "
+            f"(LISTEN_FDNAMES: {names})"
+        )
+
+    def rest(self) -> list[Endpoint]:
+        return [self._endpoint(i) for i in range(len(self.sockets)) if i not in self.taken]
+
+    def unused(self) -> list[systemd.ActivatedSocket]:
+        return [a for i, a in enumerate(self.sockets) if i not in self.taken]
+
+
+def _endpoints(args: argparse.Namespace, activated: _Activated) -> list[Endpoint]:
+    """The sockets one parsed set of device options names (several with repeated
+    --socket-path or --socket-name). Raises UsageError."""
+    given = [bool(args.socket_path), args.fd is not None, bool(args.socket_name)]
+    if sum(given) > 1:
+        raise UsageError(
+            "give one of --socket-path PATH, --fd N or --socket-name NAME for each device"
+        )
+    if args.client and not args.socket_path:
+        raise UsageError(
+            "--client connects to --socket-path PATH; it cannot serve --fd N or a passed socket"
+        )
+    seen: set[str] = set()
+    for path in args.socket_path:
+        key = os.path.realpath(path)
+        if key in seen:
+            raise UsageError(f"--socket-path {path} is given twice (each device needs its own)")
+        seen.add(key)
+    if args.socket_path:
+        kind = "connect" if args.client else "listen"
+        return [Endpoint(kind, path, path) for path in args.socket_path]
+    if args.fd is not None:
+        return [Endpoint("fd", None, f"fd {args.fd}", fd=args.fd)]
+    if args.socket_name:
+        return [activated.by_name(name) for name in args.socket_name]
+    rest = activated.rest()
+    if not rest:
+        raise UsageError(
+            "give --socket-path PATH (one per device) or --fd N, or start the program "
+            "with sockets passed by socket activation (LISTEN_FDS)"
+        )
+    return rest
+
+
+def _socket_access(args: argparse.Namespace) -> tuple[int, int | None]:
+    """(mode, gid) for the socket files we create."""
+    gid: int | None = None
+    if args.socket_group is not None:
+        g = args.socket_group
+        try:
+            gid = grp.getgrnam(g).gr_gid
+        except KeyError:
+            if not g.isdigit():
+                raise UsageError(f"--socket-group {g}: no such group") from None
+            gid = int(g)
+    mode = 0o660 if gid is not None else DEFAULT_SOCKET_MODE
+    if args.socket_mode is not None:
+        try:
+            mode = int(args.socket_mode, 8)
+        except ValueError:
+            mode = -1
+        if not 0 <= mode <= 0o777:
+            raise UsageError(f"--socket-mode {args.socket_mode}: give an octal mode such as 0660")
+    return mode, gid
+
+
+# =========================================================================================
+# The plan: what to start, checked before anything starts
+# =========================================================================================
+
+
+@dataclass
+class _Group:
+    """One create() call: the options and the sockets of the devices it makes."""
+
+    args: argparse.Namespace
+    endpoints: list[Endpoint]
+
+
+def _dests(ap: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    return {a.dest: a for a in ap._actions if a.option_strings}
+
+
+def _long_name(action: argparse.Action) -> str:
+    return next(o for o in action.option_strings if o.startswith("--"))[2:]
+
+
+def _device_dests(ap: argparse.ArgumentParser) -> list[str]:
+    skip = {*PROGRAM_WIDE, "help", "print_capabilities", "config"}
+    return [d for d in _dests(ap) if d not in skip]
+
+
+def _plan(
+    ap: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace, activated: _Activated
+) -> tuple[argparse.Namespace, list[_Group]]:
+    """The program-wide options and the groups of devices to make. Raises UsageError."""
+    if args.config is None:
+        return args, [_Group(args, _endpoints(args, activated))]
+    dests = _dests(ap)
+    on_command_line = [d for d in _device_dests(ap) if getattr(args, d) != ap.get_default(d)]
+    if on_command_line:
+        names = ", ".join(f"--{_long_name(dests[d])}" for d in on_command_line)
+        raise UsageError(
+            f"with --config, device options go in the file's [[device]] tables ({names} "
+            "given on the command line)"
+        )
+    program_names = {_long_name(dests[d]) for d in PROGRAM_WIDE}
+    device_names = {_long_name(dests[d]) for d in _device_dests(ap)}
+    try:
+        conf = config.load(args.config, program_names, device_names)
+    except config.ConfigError as e:
+        raise UsageError(str(e)) from None
+    # The command line's program-wide options come after the file's: they win.
+    without_config = _strip_config(argv)
+    groups = []
+    for i, device_argv in enumerate(conf.devices):
+        ns = ap.parse_args([*conf.program, *without_config, *device_argv])
+        try:
+            groups.append(_Group(ns, _endpoints(ns, activated)))
+        except UsageError as e:
+            raise UsageError(f"--config {args.config}: [[device]] {i + 1}: {e}") from None
+    return groups[0].args, groups
+
+
+def _strip_config(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--config":
+            skip = True
+        elif not a.startswith("--config="):
+            out.append(a)
+    return out
+
+
+# =========================================================================================
+# Running
+# =========================================================================================
+
+
+class _PidFile:
+    """--pidfile: taken (locked) at start, so a second daemon on the same file is
+    refused before it starts anything; the pid is written once the daemon is ready;
+    removed at exit (qemu-storage-daemon's behaviour)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            raise UsageError(f"--pidfile {path}: {e.strerror}") from None
+        try:
+            fcntl.lockf(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise UsageError(f"--pidfile {path}: held by a daemon that is running") from None
+
+    def write(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()}\n".encode(), 0)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+        os.close(self.fd)
+
+
+@dataclass
+class _Running:
+    """Everything started, for _serve and for the clean-up of a start that failed."""
+
+    servers: list[tuple[Server, str | None]]
+    devices: list[Device]
+    options: argparse.Namespace
+    pidfile: _PidFile | None
+    describe: list[str] = field(default_factory=list)
+
+    def abort(self) -> None:
+        """The start failed after the sockets were made: undo all of it."""
+        for server, owned in self.servers:
+            server.close()
+            if owned:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(owned)
+        for device in self.devices:
+            device.abort()
+        if self.pidfile is not None:
+            self.pidfile.remove()
+
+
+class _StartFailed(Exception):
+    """A usage error found once the loop runs (the metrics port is taken)."""
+
+
+async def _start_metrics(running: _Running) -> Any:
+    if running.options.metrics is None:
+        return None
+    from vhost import metrics
+
+    host, port = metrics.parse_address(running.options.metrics)
+    server = metrics.MetricsServer(host, port, [s for s, _ in running.servers])
+    try:
+        await server.start()
+    except OSError as e:
+        raise _StartFailed(f"--metrics {running.options.metrics}: {e.strerror or e}") from None
+    return server
+
+
+async def _serve(running: _Running) -> int:
+    """Start metrics, say ready, and run every server until SIGINT/SIGTERM; then flush
+    and close each device and remove each socket file it listened on (``None`` for one
+    that is not ours: --fd, a passed socket, or the front end's in client mode).
+    Returns the exit status: 1 if a device could not be flushed (its data may not be
+    durable), else 0. Raises _StartFailed, having started nothing that lasts."""
     loop = asyncio.get_running_loop()
+    servers = running.servers
+    metrics_server = await _start_metrics(running)
+    for line in running.describe:
+        log.info("%s", line)
+    if metrics_server is not None:
+        log.info("metrics on http://%s/metrics", _http_host(metrics_server))
 
     def stop_all() -> None:
+        systemd.notify("STOPPING=1")
         for server, _ in servers:
             server.stop()
 
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop_all)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    # Every socket listens (or, in client mode, is being connected): ready.
+    if running.pidfile is not None:
+        running.pidfile.write()
+    systemd.notify(f"READY=1\nSTATUS=serving {len(servers)} device(s)\nMAINPID={os.getpid()}")
+    log.info("ready: %d device%s", len(servers), "" if len(servers) == 1 else "s")
     status = 0
     try:
         await asyncio.gather(*(server.serve_forever() for server, _ in servers))
@@ -151,8 +554,17 @@ async def _serve(servers: list[tuple[Server, str | None]]) -> int:
             if socket_path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(socket_path)
+        if metrics_server is not None:
+            metrics_server.close()
+        if running.pidfile is not None:
+            running.pidfile.remove()
         log.info("stopped")
     return status
+
+
+def _http_host(metrics_server: Any) -> str:
+    host = str(metrics_server.host)
+    return f"[{host}]:{metrics_server.port}" if ":" in host else f"{host}:{metrics_server.port}"
 
 
 def wants_capabilities(argv: Sequence[str]) -> bool:
@@ -166,22 +578,30 @@ def wants_capabilities(argv: Sequence[str]) -> bool:
 
 
 def _make_servers(
-    args: argparse.Namespace, paths: Sequence[str | None], devices: Sequence[Device]
+    endpoints: Sequence[Endpoint],
+    devices: Sequence[Device],
+    mode: int,
+    gid: int | None,
 ) -> list[tuple[Server, str | None]]:
-    """One Server per device: connecting out (--client), or listening on its path or
-    the inherited socket. Each entry has the socket file the daemon must remove at
-    exit (None when the file is not its own). Raises SocketInUse or BadSocketPath,
-    having closed and removed what it made."""
+    """One Server per device: connecting out (--client), or listening on its path, the
+    inherited socket or a passed one. Each entry has the socket file the daemon must
+    remove at exit (None when the file is not its own). Raises SocketInUse or
+    BadSocketPath, having closed and removed what it made."""
     servers: list[tuple[Server, str | None]] = []
     try:
-        for path, device in zip(paths, devices, strict=True):
-            name = os.path.basename(path or "fd")
-            if args.client:
-                assert path is not None
-                servers.append((Server(Connector(path, name), device, name=name), None))
+        for ep, device in zip(endpoints, devices, strict=True):
+            name = os.path.basename(ep.path or ("fd" if ep.kind == "fd" else ep.where.split()[-1]))
+            if ep.kind == "connect":
+                assert ep.path is not None
+                servers.append((Server(Connector(ep.path, name), device, name=name), None))
+            elif ep.kind == "listen":
+                assert ep.path is not None
+                sock = listen_unix(ep.path, mode, gid)
+                servers.append((Server(Listener(sock), device, name=name), ep.path))
             else:
-                sock = listen_unix(path) if path else socket_from_fd(args.fd)
-                servers.append((Server(Listener(sock), device, name=name), path))
+                given = socket_from_fd(ep.fd) if ep.fd is not None else ep.sock
+                assert given is not None
+                servers.append((Server(Listener(given), device, name=name), None))
     except (SocketInUse, BadSocketPath):
         for server, owned in servers:
             server.close()
@@ -189,6 +609,23 @@ def _make_servers(
                 os.unlink(owned)
         raise
     return servers
+
+
+def _check_paths(groups: Sequence[_Group]) -> None:
+    """Paths no bind() or connect() could use, and one path for two devices: refused
+    before any device is made."""
+    seen: set[str] = set()
+    for g in groups:
+        for ep in g.endpoints:
+            if ep.kind == "listen" and ep.path is not None:
+                check_listen_path(ep.path)
+            elif ep.kind == "connect" and ep.path is not None:
+                check_connect_path(ep.path)
+            if ep.path:
+                key = os.path.realpath(ep.path)
+                if key in seen:
+                    raise UsageError(f"socket {ep.path} is named twice (each device needs its own)")
+                seen.add(key)
 
 
 def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
@@ -202,54 +639,78 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
     if args.print_capabilities:  # abbreviated (--print-cap): the rest parsed, too
         print(json.dumps(device_type.capabilities()))
         return 0
-    if bool(args.socket_path) == (args.fd is not None):
-        ap.error("give exactly one of --socket-path PATH (one per device) or --fd N")
-    if args.client and args.fd is not None:
-        ap.error("--client connects to --socket-path PATH; it cannot serve --fd N")
-    paths: list[str | None] = list(args.socket_path) or [None]
-    seen: set[str] = set()
-    for path in args.socket_path:
-        key = os.path.realpath(path)
-        if key in seen:
-            ap.error(f"--socket-path {path} is given twice (each device needs its own)")
-        seen.add(key)
+    try:
+        activated = _Activated(systemd.activated_sockets())
+        options, groups = _plan(ap, argv, args, activated)
+        mode, gid = _socket_access(options)
+        _check_paths(groups)
+        handler = _log_handler(device_type.program, options)
+    except (UsageError, systemd.ActivationError, SocketInUse, BadSocketPath) as e:
+        ap.error(str(e))
+    except OSError as e:  # --syslog
+        ap.error(f"--syslog: cannot reach {options.syslog_socket}: {e.strerror or e}")
+    if options.metrics is not None:
+        from vhost import metrics
+
+        try:
+            metrics.parse_address(options.metrics)
+        except ValueError as e:
+            ap.error(str(e))
+    for unused in activated.unused():
+        unused.sock.close()
     # From the moment a socket accepts, SIGTERM/SIGINT must mean a clean stop: hold
     # them until the event loop's handlers are in place (_serve unblocks them).
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        devices = device_type.create(args, paths)
-    except ValueError as e:
+        pidfile = _PidFile(options.pidfile) if options.pidfile else None
+    except UsageError as e:
         ap.error(str(e))
-    if len(devices) != len(paths):
-        raise RuntimeError(
-            f"{device_type.name}: made {len(devices)} devices for {len(paths)} sockets"
-        )
+    devices: list[Device] = []
+    endpoints: list[Endpoint] = []
     try:
-        servers = _make_servers(args, paths, devices)
-    except (SocketInUse, BadSocketPath) as e:
+        for g in groups:
+            made = device_type.create(g.args, [ep.path for ep in g.endpoints])
+            if len(made) != len(g.endpoints):
+                raise RuntimeError(
+                    f"{device_type.name}: made {len(made)} devices for {len(g.endpoints)} sockets"
+                )
+            devices += made
+            endpoints += g.endpoints
+        servers = _make_servers(endpoints, devices, mode, gid)
+    except (ValueError, SocketInUse) as e:
         for device in devices:
             device.abort()
+        if pidfile is not None:
+            pidfile.remove()
         ap.error(str(e))
-
-    _setup_logging(device_type.program, args.verbose)
-    for path, device in zip(paths, devices, strict=True):
-        log.info("%s", device_type.describe(device, f"fd {args.fd}" if path is None else path))
-    if args.client:
-        log.info(
+    running = _Running(servers, devices, options, pidfile)
+    running.describe = [
+        device_type.describe(d, ep.where) for d, ep in zip(devices, endpoints, strict=True)
+    ]
+    if unused_names := [a.name for a in activated.unused()]:
+        running.describe.append(f"passed sockets not used, closed: {', '.join(unused_names)}")
+    if options.client:
+        running.describe.append(
             "client mode: connecting to each socket, where the front end listens, and "
             "again whenever the connection drops"
         )
-    if args.socket_path:
+    paths = [ep.path for ep in endpoints]
+    if all(paths):
         line = qemu_command_line(
             device_type,
-            [os.path.abspath(p) for p in args.socket_path],
+            [os.path.abspath(p) for p in paths if p],
             devices,
-            client=args.client,
+            client=options.client,
         )
-        log.info("attach with: %s", line)
+        running.describe.append(f"attach with: {line}")
+    _setup_logging(handler, _log_level(options))
     import uvloop
 
-    return uvloop.run(_serve(servers))
+    try:
+        return uvloop.run(_serve(running))
+    except _StartFailed as e:
+        running.abort()
+        ap.error(str(e))
 
 
 def _usage() -> str:

@@ -311,7 +311,7 @@ def test_socket_in_missing_directory(tmp_path: Path) -> None:
     img = tmp_path / "img"
     img.write_bytes(bytes(MiB))
     r = run_cli("--socket-path", str(tmp_path / "no" / "such" / "s"), "--blk-file", str(img))
-    assert_usage_error(r, "cannot bind")
+    assert_usage_error(r, "directory", str(tmp_path / "no" / "such"), "does not exist")
 
 
 def test_stale_socket_is_replaced(start_daemon: StartDaemon, tmp_path: Path) -> None:
