@@ -19,6 +19,11 @@ from vhost.device import Device, DeviceType, UsageError
 
 __all__ = ["DEVICE", "BlkDevice", "BlkOptions", "main"]
 
+#: queues offered unless --num-queues says otherwise: as many as a disk may have, so
+#: that QEMU's default (``num-queues`` = one per vCPU) attaches. A queue costs nothing
+#: until the front end enables it; only then does it get its worker thread.
+DEFAULT_QUEUES = MAX_QUEUES
+
 
 class BlkType(DeviceType):
     name = "blk"
@@ -54,9 +59,11 @@ class BlkType(DeviceType):
         parser.add_argument(
             "--num-queues",
             type=int,
-            default=1,
+            default=DEFAULT_QUEUES,
             metavar="N",
-            help=f"queues per disk (default 1, at most {MAX_QUEUES})",
+            help=f"queues offered per disk (default and most: {MAX_QUEUES}); the front end "
+            "uses as many as it asks for (QEMU: num-queues, one per vCPU by default) and "
+            "only those run",
         )
         parser.add_argument(
             "--serial",
@@ -93,10 +100,10 @@ class BlkType(DeviceType):
 
     def qemu_device_args(self, chardev: str, device: Device) -> list[str]:
         assert isinstance(device, BlkDevice)
-        return [
-            "-device",
-            f"vhost-user-blk-pci,chardev={chardev},num-queues={device.opts.num_queues}",
-        ]
+        nq = device.opts.num_queues
+        # QEMU's default (one queue per vCPU) fits the default offer
+        queues = "" if nq == DEFAULT_QUEUES else f",num-queues={nq}"
+        return ["-device", f"vhost-user-blk-pci,chardev={chardev}{queues}"]
 
     def describe(self, device: Device, where: str) -> str:
         assert isinstance(device, BlkDevice)

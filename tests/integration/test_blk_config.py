@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from devices.blk import DEFAULT_QUEUES
 from tests.support.blk import (
     SECTOR_SIZE,
     VIRTIO_BLK_F_RO,
@@ -47,7 +48,7 @@ def test_config_space(guest: Guest) -> None:
     cfg = parse_blk_config(guest.fe.get_config())
     assert cfg["capacity"] == CAPACITY
     assert cfg["blk_size"] == SECTOR
-    assert cfg["num_queues"] == 1
+    assert cfg["num_queues"] == DEFAULT_QUEUES  # QEMU's default attaches: it asks one per vCPU
     assert cfg["seg_max"] >= 1 and cfg["size_max"] >= 4 * KiB
     assert cfg["max_discard_seg"] == 32 and cfg["max_write_zeroes_seg"] == 32
     assert cfg["max_discard_sectors"] > 0 and cfg["max_write_zeroes_sectors"] > 0

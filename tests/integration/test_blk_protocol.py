@@ -197,9 +197,9 @@ def test_messages_split_and_coalesced(daemon: Daemon) -> None:
         fe.raw_send(get_queue_num + get_features + get_queue_num)
         replies = [fe.read_reply() for _ in range(3)]
         assert [(x.request, x.value) for x in replies if isinstance(x, U64Reply)] == [
-            (Request.GET_QUEUE_NUM, 1),
+            (Request.GET_QUEUE_NUM, fe.queue_num),
             (Request.GET_FEATURES, fe.offered_features),
-            (Request.GET_QUEUE_NUM, 1),
+            (Request.GET_QUEUE_NUM, fe.queue_num),
         ]
         # a new call fd, its header (with the fd) and payload in two sends
         call = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import pytest
 
+from devices.blk.limits import MAX_BLK_QUEUES
 from tests.support.blk import RAM_SIZE, VIRTIO_BLK_S_OK, BlkDriver, BlkRequest, disk_read
 from tests.support.daemon import Daemon, spawn_blk
 from tests.support.frontend import PF_INFLIGHT_SHMFD, DriverQueue, FrontEnd, GuestRam
@@ -312,7 +313,7 @@ def test_rings_set_up_afresh_restart_the_record(daemon: Daemon, vm: Vm) -> None:
     assert "inflight region unusable" not in daemon.log_text()
 
 
-@pytest.mark.parametrize("nq,qs", [(0, 128), (2, 128), (1, 0), (1, 96), (1, 2048)])
+@pytest.mark.parametrize("nq,qs", [(0, 128), (MAX_BLK_QUEUES + 1, 128), (1, 0), (1, 96), (1, 2048)])
 def test_get_inflight_fd_bad_shape_is_refused(daemon: Daemon, vm: Vm, nq: int, qs: int) -> None:
     fe = vm.fe = FrontEnd(daemon.socket_path, vm.ram).connect()
     fe.negotiate()
