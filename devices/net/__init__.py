@@ -42,6 +42,10 @@ class NetType(DeviceType):
         "a learning switch inside this process."
     )
 
+    def __init__(self) -> None:
+        #: the switches made so far, by name, with their --busy-poll-us
+        self._switches: dict[str, tuple[Switch, int]] = {}
+
     def add_arguments(self, parser: argparse.ArgumentParser) -> None:
         be = parser.add_mutually_exclusive_group()
         be.add_argument("--tap", metavar="NAME", help="attach to (or create) this TAP device")
@@ -82,7 +86,7 @@ class NetType(DeviceType):
             )
         devices: list[Device] = []
         try:
-            switch = Switch(args.switch, args.busy_poll_us) if args.switch else None
+            switch = self._switch(args.switch, args.busy_poll_us) if args.switch else None
             for path in sockets:
                 mac = parse_mac(args.mac) if args.mac else default_mac(path or f"fd{args.fd}")
                 tap = TapBackend(args.tap, args.num_queues, args.busy_poll_us) if args.tap else None
@@ -93,6 +97,19 @@ class NetType(DeviceType):
                 device.close()
             raise UsageError(str(e)) from None
         return devices
+
+    def _switch(self, name: str, busy_poll_us: int) -> Switch:
+        """The process's switch of that name: ports named in separate --config
+        [[device]] tables share one switch, as ports given on one command line do."""
+        if name not in self._switches:
+            self._switches[name] = (Switch(name, busy_poll_us), busy_poll_us)
+        switch, polls = self._switches[name]
+        if polls != busy_poll_us:
+            raise UsageError(
+                f"--switch {name}: its ports ask for different --busy-poll-us "
+                f"({polls} and {busy_poll_us})"
+            )
+        return switch
 
     def qemu_device_args(self, chardev: str, device: Device) -> list[str]:
         assert isinstance(device, NetDevice)
