@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import abc
 import argparse
+import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vhost.chains import ChainQueue
 from vhost.errors import CORE_ERRORS, ErrorTable
@@ -32,9 +33,13 @@ from vhost.virtqueue import (
     VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
     ChainWorker,
+    QueueCounterBook,
     Runner,
     Virtqueue,
 )
+
+if TYPE_CHECKING:
+    from vhost.metrics import MetricFamily
 
 # Transport features every device here offers (the ring walker implements them).
 RING_FEATURES = VIRTIO_F_VERSION_1 | VIRTIO_RING_F_INDIRECT_DESC | VIRTIO_RING_F_EVENT_IDX
@@ -103,7 +108,9 @@ class Device(abc.ABC):
 
     def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
         """Serve a queue that is ready: its runner in a worker thread of its own, or
-        process_queue on the chain API."""
+        process_queue on the chain API. A device that overrides this calls
+        ``self.queue_counters.attach(q)`` first, so its queues' counters are reported."""
+        self.queue_counters.attach(q)
         runner = self.runner(q.index)
         if runner is not None:
             q.start(memory, features, runner)
@@ -123,6 +130,19 @@ class Device(abc.ABC):
     # --- state and lifetime ---
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return {}
+
+    @functools.cached_property
+    def queue_counters(self) -> QueueCounterBook:
+        """The core's counters of this device's queues (kicks, interrupts, chains per
+        batch, ...), added up over every connection: what the metrics report per queue."""
+        return QueueCounterBook()
+
+    def metrics(self) -> list[MetricFamily]:
+        """The device's own counters for a metrics scrape (vhost.metrics), read without
+        locks from where the data path keeps them: families named ``vhost_DEVICE_...``,
+        their samples labelled by ``queue`` or whatever the device counts by (the scrape
+        adds ``device``). Called on the event loop: it must be quick. None by default."""
+        return []
 
     def stats_line(self) -> str:
         """Counters worth a log line when a front end disconnects ("" for none)."""

@@ -24,7 +24,8 @@ import os
 import select
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, TypeAlias
 
 from vhost import limits
@@ -60,9 +61,76 @@ RUN_STOPPED: int = lib.VU_RUN_STOPPED
 RUN_ERRORS: int = lib.VU_RUN_ERRORS
 RUN_BROKEN: int = lib.VU_RUN_BROKEN
 
+#: buckets of the chains-per-batch histogram (c_ext/vu.h): bucket b counts batches of
+#: 2^(b-1) < n <= 2^b chains, the last one every larger batch
+BATCH_BUCKETS: int = lib.VU_BATCH_BUCKETS
+#: the upper bounds of those buckets, in chains; None: no bound (Prometheus' +Inf)
+BATCH_BOUNDS: tuple[int | None, ...] = (*(1 << b for b in range(BATCH_BUCKETS - 1)), None)
+
 
 class VirtqueueError(Exception):
     """A queue could not be configured or started; the text names the value."""
+
+
+@dataclass(frozen=True)
+class RingCounters:
+    """A queue's ring counters at one moment (struct vu_stats, c_ext/vu.h), or the sum
+    of several queues' (``+``): what the metrics scrape reports per queue."""
+
+    chains: int = 0
+    bad_chains: int = 0
+    kicks: int = 0
+    signals: int = 0
+    batches: int = 0
+    #: chains in all the batches counted in batch_hist (the histogram's sum)
+    batch_chains: int = 0
+    #: batches by size, one count per bucket of BATCH_BOUNDS (not cumulative)
+    batch_hist: tuple[int, ...] = (0,) * BATCH_BUCKETS
+    resubmitted: int = 0
+    log_words: int = 0
+    log_beyond: int = 0
+    #: errors recorded, by error code (negative; 0 for a code out of the table's range),
+    #: only the codes seen
+    errors: Mapping[int, int] = field(default_factory=dict)
+
+    def __add__(self, other: RingCounters) -> RingCounters:
+        errors = dict(self.errors)
+        for code, n in other.errors.items():
+            errors[code] = errors.get(code, 0) + n
+        return RingCounters(
+            chains=self.chains + other.chains,
+            bad_chains=self.bad_chains + other.bad_chains,
+            kicks=self.kicks + other.kicks,
+            signals=self.signals + other.signals,
+            batches=self.batches + other.batches,
+            batch_chains=self.batch_chains + other.batch_chains,
+            batch_hist=tuple(a + b for a, b in zip(self.batch_hist, other.batch_hist, strict=True)),
+            resubmitted=self.resubmitted + other.resubmitted,
+            log_words=self.log_words + other.log_words,
+            log_beyond=self.log_beyond + other.log_beyond,
+            errors=errors,
+        )
+
+
+def read_ring_counters(vq: vu_vq) -> RingCounters:
+    """The counters of a queue's C handle, read without a lock while its worker may be
+    writing them (each one is a single aligned 64-bit load; see struct vu_stats)."""
+    s = vq.stats
+    hist = memoryview(ffi.buffer(s.batch_hist)).cast("Q").tolist()
+    by_slot = memoryview(ffi.buffer(s.errors)).cast("Q").tolist()
+    return RingCounters(
+        chains=s.chains,
+        bad_chains=s.bad_chains,
+        kicks=s.kicks,
+        signals=s.signals,
+        batches=s.batches,
+        batch_chains=s.batch_chains,
+        batch_hist=tuple(hist),
+        resubmitted=s.resubmitted,
+        log_words=s.log_words,
+        log_beyond=s.log_beyond,
+        errors={-slot: n for slot, n in enumerate(by_slot) if n},
+    )
 
 
 class RateLimitedLog:
@@ -387,6 +455,10 @@ class Virtqueue:
     def handle(self) -> vu_vq:
         return self._vq
 
+    def counters(self) -> RingCounters:
+        """The ring counters now (safe while the queue runs)."""
+        return read_ring_counters(self._vq)
+
     def stats(self) -> dict[str, int]:
         s = self._vq.stats
         return {
@@ -415,6 +487,42 @@ class Virtqueue:
         self.inflight = None
         self.log = None
         self.log_used_gpa = None
+
+
+class QueueCounterBook:
+    """A device's ring counters per queue index over the daemon's life. Each connection
+    brings queues of its own (a Session's Virtqueues), counting from zero; when another
+    connection's queue takes an index, the final counts of the one before are kept and
+    the new one's are added to them, so a counter never goes back. The last queue of an
+    index is held (stopped) until the next one comes, to read its counts."""
+
+    def __init__(self) -> None:
+        self._live: dict[int, Virtqueue] = {}
+        self._retired: dict[int, RingCounters] = {}
+
+    def attach(self, q: Virtqueue) -> None:
+        """``q`` is about to be served (its connection's earlier ones are stopped)."""
+        old = self._live.get(q.index)
+        if old is q:
+            return
+        if old is not None:
+            self._retired[q.index] = self._retired.get(q.index, RingCounters()) + old.counters()
+        self._live[q.index] = q
+
+    def totals(self) -> dict[int, RingCounters]:
+        """Counts by queue index, of every connection so far."""
+        out = dict(self._retired)
+        for index, q in self._live.items():
+            out[index] = out[index] + q.counters() if index in out else q.counters()
+        return out
+
+    def indexes(self) -> list[int]:
+        """The queues served at least once (the ones a front end used), in order."""
+        return sorted(self._live)
+
+    def running(self, index: int) -> bool:
+        q = self._live.get(index)
+        return q is not None and q.running
 
 
 class _ChainServer:

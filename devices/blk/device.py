@@ -20,6 +20,7 @@ from devices.blk import limits
 from devices.blk._blk import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.errors import CORE_ERRORS, ErrorTable
+from vhost.metrics import MetricFamily
 from vhost.virtqueue import Runner
 
 if TYPE_CHECKING:
@@ -192,6 +193,42 @@ class BlkDevice(Device):
                 "bytes_written",
             )
         }
+
+    def metrics(self) -> list[MetricFamily]:
+        requests = MetricFamily(
+            "vhost_blk_requests_total",
+            "requests completed with status OK, by type (op)",
+            "counter",
+        )
+        read = MetricFamily(
+            "vhost_blk_read_bytes_total", "bytes read from the image into guest memory", "counter"
+        )
+        written = MetricFamily(
+            "vhost_blk_written_bytes_total",
+            "bytes written to the image from guest memory",
+            "counter",
+        )
+        errors = MetricFamily(
+            "vhost_blk_errors_total",
+            "requests failed, by the status the guest got (kind: ioerr, unsupp)",
+            "counter",
+        )
+        for i in self.queue_counters.indexes():  # the queues a front end has used
+            s, queue = self._queues[i].stats, str(i)
+            for op, n in (
+                ("read", s.reads),
+                ("write", s.writes),
+                ("flush", s.flushes),
+                ("discard", s.discards),
+                ("write_zeroes", s.write_zeroes),
+                ("get_id", s.get_ids),
+            ):
+                requests.add(n, queue=queue, op=op)
+            read.add(s.bytes_read, queue=queue)
+            written.add(s.bytes_written, queue=queue)
+            errors.add(s.ioerr, queue=queue, kind="ioerr")
+            errors.add(s.unsupp, queue=queue, kind="unsupp")
+        return [requests, read, written, errors]
 
     def stats_line(self) -> str:
         totals: dict[str, int] = {}

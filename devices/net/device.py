@@ -39,6 +39,7 @@ from devices.net._net import ffi, lib
 from vhost.device import RING_FEATURES, Device
 from vhost.errors import CORE_ERRORS, ErrorTable
 from vhost.memory import GuestMemory
+from vhost.metrics import MetricFamily
 from vhost.virtqueue import RUN_ERRORS, RUN_STOPPED, VIRTIO_F_VERSION_1, Virtqueue
 
 if TYPE_CHECKING:
@@ -388,6 +389,7 @@ class NetDevice(Device):
         return queue_index % 2 == 0  # rx queues: 0, 2, 4, ...
 
     def start_queue(self, q: Virtqueue, memory: GuestMemory, features: int) -> None:
+        self.queue_counters.attach(q)
         self.engine.stop()  # it reads the port settings changed below
         try:
             self._configure_port(features)
@@ -462,6 +464,62 @@ class NetDevice(Device):
 
     def queue_stats(self, queue_index: int) -> dict[str, Any]:
         return self.port_stats() if queue_index == 0 else {}
+
+    def metrics(self) -> list[MetricFamily]:
+        """The port's counters (the engine counts per port, not per queue pair), and
+        the switch's MAC table."""
+        s = self.port.stats
+        frames = MetricFamily(
+            "vhost_net_frames_total",
+            "frames moved (direction tx: sent by the guest, rx: delivered to the guest)",
+            "counter",
+        )
+        frames.add(s.tx_packets, direction="tx")
+        frames.add(s.rx_packets, direction="rx")
+        nbytes = MetricFamily(
+            "vhost_net_bytes_total",
+            "bytes of those frames (Ethernet header on, virtio-net header off)",
+            "counter",
+        )
+        nbytes.add(s.tx_bytes, direction="tx")
+        nbytes.add(s.rx_bytes, direction="rx")
+        drops = MetricFamily(
+            "vhost_net_dropped_frames_total", "frames dropped, by reason", "counter"
+        )
+        for reason, n in (
+            ("tx_invalid", s.drop_tx_invalid),
+            ("tx_tap_refused", s.drop_tx_tap),
+            ("rx_no_buffers", s.drop_rx_no_buffers),
+            ("rx_queue_down", s.drop_rx_queue_down),
+            ("rx_buffers_too_small", s.drop_rx_small_buffers),
+            ("rx_truncated", s.drop_rx_truncated),
+        ):
+            drops.add(n, reason=reason)
+        starved = MetricFamily(
+            "vhost_net_rx_no_buffers_total",
+            "times a frame was ready for the guest and it had no rx buffers posted "
+            "(a TAP keeps the frame, a switch drops it)",
+            "counter",
+        )
+        starved.add(s.rx_no_buffers)
+        fams = [frames, nbytes, drops, starved]
+        if self.switch is not None:
+            flooded = MetricFamily(
+                "vhost_net_flooded_frames_total",
+                "frames the guest sent that the switch flooded to every other port "
+                "(broadcast, multicast or an unknown destination)",
+                "counter",
+            )
+            flooded.add(s.flooded)
+            macs = MetricFamily(
+                "vhost_net_switch_mac_entries",
+                "MAC addresses the switch has learnt and not aged out",
+                "gauge",
+                shared=True,
+            )
+            macs.add(lib.net_mac_table_size(self.engine.handle), switch=self.switch.name)
+            fams += [flooded, macs]
+        return fams
 
     def stats_line(self) -> str:
         return " ".join(f"{k}={v}" for k, v in self.port_stats().items())

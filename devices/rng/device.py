@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from devices.rng.limits import MAX_BATCH, MAX_CHAIN_BYTES
 from vhost.chains import Chain, ChainQueue
 from vhost.device import RING_FEATURES, Device
+from vhost.metrics import MetricFamily
 from vhost.virtqueue import ChainWorker
 
 log = logging.getLogger("vhost.rng")
@@ -150,6 +151,19 @@ class RngDevice(Device):
                 "--source %s: %s; no more entropy to give (requests wait)", self.opts.source, why
             )
         self.source_failed = True
+
+    def metrics(self) -> list[MetricFamily]:
+        served = MetricFamily(
+            "vhost_rng_bytes_total", "random bytes written into the guest's buffers", "counter"
+        )
+        served.add(self.bytes_served)
+        failed = MetricFamily(
+            "vhost_rng_source_failed",
+            "1 once --source failed or ended (requests then wait)",
+            "gauge",
+        )
+        failed.add(int(self.source_failed))
+        return [served, failed]
 
     def stats_line(self) -> str:
         return f"bytes={self.bytes_served}"
