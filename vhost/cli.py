@@ -218,6 +218,9 @@ def _stderr_is_journal() -> bool:
 def _log_handler(prog: str, args: argparse.Namespace) -> logging.Handler:
     """The handler --syslog or stderr asks for; raises OSError if syslog is unreachable."""
     if args.syslog:
+        # SysLogHandler only complains when it first sends: try the socket now
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+            probe.connect(args.syslog_socket)
         handler: logging.Handler = logging.handlers.SysLogHandler(
             address=args.syslog_socket, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
@@ -244,6 +247,8 @@ def _log_level(args: argparse.Namespace) -> int:
 
 
 def _setup_logging(handler: logging.Handler, level: int) -> None:
+    # A log sink that goes away (syslog restarted) must not fill stderr with tracebacks
+    logging.raiseExceptions = False
     root = logging.getLogger()
     for old in root.handlers[:]:
         root.removeHandler(old)
