@@ -732,6 +732,13 @@ def _usage() -> str:
         lines.append(f"  {name:<10} {summary}")
     if not registry.names():
         lines.append("  (none registered: is the package installed?)")
+    lines += [
+        "",
+        "commands:",
+        "  install-descriptors",
+        "             install the JSON descriptors by which QEMU and libvirt find back ends",
+        "             (in /usr/share/qemu/vhost-user/; --help for its options)",
+    ]
     return "\n".join(lines)
 
 
@@ -742,6 +749,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_usage())
         return 0
     name = args.pop(0)
+    if name == "install-descriptors":
+        from vhost import descriptors
+
+        return descriptors.main(args)
     try:
         device_type = registry.load(name)
     except registry.RegistryError as e:
