@@ -692,6 +692,13 @@ def run(device_type: DeviceType, argv: Sequence[str] | None = None) -> int:
     running.describe = [
         device_type.describe(d, ep.where) for d, ep in zip(devices, endpoints, strict=True)
     ]
+    if (options.socket_group or options.socket_mode) and not any(
+        ep.kind == "listen" for ep in endpoints
+    ):
+        running.describe.append(
+            "--socket-group/--socket-mode ignored: they apply to socket files this daemon "
+            "creates (a passed socket keeps what its launcher gave it: SocketGroup=, SocketMode=)"
+        )
     if unused_names := [a.name for a in activated.unused()]:
         running.describe.append(f"passed sockets not used, closed: {', '.join(unused_names)}")
     if options.client:
