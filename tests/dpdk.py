@@ -116,17 +116,52 @@ def _mapped_paths() -> set[str]:
     return paths
 
 
+#: Every testpmd here runs with ``--file-prefix`` :func:`own_file_prefix` unless told
+#: otherwise: ``pt<pid>x<n>``, ``<pid>`` being the Python process that started it. DPDK
+#: names its hugepage files ``<prefix>map_<k>`` (they outlive a killed run without
+#: ``--in-memory``). Nothing else under the mount is ours: libvirt keeps
+#: /dev/hugepages/libvirt/qemu there, QEMU its guest RAM, other DPDK applications their
+#: own files (scripts/setup-dpdk follows the same rule).
+OWN_HUGEPAGE_FILE = re.compile(r"pt(?P<owner>\d+)x\d+map_\d+")
+
+
+def own_file_prefix() -> str:
+    """A ``--file-prefix`` of our own, new on each call (see :data:`OWN_HUGEPAGE_FILE`)."""
+    return f"pt{os.getpid()}x{next(_prefix_counter)}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process, but alive
+        return True
+    return True
+
+
 def remove_stale_hugepage_files(path: Path = HUGEPAGE_MOUNT) -> list[str]:
-    """Delete files under the hugetlbfs mount that no live process maps
-    (left by killed DPDK runs; they hold pages: "Not enough memory available")."""
+    """Delete the hugepage files our killed testpmd runs left under the hugetlbfs mount
+    at ``path`` (they hold pages: "Not enough memory available"), and nothing else: only
+    regular files directly under it named with our prefix (:data:`OWN_HUGEPAGE_FILE`)
+    whose owner process is gone and that no live process maps. Directories and every
+    other file are left alone. Returns the paths removed."""
     if not _hugetlbfs_mounted(path):
         return []
-    files = [str(p) for p in path.iterdir() if p.is_file()]
-    if not files:
+    candidates = []
+    with os.scandir(path) as entries:
+        for entry in entries:
+            m = OWN_HUGEPAGE_FILE.fullmatch(entry.name)
+            if m is None or not entry.is_file(follow_symlinks=False):
+                continue
+            if _pid_alive(int(m["owner"])):  # its run may still be going
+                continue
+            candidates.append(entry.path)
+    if not candidates:
         return []
     in_use = _mapped_paths()
     removed = []
-    for f in files:
+    for f in candidates:
         if f not in in_use:
             with contextlib.suppress(OSError):
                 os.unlink(f)
@@ -278,7 +313,7 @@ class TestPmd:
         self.vdevs = list(vdevs)
         self.name = name
         self.start_timeout = start_timeout
-        self.file_prefix = file_prefix or f"pt{os.getpid()}x{next(_prefix_counter)}"
+        self.file_prefix = file_prefix or own_file_prefix()
         self._own_log_dir: str | None = None
         if log_path is None:
             self._own_log_dir = tempfile.mkdtemp(prefix=f"{name}-")
