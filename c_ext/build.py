@@ -68,7 +68,7 @@ struct vu_chain_ref { uint32_t head; uint16_t slot; uint32_t iov_start; uint32_t
                       uint32_t n_in; uint64_t out_bytes; uint64_t in_bytes; };
 struct vu_stats { uint64_t chains; uint64_t bad_chains; uint64_t kicks; uint64_t signals;
                   uint64_t batches; uint64_t log_words; uint64_t log_beyond;
-                  uint64_t resubmitted; uint64_t batch_chains;
+                  uint64_t resubmitted; uint64_t pushed; uint64_t batch_chains;
                   uint64_t batch_hist[...]; uint64_t errors[...]; };
 struct vu_log { uint8_t *base; uint64_t size; int call_fd; };
 struct vu_inflight_desc { uint8_t inflight; uint16_t next; uint64_t counter; ...; };

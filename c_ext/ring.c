@@ -423,6 +423,7 @@ void vu_vq_push(struct vu_vq *vq, uint32_t head, uint32_t len)
     e->id = head;
     e->len = len;
     vq->used_idx++;
+    vq->stats.pushed++;
     if (vq->log) {
         if (len)
             log_chain(vq, head);

@@ -203,7 +203,11 @@ struct vu_log_cache {
  * A queue's counters. Each is written by the one thread serving the queue and read by
  * anyone (the metrics scrape, log lines) without a lock: plain aligned 64-bit stores
  * and loads, which x86-64 never tears; a reader may see a value one batch old.
- * They only grow while the queue's front end stays connected (vu_vq_setup keeps them).
+ * vu_vq_setup keeps them: they count over the life of the struct (one connection's
+ * queue; vhost/virtqueue.py's QueueCounterBook adds connections up). Only chains goes
+ * back, by the chains vu_vq_discard gives back (net takes rx chains for the largest
+ * frame and returns those a frame did not need): a scrape counts pushed, which never
+ * does.
  */
 #define VU_BATCH_BUCKETS 12     /* chains per batch: <= 1, <= 2, <= 4, ... <= 1024, more */
 #define VU_ERROR_SLOTS 64       /* errors counted by code: slot -code, codes -1 .. -63 */
@@ -217,6 +221,7 @@ struct vu_stats {
     uint64_t log_words;  /* 64-page words of the dirty log updated (one per word per burst) */
     uint64_t log_beyond; /* writes to pages past the end of the dirty log (not logged) */
     uint64_t resubmitted; /* chains run again from the inflight region (after a restart) */
+    uint64_t pushed;     /* used entries written: chains given back, done or refused */
     uint64_t batch_chains; /* chains in all the batches counted in batch_hist */
     uint64_t batch_hist[VU_BATCH_BUCKETS]; /* batches by chains: bucket b holds 2^(b-1) < n <= 2^b */
     uint64_t errors[VU_ERROR_SLOTS];       /* vu_vq_record_error calls by -code (0: other) */

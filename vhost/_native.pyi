@@ -85,6 +85,7 @@ class vu_stats(CData):
     log_words: int
     log_beyond: int
     resubmitted: int
+    pushed: int
     batch_chains: int
     batch_hist: Array[int]
     errors: Array[int]

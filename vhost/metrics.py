@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ import resource
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from vhost.virtqueue import BATCH_BOUNDS
 
@@ -72,10 +73,9 @@ _LABEL = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
 # =========================================================================================
 
 
-@dataclass(frozen=True)
-class Sample:
+class Sample(NamedTuple):
     """One value of a family, with its labels; ``suffix`` names a histogram's series
-    (``_bucket``, ``_sum``, ``_count``)."""
+    (``_bucket``, ``_sum``, ``_count``). A tuple: a scrape makes thousands."""
 
     labels: Mapping[str, str]
     value: float
@@ -137,12 +137,13 @@ def escape_help(text: str) -> str:
     return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
+@functools.lru_cache(maxsize=4096)  # the same few values (devices, queues) every scrape
 def escape_label_value(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def _number(v: float) -> str:
-    if isinstance(v, int):
+    if type(v) is int:  # nearly every value: the counters are integers
         return str(v)
     if math.isnan(v):
         return "NaN"
@@ -171,16 +172,17 @@ def format_text(families: Iterable[MetricFamily]) -> str:
     for fam in merged.values():
         lines.append(f"# HELP {fam.name} {escape_help(fam.help)}")
         lines.append(f"# TYPE {fam.name} {fam.type}")
-        for s in fam.samples:
-            parts = []
-            for k, v in s.labels.items():
+        for labels, v, suffix in fam.samples:
+            if not labels:
+                lines.append(f"{fam.name}{suffix} {_number(v)}")
+                continue
+            for k in labels:
                 if k not in good_labels:
                     if not _LABEL.match(k) or k.startswith("__"):
                         raise ValueError(f"{fam.name}: {k!r} is not a label name")
                     good_labels.add(k)
-                parts.append(f'{k}="{escape_label_value(v)}"')
-            labels = "{" + ",".join(parts) + "}" if parts else ""
-            lines.append(f"{fam.name}{s.suffix}{labels} {_number(s.value)}")
+            text = ",".join([f'{k}="{escape_label_value(x)}"' for k, x in labels.items()])
+            lines.append(f"{fam.name}{suffix}{{{text}}} {_number(v)}")
     return "\n".join(lines) + "\n" if lines else ""
 
 
@@ -192,7 +194,12 @@ def format_text(families: Iterable[MetricFamily]) -> str:
 #: the core's per-queue families: vhost_queue_NAME, help, type
 QUEUE_FAMILIES: tuple[tuple[str, str, MetricType], ...] = (
     ("running", "1 while the queue is being served", "gauge"),
-    ("chains_total", "descriptor chains taken from the avail ring", "counter"),
+    (
+        "chains_total",
+        "descriptor chains handled: used entries given back to the driver (refused "
+        "chains included)",
+        "counter",
+    ),
     ("bad_chains_total", "chains refused by the ring walk's validation", "counter"),
     ("kicks_total", "kicks received from the driver (kick eventfd)", "counter"),
     ("interrupts_total", "interrupts signalled to the driver (call eventfd)", "counter"),
@@ -230,7 +237,7 @@ def _queue_families(device_label: str, device: Device) -> list[MetricFamily]:
         c = totals[index]
         labels = {"device": device_label, "queue": str(index)}
         fams["running"].samples.append(Sample(labels, int(book.running(index))))
-        fams["chains_total"].samples.append(Sample(labels, c.chains))
+        fams["chains_total"].samples.append(Sample(labels, c.pushed))
         fams["bad_chains_total"].samples.append(Sample(labels, c.bad_chains))
         fams["kicks_total"].samples.append(Sample(labels, c.kicks))
         fams["interrupts_total"].samples.append(Sample(labels, c.signals))
@@ -395,7 +402,7 @@ def parse_address(text: str) -> tuple[str, int]:
     """``PORT``, ``ADDR:PORT`` or ``[IPv6]:PORT`` -> (host, port); the host is
     127.0.0.1 when only a port is given. Port 0 asks for any free port. Raises
     ValueError with a one-line message naming the option."""
-    where = f"--metrics {text!r}"
+    where = f"--metrics {text}" if text and text.split() == [text] else f"--metrics {text!r}"
     t = text.strip()
     if not t:
         raise ValueError(f"{where}: give PORT, ADDR:PORT or [IPv6]:PORT")
@@ -539,7 +546,7 @@ class MetricsServer:
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         if len(self._clients) >= MAX_CLIENTS:
-            writer.transport.abort()
+            writer.close()  # no queue of stalled clients: this one may try again
             return
         self._clients.add(writer)
         try:
@@ -559,6 +566,11 @@ class MetricsServer:
             await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
         except (OSError, TimeoutError) as e:
             log.debug("metrics: client dropped: %r", e)
+        except asyncio.CancelledError:
+            # The loop is ending (close() dropped the client first). Ending quietly
+            # keeps asyncio from logging the cancelled task of a stream callback
+            # (Python 3.11 does) as an error in a clean shutdown.
+            pass
         finally:
             self._clients.discard(writer)
             writer.close()

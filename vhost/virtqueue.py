@@ -87,6 +87,8 @@ class RingCounters:
     #: batches by size, one count per bucket of BATCH_BOUNDS (not cumulative)
     batch_hist: tuple[int, ...] = (0,) * BATCH_BUCKETS
     resubmitted: int = 0
+    #: used entries written (chains given back); unlike chains, never goes back
+    pushed: int = 0
     log_words: int = 0
     log_beyond: int = 0
     #: errors recorded, by error code (negative; 0 for a code out of the table's range),
@@ -106,6 +108,7 @@ class RingCounters:
             batch_chains=self.batch_chains + other.batch_chains,
             batch_hist=tuple(a + b for a, b in zip(self.batch_hist, other.batch_hist, strict=True)),
             resubmitted=self.resubmitted + other.resubmitted,
+            pushed=self.pushed + other.pushed,
             log_words=self.log_words + other.log_words,
             log_beyond=self.log_beyond + other.log_beyond,
             errors=errors,
@@ -127,6 +130,7 @@ def read_ring_counters(vq: vu_vq) -> RingCounters:
         batch_chains=s.batch_chains,
         batch_hist=tuple(hist),
         resubmitted=s.resubmitted,
+        pushed=s.pushed,
         log_words=s.log_words,
         log_beyond=s.log_beyond,
         errors={-slot: n for slot, n in enumerate(by_slot) if n},

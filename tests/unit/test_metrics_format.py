@@ -298,6 +298,28 @@ def test_c_sums_batches_of_a_pass(make: Callable[..., Ring]) -> None:
     assert c.batch_hist[1] == 1 and c.batch_hist[2] == 1  # 2 chains (<= 2), 3 (<= 4)
 
 
+def test_given_back_chains_never_make_the_count_go_back(make: Callable[..., Ring]) -> None:
+    """Net takes rx chains for the largest frame and gives back what a frame did not
+    need (vu_vq_discard): ``chains`` goes down then, and a scrape that saw it high
+    would make Prometheus see a counter reset. The scrape reports ``pushed``."""
+    r = make(num=8)
+    for _ in range(3):
+        r.q.add_chain([(r.buf(64), 64, True)])
+    r.q.publish()
+    for _ in range(3):
+        r.pop_ok()
+    assert counters_of(r).chains == 3
+    lib.vu_vq_discard(r.vq, 2)
+    lib.vu_vq_push(r.vq, r.chain.head, 0)  # the one a frame used (any head will do)
+    c = counters_of(r)
+    assert (c.chains, c.pushed) == (1, 1)
+    for _ in range(2):  # the two given back are taken again and used
+        r.pop_ok()
+        lib.vu_vq_push(r.vq, r.chain.head, 0)
+    c = counters_of(r)
+    assert (c.chains, c.pushed) == (3, 3)
+
+
 def test_c_counts_errors_by_code(make: Callable[..., Ring]) -> None:
     """Each error the walker records is counted under its code (vu_vq_record_error)."""
     r = make(num=8)
@@ -371,7 +393,7 @@ def test_collect_reports_queues_used_devices_connections_and_process() -> None:
     q0 = Virtqueue(0, "toy/vq0")
     dev.queue_counters.attach(q0)
     s = q0.handle.stats
-    s.chains, s.kicks, s.signals = 10, 4, 3
+    s.pushed, s.kicks, s.signals = 10, 4, 3
     s.batches, s.batch_chains, s.resubmitted = 3, 10, 2
     s.batch_hist[0], s.batch_hist[2], s.batch_hist[3] = 1, 1, 1
     s.errors[-lib.VU_ERR_LOOP] = 1
