@@ -48,7 +48,7 @@ from tests.guest.workloads import MiB
 from tests.netns import NetNs, assert_no_leaked_namespaces
 from tests.qemu import crash_harness as ch
 from tests.qemu.harness import needs_netns, needs_qemu
-from tests.support.daemon import Daemon, Ready, spawn_net_for_qemu
+from tests.support.daemon import Daemon, Ready, spawn_blk_for_qemu, spawn_net_for_qemu
 
 from .domain import DomainSpec, LibvirtGuest, no_msix_override, vhostuser_disk, vhostuser_interface
 from .instance import PrivateLibvirt, why_not_supported
@@ -150,10 +150,21 @@ def _bad_kmsg(lines: list[str]) -> list[str]:
 
 
 def start_blk(workdir: Path, n: int, sock: Path, image: Path) -> ch.Incarnation:
-    """vhost-user-blk incarnation ``n`` on ``sock`` (-v: crash_harness reads where its
-    queue started), up once it logged "ready": no probe, QEMU may be reconnecting."""
-    inc = ch.start_incarnation(workdir, n, sock, image, ["-v", "--socket-group", GROUP])
-    inc.daemon.wait_log("ready: ", 1, DAEMON_TIMEOUT)
+    """vhost-user-blk incarnation ``n`` on ``sock`` (log ``blk<n>.daemon.log``; -v:
+    crash_harness reads where its queue started), up once it logged "ready": no probe,
+    QEMU may be reconnecting (crash_harness's module docstring)."""
+    d = spawn_blk_for_qemu(
+        workdir,
+        f"blk{n}",
+        "-v",
+        "--socket-group",
+        GROUP,
+        image=image,
+        socket_path=sock,
+        ready=Ready.STARTED,
+    )
+    inc = ch.Incarnation(n, d, time.monotonic())
+    d.wait_log("ready: ", 1, DAEMON_TIMEOUT)
     return inc
 
 
