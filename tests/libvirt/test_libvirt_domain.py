@@ -79,17 +79,6 @@ PASS_TIMEOUT = 90.0  # the pass in progress until it ends
 FINISH_TIMEOUT = 150.0  # boot 2: virsh start until the guest has powered off
 DAEMON_TIMEOUT = 15.0
 
-#: what the guest kernel must not say
-BAD_KMSG = (
-    "I/O error",
-    "not a head",
-    "blk_update_request",
-    "Call Trace",
-    "blocked for more than",
-    "BUG:",
-    "Oops",
-    "NETDEV WATCHDOG",
-)
 #: the guest's ping monitor: guest uptime, whether the ping was answered
 NET_RE = re.compile(r"^NET (\d+\.\d+) (ok|lost)$")
 QEMU_CONNECTED_RE = re.compile(r"front end connected: pid \d+ \(qemu-system-x86\), uid (\d+)")
@@ -143,7 +132,7 @@ def guest_script() -> str:
 
 
 def _bad_kmsg(lines: list[str]) -> list[str]:
-    return [m for m in lines if any(b in m for b in BAD_KMSG)]
+    return ch.bad_kmsg(lines)
 
 
 # --- the daemons -----------------------------------------------------------------------

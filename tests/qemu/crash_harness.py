@@ -39,6 +39,24 @@ QUEUE_STARTED_RE = re.compile(r"#(\d+)/vq(\d+): started \(size (\d+), base (\d+)
 RESUBMITTED_RE = re.compile(r"/vq0: inflight region: (\d+) requests? in flight before")
 SERVING = "serving "
 
+#: what a guest kernel must not say about its disk
+BAD_DISK_KMSG = (
+    "I/O error",
+    "not a head",
+    "blk_update_request",
+    "Call Trace",
+    "blocked for more than",
+    "BUG:",
+    "Oops",
+)
+#: ... nor, with a NIC, about that
+BAD_KMSG = (*BAD_DISK_KMSG, "NETDEV WATCHDOG")
+
+
+def bad_kmsg(lines: list[str], bad: Sequence[str] = BAD_KMSG) -> list[str]:
+    """The guest kernel messages among ``lines`` that name a problem in ``bad``."""
+    return [m for m in lines if any(b in m for b in bad)]
+
 
 @dataclass(frozen=True)
 class Tick:

@@ -65,16 +65,6 @@ RESUME_TIMEOUT = 30.0  # restart until the guest completes I/O again
 STALL_TIMEOUT = 60.0  # no completion at all for this long while fio runs: a hang
 MAX_PASSES = 1000
 
-#: what the guest kernel must not say about the disk
-BAD_KMSG = (
-    "I/O error",
-    "not a head",
-    "blk_update_request",
-    "Call Trace",
-    "blocked for more than",
-    "BUG:",
-    "Oops",
-)
 
 RecordProperty = Callable[[str, object], None]
 
@@ -324,7 +314,7 @@ class CrashRun:
 
 
 def _bad_kmsg(lines: list[str]) -> list[str]:
-    return [m for m in lines if any(b in m for b in BAD_KMSG)]
+    return ch.bad_kmsg(lines, ch.BAD_DISK_KMSG)
 
 
 def _stop_for_evidence(run: CrashRun) -> None:

@@ -71,6 +71,7 @@ from tests.guest.workloads import MiB, pattern
 from tests.netns import NetNs, assert_no_leaked_namespaces
 from tests.support.daemon import installed_command
 
+from . import crash_harness as ch
 from . import migration as mg
 from .harness import guest_binaries, needs_netns, needs_qemu
 
@@ -104,17 +105,6 @@ FLOW_TIMEOUT = 60.0  # a hop done until the disk and the stream make progress ag
 FINISH_TIMEOUT = 180.0  # the stop asked until the guest powers off
 SINK_TIMEOUT = 300.0  # the sink gives up after this long without a byte
 
-#: what the guest kernel must not say
-BAD_KMSG = (
-    "I/O error",
-    "not a head",
-    "blk_update_request",
-    "Call Trace",
-    "blocked for more than",
-    "BUG:",
-    "Oops",
-    "NETDEV WATCHDOG",
-)
 #: what a back end of ours must not log
 DAEMON_BAD = re.compile(r" (ERROR|CRITICAL) |Traceback|ring broken")
 
@@ -368,7 +358,7 @@ class Run:
 
 
 def _bad_kmsg(lines: list[str]) -> list[str]:
-    return [m for m in lines if any(b in m for b in BAD_KMSG)]
+    return ch.bad_kmsg(lines)
 
 
 def _fdb_port(ns: NetNs, mac: str) -> str | None:
