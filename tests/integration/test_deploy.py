@@ -48,6 +48,10 @@ def blk(*args: str, timeout: float = 20.0, **kw: object) -> subprocess.Completed
     return run_program("blk", *args, timeout=timeout, **kw)  # type: ignore[arg-type]
 
 
+def blk_argv(sock: Path, img: Path, *args: str) -> list[str]:
+    return [*device_command("blk"), "--socket-path", str(sock), "--blk-file", str(img), *args]
+
+
 def usage_error(r: subprocess.CompletedProcess[str], *needles: str) -> None:
     check_usage_error(r, "vhost-user-blk", *needles)
 
@@ -203,15 +207,7 @@ def test_socket_group_lets_members_in(
     sock = shared_dir / "g.sock"
     d = start(
         running,
-        [
-            *device_command("blk"),
-            "--socket-path",
-            str(sock),
-            "--blk-file",
-            str(img),
-            "--socket-group",
-            GROUP,
-        ],
+        blk_argv(sock, img, "--socket-group", GROUP),
         tmp_path / "g.log",
         [sock],
     )
@@ -230,15 +226,7 @@ def test_socket_mode(tmp_path: Path, running: list[Daemon]) -> None:
     sock = tmp_path / "m.sock"
     start(
         running,
-        [
-            *device_command("blk"),
-            "--socket-path",
-            str(sock),
-            "--blk-file",
-            str(image(tmp_path)),
-            "--socket-mode",
-            "0640",
-        ],
+        blk_argv(sock, image(tmp_path), "--socket-mode", "0640"),
         tmp_path / "m.log",
         [sock],
     )
@@ -526,15 +514,7 @@ def test_ready_after_listening_and_pidfile(
     sock, pidfile = tmp_path / "r.sock", tmp_path / "r.pid"
     d = start(
         running,
-        [
-            *device_command("blk"),
-            "--socket-path",
-            str(sock),
-            "--blk-file",
-            str(img),
-            "--pidfile",
-            str(pidfile),
-        ],
+        blk_argv(sock, img, "--pidfile", str(pidfile)),
         tmp_path / "r.log",
         [sock],
         ready=Ready.STARTED,
@@ -570,15 +550,7 @@ def test_log_level_warning_keeps_info_out(tmp_path: Path, running: list[Daemon])
     sock = tmp_path / "q.sock"
     d = start(
         running,
-        [
-            *device_command("blk"),
-            "--socket-path",
-            str(sock),
-            "--blk-file",
-            str(image(tmp_path)),
-            "--log-level",
-            "warning",
-        ],
+        blk_argv(sock, image(tmp_path), "--log-level", "warning"),
         tmp_path / "q.log",
         [sock],
         ready=Ready.ACCEPTS,
@@ -602,16 +574,7 @@ def test_syslog(tmp_path: Path, running: list[Daemon]) -> None:
     try:
         d = start(
             running,
-            [
-                *device_command("blk"),
-                "--socket-path",
-                str(sock),
-                "--blk-file",
-                str(image(tmp_path)),
-                "--syslog",
-                "--syslog-socket",
-                str(log_sock),
-            ],
+            blk_argv(sock, image(tmp_path), "--syslog", "--syslog-socket", str(log_sock)),
             tmp_path / "sl.log",
             [sock],
             ready=Ready.ACCEPTS,
