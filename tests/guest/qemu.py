@@ -108,6 +108,15 @@ def _tail(text: str, n: int = TAIL_CHARS) -> str:
     return text[-n:]
 
 
+def console_text(path: Path) -> str:
+    """A guest's console log as text so far (CRLF normalised to LF; "" before it exists)."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return ""
+    return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+
+
 class Guest:
     """A QEMU process whose serial console goes to a log file.
 
@@ -209,11 +218,7 @@ class Guest:
     # -- output ------------------------------------------------------------
     def output(self) -> str:
         """Console text so far (CRLF normalised to LF)."""
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return ""
-        return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+        return console_text(self.path)
 
     def _diag(self, what: str) -> str:
         rc = self.proc.poll() if self.proc else None

@@ -205,11 +205,7 @@ class LibvirtGuest:
         return self.lv.qemu_pid(self.name)
 
     def output(self) -> str:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return ""
-        return raw.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "")
+        return qemu.console_text(self.path)
 
     def diag(self, what: str) -> str:
         return (
