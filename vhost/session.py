@@ -503,6 +503,7 @@ class Session:
         self.closed = True
         for q in self.queues:
             self.device.stop_queue(q)
+            self.device.queue_counters.retire(q)
             q.reset()
         line = self.device.stats_line()  # after the stop: the last pass is counted
         if line:

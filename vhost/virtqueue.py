@@ -495,10 +495,9 @@ class Virtqueue:
 
 class QueueCounterBook:
     """A device's ring counters per queue index over the daemon's life. Each connection
-    brings queues of its own (a Session's Virtqueues), counting from zero; when another
-    connection's queue takes an index, the final counts of the one before are kept and
-    the new one's are added to them, so a counter never goes back. The last queue of an
-    index is held (stopped) until the next one comes, to read its counts."""
+    brings queues of its own (a Session's Virtqueues), counting from zero; when one is
+    retired (its connection ends) its final counts are added to those of the index, so
+    a counter never goes back, and no queue of a gone connection is kept alive."""
 
     def __init__(self) -> None:
         self._live: dict[int, Virtqueue] = {}
@@ -507,11 +506,16 @@ class QueueCounterBook:
     def attach(self, q: Virtqueue) -> None:
         """``q`` is about to be served (its connection's earlier ones are stopped)."""
         old = self._live.get(q.index)
-        if old is q:
-            return
-        if old is not None:
-            self._retired[q.index] = self._retired.get(q.index, RingCounters()) + old.counters()
+        if old is not None and old is not q:
+            self.retire(old)
         self._live[q.index] = q
+
+    def retire(self, q: Virtqueue) -> None:
+        """``q``'s connection is over (called before its queues are reset): keep its
+        final counts, drop the queue."""
+        if self._live.get(q.index) is q:
+            del self._live[q.index]
+            self._retired[q.index] = self._retired.get(q.index, RingCounters()) + q.counters()
 
     def totals(self) -> dict[int, RingCounters]:
         """Counts by queue index, of every connection so far."""
@@ -522,7 +526,7 @@ class QueueCounterBook:
 
     def indexes(self) -> list[int]:
         """The queues served at least once (the ones a front end used), in order."""
-        return sorted(self._live)
+        return sorted({*self._live, *self._retired})
 
     def running(self, index: int) -> bool:
         q = self._live.get(index)
