@@ -395,6 +395,36 @@ def _skip_unless_available(case: Case) -> None:
 # --- the test --------------------------------------------------------------------------
 
 
+class KnownGuestOops(AssertionError):
+    """The guest kernel oopsed after a hop in code that is not a device driver's: the
+    TCG problem docs/migration.md describes, seen with QEMU's own NIC and no back end of
+    ours as well."""
+
+
+#: what the known oopses say (docs/migration.md: NULL function pointers, list poison)
+_OOPS_MARKS = (
+    "BUG: kernel NULL pointer dereference",
+    "LIST_POISON",
+    "list_add corruption",
+    "Oops:",
+)
+#: call-trace frames that would put the oops in the I/O path, where ours would be at fault
+_DEVICE_FRAMES = re.compile(r"virtio|virtqueue|vring|vhost|blk|net_|napi|e1000|ext4|jbd2|bio_|scsi")
+_FRAME = re.compile(r"^(?:\[\s*\d+\.\d+\]\s+)?(?:\? )?([A-Za-z_][\w.]*)\+0x")
+
+
+def _known_oops(lines: list[str]) -> str | None:
+    """The known oops's first line, if the kernel messages show one whose call trace
+    has no frame of the I/O path; None otherwise."""
+    marks = [m for m in lines if any(k in m for k in _OOPS_MARKS)]
+    if not marks:
+        return None
+    frames = [f.group(1) for m in lines if (f := _FRAME.match(m.split(";", 1)[-1].strip()))]
+    if any(_DEVICE_FRAMES.search(f) for f in frames):
+        return None
+    return marks[0]
+
+
 @pytest.mark.parametrize("name", _params())
 def test_live_migration(
     name: str,
@@ -403,7 +433,24 @@ def test_live_migration(
     record_property: RecordProperty,
 ) -> None:
     """Migrate a guest under verified disk I/O and a live TCP stream HOPS times between
-    fresh QEMUs, each with back ends of its own; nothing is lost, nothing breaks."""
+    fresh QEMUs, each with back ends of its own; nothing is lost, nothing breaks.
+
+    A guest that oopses outside the I/O path (KnownGuestOops) gets one more run: that
+    TCG problem is not this project's to fix, and a second one in a row still fails."""
+    for attempt in (1, 2):
+        work = tmp_path / f"run{attempt}"
+        work.mkdir()
+        try:
+            _migrate(name, fio_base, work, record_property)
+            return
+        except KnownGuestOops as e:
+            if attempt == 2:
+                raise
+            record_property("retried_after_guest_oops", str(e).splitlines()[0])
+            print(f"\nrun 1: the guest oopsed outside the I/O path ({e}); running again")
+
+
+def _migrate(name: str, fio_base: Path, tmp_path: Path, record_property: RecordProperty) -> None:
     case = CASES[name]
     _skip_unless_available(case)
     image = tmp_path / "disk.img"
@@ -440,6 +487,10 @@ def test_live_migration(
                 run.hop()
             run.finish()
             ok = True
+        except AssertionError as e:
+            if (oops := _known_oops(run.console.kmsg())) is not None:
+                raise KnownGuestOops(f"{oops}\n{e}") from e
+            raise
         finally:
             if not ok:
                 print("\n" + run.report())  # first: it asks the QEMUs still running
