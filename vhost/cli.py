@@ -36,7 +36,7 @@ import socket
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from vhost import config, registry, systemd
 from vhost.device import Device, DeviceType, UsageError
@@ -52,6 +52,9 @@ from vhost.server import (
     listen_unix,
     socket_from_fd,
 )
+
+if TYPE_CHECKING:  # imported when --metrics asks for it
+    from vhost.metrics import MetricsServer
 
 log = logging.getLogger("vhost")
 
@@ -323,12 +326,6 @@ def _endpoints(args: argparse.Namespace, activated: _Activated) -> list[Endpoint
         raise UsageError(
             "--client connects to --socket-path PATH; it cannot serve --fd N or a passed socket"
         )
-    seen: set[str] = set()
-    for path in args.socket_path:
-        key = os.path.realpath(path)
-        if key in seen:
-            raise UsageError(f"--socket-path {path} is given twice (each device needs its own)")
-        seen.add(key)
     if args.socket_path:
         kind = "connect" if args.client else "listen"
         return [Endpoint(kind, path, path) for path in args.socket_path]
@@ -497,7 +494,7 @@ class _StartFailed(Exception):
     """A usage error found once the loop runs (the metrics port is taken)."""
 
 
-async def _start_metrics(running: _Running) -> Any:
+async def _start_metrics(running: _Running) -> MetricsServer | None:
     if running.options.metrics is None:
         return None
     from vhost import metrics
@@ -523,7 +520,7 @@ async def _serve(running: _Running) -> int:
     for line in running.describe:
         log.info("%s", line)
     if metrics_server is not None:
-        log.info("metrics on http://%s/metrics", _http_host(metrics_server))
+        log.info("metrics on %s", metrics_server.url)
 
     def stop_all() -> None:
         systemd.notify("STOPPING=1")
@@ -565,11 +562,6 @@ async def _serve(running: _Running) -> int:
             running.pidfile.remove()
         log.info("stopped")
     return status
-
-
-def _http_host(metrics_server: Any) -> str:
-    host = str(metrics_server.host)
-    return f"[{host}]:{metrics_server.port}" if ":" in host else f"{host}:{metrics_server.port}"
 
 
 def wants_capabilities(argv: Sequence[str]) -> bool:
@@ -629,7 +621,9 @@ def _check_paths(groups: Sequence[_Group]) -> None:
             if ep.path:
                 key = os.path.realpath(ep.path)
                 if key in seen:
-                    raise UsageError(f"socket {ep.path} is named twice (each device needs its own)")
+                    raise UsageError(
+                        f"--socket-path {ep.path} is given twice (each device needs its own)"
+                    )
                 seen.add(key)
 
 
