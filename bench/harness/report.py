@@ -322,6 +322,18 @@ def write_json(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=2, sort_keys=False, default=str) + "\n")
 
 
+def series_colours(panels: Sequence[Sequence[str]], palette: Sequence[str]) -> dict[str, str]:
+    """One colour per device or back end for the whole figure, whatever panel it is in
+    and at whatever position ("ours" keeps its colour on the disk, network and packet
+    rate panels): in order of first appearance, round the palette."""
+    out: dict[str, str] = {}
+    for names in panels:
+        for name in names:
+            if name not in out:
+                out[name] = palette[len(out) % len(palette)]
+    return out
+
+
 def write_png(results: dict[str, Any], path: Path) -> str | None:
     """Bar chart of the medians (min-max as error bars); returns why not, or None."""
     try:
@@ -365,6 +377,8 @@ def write_png(results: dict[str, Any], path: Path) -> str | None:
         panels.append(("Packet rate: Mpps", [f"{s} B" for s in sizes], pk["backends"], series))
     if not panels:
         return "nothing to plot"
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = series_colours([names for _, _, names, _ in panels], palette)
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
     for ax, (title, groups, names, series) in zip(axes[0], panels, strict=False):
         width = 0.8 / max(1, len(names))
@@ -376,7 +390,7 @@ def write_png(results: dict[str, Any], path: Path) -> str | None:
                 lo.append((m or 0.0) - float(s["min"]) if s and m is not None else 0.0)
                 hi.append(float(s["max"]) - (m or 0.0) if s and m is not None else 0.0)
             xs = [i + (j - (len(names) - 1) / 2) * width for i in range(len(groups))]
-            ax.bar(xs, meds, width, label=name, yerr=[lo, hi], capsize=3)
+            ax.bar(xs, meds, width, label=name, yerr=[lo, hi], capsize=3, color=colour[name])
         ax.set_xticks(range(len(groups)))
         ax.set_xticklabels(groups, rotation=20, fontsize=8)
         ax.set_title(title, fontsize=10)
