@@ -4,7 +4,8 @@ Boots the same small Linux guest under QEMU once per device kind (interleaved
 when repeating: A B C D A B C D), runs the same workload inside and reports:
 
 * disk   -- fio (4 KiB randread QD1/QD32, randwrite QD32, 1 MiB seq read/write) on
-  QEMU IDE, QEMU virtio-blk, qemu-storage-daemon vhost-user-blk and ours;
+  QEMU IDE, QEMU virtio-blk, qemu-storage-daemon vhost-user-blk and ours, each in
+  both host cache modes (``--cache none,writeback``: O_DIRECT, or the page cache);
 * net    -- iperf3 TCP both ways on e1000, QEMU virtio-net (TAP) and ours
   (vhost-user-net --tap), all inside a throw-away network namespace;
 * pktrate -- DPDK virtio-user loop through DPDK's vhost back end and our switch.
@@ -58,6 +59,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--disk-workloads", default=",".join(disk.WORKLOAD_NAMES), help="fio workloads to run"
     )
+    p.add_argument(
+        "--cache",
+        default=",".join(disk.CACHE_MODES),
+        help="host cache modes for every disk device: none (O_DIRECT), writeback (page cache)",
+    )
     p.add_argument("--net", default=",".join(net.DEVICES), help="NICs: e1000,virtio,ours (or none)")
     p.add_argument("--pktrate", choices=("on", "off"), default="on")
     p.add_argument("--pkt-sizes", default="64,1500", help="frame sizes for --pktrate")
@@ -85,6 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     try:
         a.disk_devices = _csv(a.disk, disk.DEVICES, "disk device")
         a.workloads = _csv(a.disk_workloads, disk.WORKLOAD_NAMES, "disk workload")
+        a.caches = _csv(a.cache, disk.CACHE_MODES, "cache mode")
         a.net_devices = _csv(a.net, net.DEVICES, "net device")
         a.sizes = [int(s) for s in a.pkt_sizes.split(",") if s.strip()]
     except (argparse.ArgumentTypeError, ValueError) as e:
@@ -99,6 +106,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         a.runtime = QUICK_RUNTIME if a.quick else DEFAULT_RUNTIME
     if a.repeat is None:
         a.repeat = 1 if a.quick else DEFAULT_REPEAT
+    if a.disk_devices and not a.caches:
+        p.error("--cache needs at least one mode")
     if a.runtime < 1 or a.repeat < 1:
         p.error("--runtime and --repeat must be >= 1")
     return a
@@ -159,10 +168,15 @@ def main(argv: list[str] | None = None) -> int:
     # -- plan ---------------------------------------------------------------
     steps: list[tuple[str, str, float]] = []
     for r in range(args.repeat):
-        for d in args.disk_devices:
-            steps.append(
-                ("disk", f"disk {d} #{r + 1}", disk.estimate_seconds(args.runtime, len(workloads)))
-            )
+        for c in args.caches:
+            for d in args.disk_devices:
+                steps.append(
+                    (
+                        "disk",
+                        f"disk {d} cache={c} #{r + 1}",
+                        disk.estimate_seconds(args.runtime, len(workloads)),
+                    )
+                )
     for r in range(args.repeat):
         for d in net_devices:
             steps.append(("net", f"net {d} #{r + 1}", net.estimate_seconds(args.runtime)))
@@ -184,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
 
-    disk_samples: dict[str, dict[str, list[dict[str, float]]]] = {}
+    disk_samples: dict[str, dict[str, dict[str, list[dict[str, float]]]]] = {}
     net_samples: dict[str, dict[str, list[dict[str, float]]]] = {}
     pkt_samples: dict[str, dict[str, list[dict[str, float]]]] = {}
 
@@ -200,28 +214,35 @@ def main(argv: list[str] | None = None) -> int:
             assert base is not None
             image = disk.make_image(work / "disk.img")
             for r in range(args.repeat):
-                for d in args.disk_devices:
-                    label = f"disk {d} #{r + 1}"
-                    prog.begin(f"{label}: booting guest")
-                    try:
-                        res, run = disk.run_one(
-                            d,
-                            base=base,
-                            image=image,
-                            workdir=work / "disk",
-                            tag=f"{d}-{r}",
-                            accel=accel,
-                            runtime=args.runtime,
-                            workloads=workloads,
-                            on_mark=marker(label),
-                        )
-                        for wl, m in res.items():
-                            disk_samples.setdefault(d, {}).setdefault(wl, []).append(m)
-                        Progress.note(f"{label}: boot {run.boot_s:.1f}s, total {run.total_s:.1f}s")
-                    except Exception as e:
-                        errors.append(f"disk {d} #{r + 1}: {e}")
-                        Progress.warn(f"{label} failed: {str(e).splitlines()[0]}")
-                    prog.end()
+                for c in args.caches:
+                    for d in args.disk_devices:
+                        label = f"disk {d} cache={c} #{r + 1}"
+                        prog.begin(f"{label}: booting guest")
+                        try:
+                            res, run = disk.run_one(
+                                d,
+                                base=base,
+                                image=image,
+                                workdir=work / "disk",
+                                tag=f"{d}-{c}-{r}",
+                                accel=accel,
+                                runtime=args.runtime,
+                                workloads=workloads,
+                                cache=c,
+                                on_mark=marker(label),
+                            )
+                            for wl, m in res.items():
+                                disk_samples.setdefault(c, {}).setdefault(d, {}).setdefault(
+                                    wl, []
+                                ).append(m)
+                            Progress.note(
+                                f"{label}: boot {run.boot_s:.1f}s, total {run.total_s:.1f}s; "
+                                + ", ".join(f"{wl} {m['iops']:,.0f} IOPS" for wl, m in res.items())
+                            )
+                        except Exception as e:
+                            errors.append(f"{label}: {e}")
+                            Progress.warn(f"{label} failed: {str(e).splitlines()[0]}")
+                        prog.end()
         if net_devices:
             assert base is not None
             for r in range(args.repeat):
@@ -274,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "disk": args.disk_devices,
             "disk_workloads": [w.name for w in workloads],
+            "disk_caches": args.caches,
             "net": args.net_devices,
             "pktrate": args.pktrate,
             "pkt_sizes": args.sizes,
@@ -286,9 +308,13 @@ def main(argv: list[str] | None = None) -> int:
             "workloads": [w.name for w in workloads],
             "fio": {w.name: {"rw": w.rw, "bs": w.bs, "iodepth": w.iodepth} for w in workloads},
             "cpu_process": {d: disk.CPU_PROCESS[d] for d in args.disk_devices},
-            "caching": {d: disk.CACHING[d] for d in args.disk_devices},
+            "caches": args.caches,
+            "caching": {
+                f"{d}/{c}": disk.CACHING[(d, c)] for c in args.caches for d in args.disk_devices
+            },
             "results": {
-                d: {wl: _collect(s) for wl, s in v.items()} for d, v in disk_samples.items()
+                c: {d: {wl: _collect(s) for wl, s in v.items()} for d, v in per_dev.items()}
+                for c, per_dev in disk_samples.items()
             },
         }
     if args.net_devices:

@@ -30,7 +30,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     out = tmp_path / "out"
     argv = [
         sys.executable, "-m", "bench", "--quick", "--out", str(out),
-        "--disk", "ide,ours", "--net", "ours", "--runtime", "2",
+        "--disk", "ide,ours", "--cache", "writeback", "--net", "ours", "--runtime", "2",
         "--pkt-sizes", "64",
     ]  # fmt: skip
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=400, check=False)
@@ -42,12 +42,15 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert r.returncode == 0, log
     assert not res["errors"], res["errors"]
 
-    disk = res["disk"]["results"]
+    disk = res["disk"]["results"]["writeback"]
     for dev in ("ide", "ours"):
         for wl in res["disk"]["workloads"]:
             m = disk[dev][wl]
             assert m["iops"]["median"] > 0 and m["mbps"]["median"] > 0, (dev, wl, m)
             assert m["p99_us"]["median"] > 0, (dev, wl, m)
+            # the guest saw interrupts from its disk, and our daemon counted its kicks
+            assert m["guest_irqs_per_req"]["median"] > 0, (dev, wl, m)
+        assert disk["ours"][wl]["kicks_per_req"]["median"] > 0, disk["ours"][wl]
     for d in ("tx", "rx"):
         m = res["net"]["results"]["ours"][d]
         assert m["gbps"]["median"] > 0, (d, m)
