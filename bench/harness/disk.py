@@ -144,12 +144,12 @@ def interrupts_between(raw: str) -> int | None:
     return disk_interrupts(after) - disk_interrupts(before) if sep else None
 
 
-def scrape(url: str) -> dict[str, float]:
-    """A Prometheus text page, each metric name's samples added up over their labels."""
-    import urllib.request
+QUEUE_LABEL = re.compile(r'[{,]queue="(\d+)"')
 
-    with urllib.request.urlopen(url, timeout=5) as r:
-        body = r.read().decode()
+
+def parse_metrics(body: str) -> dict[str, float]:
+    """A Prometheus text page: each metric name's samples added up over their labels,
+    and per queue as ``NAME/qN`` where a sample has a queue label."""
     out: dict[str, float] = {}
     for line in body.splitlines():
         if not line or line.startswith("#"):
@@ -159,10 +159,22 @@ def scrape(url: str) -> dict[str, float]:
         if name.endswith("_bucket"):
             continue
         try:
-            out[name] = out.get(name, 0.0) + float(value)
+            v = float(value)
         except ValueError:
             continue
+        out[name] = out.get(name, 0.0) + v
+        q = QUEUE_LABEL.search(name_labels)
+        if q is not None:
+            key = f"{name}/q{q.group(1)}"
+            out[key] = out.get(key, 0.0) + v
     return out
+
+
+def scrape(url: str) -> dict[str, float]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return parse_metrics(r.read().decode())
 
 
 @contextlib.contextmanager

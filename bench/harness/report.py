@@ -133,25 +133,47 @@ def ours_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def net_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    head = ["direction", "device", "Gbit/s", "spread", "CPU s/GB", "n"]
+    head = ["direction", "device", "Gbit/s", "spread", "CPU s/GB", "guest irq/MB", "n"]
     rows: list[list[str]] = []
-    names = {"tx": "guest->host", "rx": "host->guest"}
     for d in ("tx", "rx"):
         for dev in res["devices"]:
             r = res["results"].get(dev, {}).get(d)
             if not r:
-                rows.append([names[d], dev, "n/a", "-", "n/a", "0"])
+                rows.append([NET_DIRECTIONS[d], dev, "n/a", "-", "n/a", "n/a", "0"])
                 continue
             rows.append(
                 [
-                    names[d],
+                    NET_DIRECTIONS[d],
                     dev,
                     _f(_med(r["gbps"]), 2),
                     _spread(r["gbps"]),
                     _f(_med(r["cpu_s_per_gb"]), 2),
+                    _f(_med(r.get("guest_irqs_per_mb")), 1),
                     str(r["gbps"]["n"]),
                 ]
             )
+    return head, rows
+
+
+NET_DIRECTIONS = {"tx": "guest->host", "rx": "host->guest"}
+#: our net daemon's queue counters per MB received (bench/harness/net.py PER_MB)
+OURS_NET_COUNTERS = (
+    ("rx_bufs_per_mb", "rx buffers/MB"),
+    ("rx_bursts_per_mb", "rx bursts/MB"),
+    ("rx_signals_per_mb", "rx interrupts/MB"),
+    ("rx_kicks_per_mb", "rx kicks/MB"),
+    ("tx_chains_per_mb", "tx chains/MB"),
+    ("tx_kicks_per_mb", "tx kicks/MB"),
+)
+
+
+def ours_net_rows(res: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    head = ["direction"] + [h for _, h in OURS_NET_COUNTERS]
+    rows: list[list[str]] = []
+    for d in ("tx", "rx"):
+        r = res["results"].get("ours", {}).get(d)
+        if r and any(k in r for k, _ in OURS_NET_COUNTERS):
+            rows.append([NET_DIRECTIONS[d]] + [_f(_med(r.get(k)), 1) for k, _ in OURS_NET_COUNTERS])
     return head, rows
 
 
@@ -278,6 +300,9 @@ def render_text(results: dict[str, Any]) -> str:
     if results.get("net"):
         h, r = net_rows(results["net"])
         parts += ["", "NETWORK (iperf3 TCP, guest <-> host side of a TAP)", text_table(h, r)]
+        h, r = ours_net_rows(results["net"])
+        if r:
+            parts += ["", "OURS: net daemon counters per MB received", text_table(h, r)]
     pk = results.get("pktrate")
     if pk:
         if pk.get("skipped"):
@@ -368,6 +393,14 @@ def render_md(results: dict[str, Any]) -> str:
             md_table(h, r),
             "",
         ]
+        h, r = ours_net_rows(n)
+        if r:
+            parts += [
+                "Our daemon's queue counters over each run, per MB received.",
+                "",
+                md_table(h, r),
+                "",
+            ]
         parts += ["| device | CPU measured on |", "|---|---|"]
         parts += [f"| {k} | {n['cpu_process'][k]} |" for k in n["devices"]]
         parts.append("")
